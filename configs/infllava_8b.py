@@ -1,0 +1,98 @@
+"""The released INF-LLaVA model: CLIP-ViT-L/14-336 seen at 1008 px on a 3x3 grid + LLaMA-3-8B.
+
+Every fixed number of the reference (spec sections 0-9) lives here, not in code.
+`get_config("llava")` gives the LLaVA-1.5 baseline (one 336 view, no DCM/DEM).
+"""
+
+from ml_collections import ConfigDict
+
+
+def vision_config() -> ConfigDict:
+  """openai/clip-vit-large-patch14-336 (spec section 3)."""
+  return ConfigDict(dict(
+      image_size=336,        # side of one sub-image, as CLIP sees it
+      patch_size=14,
+      width=1024,
+      depth=24,
+      heads=16,
+      mlp_dim=4096,
+      layer_norm_eps=1e-5,
+      feature_layer=-2,      # index into hidden_states (depth + 1 entries)
+      feature_select="patch",  # "patch" drops CLS; "cls_patch" keeps it
+      param_dtype="float32",   # frozen tower: "bfloat16" halves its memory
+  ))
+
+
+def llm_config() -> ConfigDict:
+  """meta-llama/Meta-Llama-3-8B-Instruct with the added <pad> row (spec section 9)."""
+  return ConfigDict(dict(
+      vocab_size=128257,
+      width=4096,
+      depth=32,
+      heads=32,
+      kv_heads=8,
+      head_dim=128,
+      mlp_dim=14336,
+      rms_norm_eps=1e-5,
+      rope_theta=500000.0,
+      # None, or dict(rope_type="llama3", factor=..., low_freq_factor=...,
+      # high_freq_factor=..., original_max_position_embeddings=...).
+      rope_scaling=None,
+      max_positions=8192,
+      param_dtype="float32",
+  ))
+
+
+def dcm_config() -> ConfigDict:
+  """Dual-perspective Cropping Module (spec section 2)."""
+  return ConfigDict(dict(
+      # "dual": local + global crops (INF-LLaVA); "local" or "global": one kind only
+      # (paper ablation); "none": a single low-res view (LLaVA-1.5 baseline).
+      crops="dual",
+      image_size=1008,       # model input side; grid = image_size // vision.image_size
+  ))
+
+
+def dem_config() -> ConfigDict:
+  """Dual-perspective Enhancement Module (spec sections 4-6)."""
+  return ConfigDict(dict(
+      # "both" (released), "global" or "local" (one enhancement only), or "none"
+      # (DCM features fused without cross-attention; paper ablation).
+      enhance="both",
+      heads=8,
+      bottleneck_ratio=16,   # fusion MLP: D -> D // 16 -> D // 2
+      fusion="concat",       # "concat" (released: concat + residuals + LN) or "add"
+      reduction="bilinear",  # "bilinear" (released; a pick for odd ratios) or "avg"
+      merge="mean",          # low-res + DEM: "mean" (released) or "add" (paper text)
+      reduced_path=True,     # exact fast path of spec 5.6 where it applies
+      layer_norm_eps=1e-5,
+  ))
+
+
+def model_config(variant: str = "infllava") -> ConfigDict:
+  model = ConfigDict(dict(
+      variant=variant,       # "infllava" or "llava" (baseline)
+      vision=vision_config(),
+      llm=llm_config(),
+      dcm=dcm_config(),
+      dem=dem_config(),
+      projector=ConfigDict(dict(kind="mlp2x_gelu")),
+      image_token_id=-200,   # reserved id marking image slots in token ids
+      dtype="bfloat16",      # compute dtype
+      remat_policy="nothing_saveable",  # see infllava_jax.model.layers.REMAT_POLICIES
+      attention_impl=None,   # None: jax picks (cuDNN on GPU, XLA elsewhere)
+  ))
+  if variant == "llava":
+    model.dcm.crops = "none"
+    model.dcm.image_size = 336
+    model.dem.enhance = "none"
+  elif variant != "infllava":
+    raise ValueError(f"configs/infllava_8b.py: unknown variant {variant!r}; "
+                     "expected 'infllava' or 'llava'")
+  return model
+
+
+def get_config(arg: str = "infllava") -> ConfigDict:
+  config = ConfigDict()
+  config.model = model_config(arg or "infllava")
+  return config

@@ -1,0 +1,44 @@
+"""`infllava <command> ...`: one entry point, each command in its own module.
+
+Each command module exposes `main(argv: list[str]) -> int`; modules are imported only when
+their command runs, so `infllava --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line description)
+COMMANDS = {
+    "demo": ("infllava_jax.demo", "build a model from a config and run one image+text forward"),
+    "data": ("infllava_jax.data.cli", "write the synthetic fine-detail dataset (LLaVA JSON, array_record)"),
+}
+
+USAGE = """usage: infllava <command> [options]
+
+commands:
+{commands}
+
+Run `infllava <command> --help` for a command's options."""
+
+
+def _describe() -> str:
+  return "\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE.format(commands=_describe()))
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"infllava: unknown command {name!r}\n\n" + USAGE.format(commands=_describe()),
+          file=sys.stderr)
+    return 2
+  return importlib.import_module(COMMANDS[name][0]).main(rest) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

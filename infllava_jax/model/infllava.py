@@ -1,0 +1,133 @@
+"""The full INF-LLaVA model: DCM -> CLIP -> DEM -> projector -> LLaMA with visual tokens in slots.
+
+Static shapes end to end: every image gives `num_image_tokens(cfg)` visual tokens, the data
+side reserves exactly that many slots (the id `cfg.image_token_id`) per image in the token
+ids, and the model writes the k-th image's tokens into the k-th block of slots of its row.
+Nothing on device depends on a Python-side length.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from ml_collections import ConfigDict, FrozenConfigDict
+
+from infllava_jax.model import clip, dcm, dem, layers, llama
+from infllava_jax.model.projector import Projector
+
+VARIANTS = ("infllava", "llava")
+
+
+def num_image_tokens(model_cfg: ConfigDict) -> int:
+  """N_img, the visual tokens (= image slots in the token ids) per image.
+
+  The DEM reduces its high-res maps back to one view's patch grid, so both the INF-LLaVA
+  and the LLaVA-1.5 variants give (view side / patch)^2 tokens: 576 for the released model.
+  """
+  side = model_cfg.vision.image_size // model_cfg.vision.patch_size
+  return side * side
+
+
+def write_image_tokens(text_embeds: jax.Array, is_slot: jax.Array,
+                       visual: jax.Array) -> jax.Array:
+  """Puts visual tokens into the image slots of a row, in order.
+
+  The j-th slot of row b (counting slots from the row's start) takes `visual[b, j]`:
+  with N_img slots per image, the k-th block of slots gets the k-th image of the row.
+  A row with more slots than visual tokens is a data error the pipeline rules out.
+
+  Args:
+    text_embeds: [B, T, D] token embeddings (slots hold an arbitrary embedding).
+    is_slot: [B, T] bool, True at image slots.
+    visual: [B, M * N_img, D] the row's visual tokens, image by image.
+  Returns:
+    [B, T, D]
+  """
+  slot_index = jnp.cumsum(is_slot.astype(jnp.int32), axis=1) - 1
+  slot_index = jnp.clip(slot_index, 0, visual.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual, slot_index[..., None], axis=1)
+  return jnp.where(is_slot[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class InfLlava(nn.Module):
+  """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline) on one code path.
+
+  Attributes:
+    cfg: the `config.model` section (see configs/infllava_8b.py), frozen.
+  """
+
+  cfg: FrozenConfigDict
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.variant not in VARIANTS:
+      raise ValueError(f"model.variant={cfg.variant!r}; expected one of {VARIANTS}")
+    dtype = layers.dtype_of(cfg.dtype)
+    self.vision = clip.VisionTransformer(cfg.vision, dtype=dtype,
+                                         remat_policy=cfg.remat_policy,
+                                         attention_impl=cfg.attention_impl)
+    if cfg.variant == "infllava":
+      self.dem = dem.DualPerspectiveEnhancement(cfg)
+    self.projector = Projector(cfg.llm.width, cfg.projector.kind, dtype=dtype)
+    self.llm = llama.Llama(cfg.llm, dtype=dtype, remat_policy=cfg.remat_policy,
+                           attention_impl=cfg.attention_impl)
+
+  def encode_images(self, pixels: jax.Array) -> jax.Array:
+    """[B, H, W, 3] CLIP-normalised images at `dcm.image_size` -> [B, N_img, D] visual tokens."""
+    cfg = self.cfg
+    side = cfg.dcm.image_size
+    chex.assert_shape(pixels, (None, side, side, 3))
+    batch = pixels.shape[0]
+    if cfg.variant == "llava":
+      features = self.vision(pixels)
+    else:
+      views = dcm.views(pixels, cfg)  # [B, S, h, w, 3]
+      num_views = views.shape[1]
+      view_features = self.vision(views.reshape(batch * num_views, *views.shape[2:]))
+      view_features = view_features.reshape(batch, num_views, *view_features.shape[1:])
+      features = self.dem(view_features)
+    chex.assert_shape(features, (batch, num_image_tokens(cfg), cfg.vision.width))
+    return self.projector(features)
+
+  def __call__(self, tokens: jax.Array, pixels: jax.Array | None = None,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               cache: llama.KVCache | None = None):
+    """Logits for a batch of rows, images written into their slots.
+
+    Args:
+      tokens: [B, T] int32 ids; image slots hold `cfg.image_token_id`.
+      pixels: [B, M, H, W, 3] the M images of each row (zeros where a row has fewer), or
+        None for text-only input and cached decode steps.
+      positions: [B, T] int32 (default 0..T-1); restart per packed sample.
+      segment_ids: [B, T] int32, 1.. per packed sample and 0 for padding (default all 1).
+      cache: a `llama.KVCache` for prefill / decode, or None.
+    Returns:
+      (logits [B, T, V] float32, updated cache or None)
+    """
+    batch, length = tokens.shape
+    is_slot = tokens == self.cfg.image_token_id
+    embeds = self.llm.embed(jnp.where(is_slot, 0, tokens))
+    if pixels is not None:
+      chex.assert_rank(pixels, 5)
+      num_images = pixels.shape[1]
+      visual = self.encode_images(pixels.reshape(batch * num_images, *pixels.shape[2:]))
+      visual = visual.reshape(batch, num_images * visual.shape[1], visual.shape[2])
+      embeds = write_image_tokens(embeds, is_slot, visual)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return self.llm(embeds, positions, segment_ids, cache)
+
+
+def build_model(model_cfg: ConfigDict) -> InfLlava:
+  """The model for a `config.model` section."""
+  return InfLlava(FrozenConfigDict(model_cfg))
+
+
+def dummy_inputs(model_cfg: ConfigDict, batch: int = 1, length: int = 8):
+  """Smallest (tokens, pixels) that trace every parameter: for init and `jax.eval_shape`."""
+  side = model_cfg.dcm.image_size
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  pixels = jnp.zeros((batch, 1, side, side, 3), jnp.float32)
+  return tokens, pixels

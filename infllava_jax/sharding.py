@@ -1,0 +1,123 @@
+"""The one place that maps logical axis names to mesh axes.
+
+Model code names axes (`embed`, `mlp`, `heads`, ...); this table decides where they live
+on a mesh with axes (`data`, `fsdp`, `tensor`). `data` replicates params and splits the
+batch; `fsdp` splits the batch and shards params (ZeRO-3 style, gathered per layer by XLA);
+`tensor` splits heads and MLP width (Megatron style).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. Names not listed are replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("norm", None),
+)
+
+# Named presets: mesh shape as a function of the device count.
+MESH_PRESETS = {
+    "data": lambda n: {"data": n, "fsdp": 1, "tensor": 1},
+    "fsdp": lambda n: {"data": 1, "fsdp": n, "tensor": 1},
+    "fsdp_tensor": lambda n: {"data": 1, "fsdp": max(n // 2, 1), "tensor": min(n, 2)},
+}
+
+
+def parse_mesh(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Mesh shape from a preset name ("fsdp"), "fsdp=4,tensor=2", or a mapping.
+
+  Unnamed axes are 1, except that a single "-1" entry takes what is left.
+  """
+  if isinstance(spec, str) and spec in MESH_PRESETS:
+    shape = MESH_PRESETS[spec](num_devices)
+  else:
+    if isinstance(spec, str):
+      items = [part.split("=") for part in spec.split(",") if part]
+      if any(len(item) != 2 for item in items):
+        raise ValueError(f"mesh {spec!r}: expected a preset {sorted(MESH_PRESETS)} "
+                         "or 'axis=size,...' with axes {MESH_AXES}")
+      spec = {name.strip(): int(size) for name, size in items}
+    unknown = set(spec) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected {MESH_AXES}")
+    shape = {axis: int(spec.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in shape.items() if size == -1]
+    if len(free) > 1:
+      raise ValueError(f"mesh {spec}: at most one axis may be -1")
+    if free:
+      rest = int(np.prod([s for s in shape.values() if s != -1]))
+      shape[free[0]] = num_devices // rest
+  total = int(np.prod(list(shape.values())))
+  if total != num_devices:
+    raise ValueError(f"mesh {shape} needs {total} devices; {num_devices} are available")
+  return shape
+
+
+def make_mesh(spec: str | Mapping[str, int] = "fsdp",
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (classic GSPMD propagation)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = parse_mesh(spec, len(devices))
+  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_tree, mesh, list(rules))
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a (boxed, abstract) variable tree from `jax.eval_shape(model.init)`."""
+  return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch arrays split on their leading axis over (data, fsdp)."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+  """Context manager under which `nn.with_logical_constraint` resolves names."""
+  return nn.logical_axis_rules(list(rules))
+
+
+def init_sharded(init_fn, mesh: Mesh, *args,
+                 rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+  """Runs `init_fn(*args)` (which returns boxed variables) with every param born sharded.
+
+  The shapes and logical names come from `jax.eval_shape`; the real init then runs under
+  `jax.jit(out_shardings=...)`, so no param is ever materialised whole on one device.
+  Returns (unboxed variables, their NamedShardings).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = param_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), axis_rules(rules):
+    variables = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return variables, shardings
