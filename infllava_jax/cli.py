@@ -13,6 +13,8 @@ import sys
 COMMANDS = {
     "demo": ("infllava_jax.demo", "build a model from a config and run one image+text forward"),
     "data": ("infllava_jax.data.cli", "write the synthetic fine-detail dataset (LLaVA JSON, array_record)"),
+    "convert": ("infllava_jax.convert.cli", "PyTorch checkpoints (INF-LLaVA, HF LLaMA-3 + CLIP, llava-hf) <-> Orbax"),
+    "inspect": ("infllava_jax.convert.inspect", "list the tensors, shapes, dtypes and counts of a checkpoint"),
 }
 
 USAGE = """usage: infllava <command> [options]
