@@ -1,0 +1,267 @@
+"""The grain input pipeline: source → order → host shard → decode (workers) → pack/pad → batch.
+
+    source ─► shuffle (seeded, reshuffled each epoch) or group by modality
+           ─► [process_index::process_count] ─► repeat(num_epochs)
+           ─► decode: image + template + tokenise       (grain worker processes)
+           ─► screen: count, then skip or raise on bad samples        (main process)
+           ─► pad to max_length, or first-fit pack several samples per row
+           ─► batch ─► model batch (numpy dict, see `BATCH_KEYS`)
+
+The returned `DataIterator` is checkpointable: `get_state()` is a JSON-able dict and
+`set_state()` on a fresh iterator resumes with exactly the batches that would have come next.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import grain
+import numpy as np
+
+from infllava_jax.data import images, sources, templates
+from infllava_jax.data.tokenizer import load_tokenizer
+
+# tokens/targets/positions/segment_ids [B, T] int32, loss_mask [B, T] float32,
+# pixels [B, M, H, W, 3] float32 (M = images per row: 1 without packing).
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "pixels")
+_SEQ_KEYS = ("tokens", "targets", "loss_mask")
+
+
+class BadSampleError(ValueError):
+  """A record that cannot become a sample, with data.skip_bad_samples=False."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleDecoder(grain.transforms.Map):
+  """Record → one sample: {tokens, targets, loss_mask: [L], pixels: [n, S, S, 3]} (n = 0/1).
+
+  Never raises for a bad record: it returns {"error": message} (or {"overlong": message})
+  so that the main process counts it and skips or stops, whatever the worker did.
+  """
+  template: str
+  image_token_id: int
+  num_image_tokens: int
+  image_size: int
+  image_aspect: str
+  max_length: int
+  overlong: str
+  double_bos: bool
+  tokenizer_path: str | None
+
+  def map(self, record: dict) -> dict:
+    where = f"{record.get('origin')}: record {record.get('id')!r}"
+    if "error" in record:
+      return {"error": f"{where}: malformed record: {record['error']}"}
+    has_image = record["image"] is not None
+    try:
+      tok = templates.tokenize_conversation(
+          record["conversations"], has_image=has_image, template=self.template,
+          tokenizer=load_tokenizer(self.tokenizer_path), image_token_id=self.image_token_id,
+          num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+          overlong=self.overlong, double_bos=self.double_bos)
+      pixels = (images.preprocess(record["image"], self.image_size, self.image_aspect)[None]
+                if has_image else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+    except templates.OverlongError as e:
+      return {"overlong": f"{where}: overlong: {e}"}
+    except (templates.SampleError, images.ImageError) as e:
+      field = "image" if isinstance(e, images.ImageError) else "conversations"
+      return {"error": f"{where}: field {field!r}: {e}"}
+    return {**templates.shift_targets(tok), "pixels": pixels, "truncated": tok.truncated}
+
+
+class _ScreenIterator(grain.DatasetIterator):
+  """Counts samples; skips bad/overlong ones (or raises); counts are part of the state."""
+
+  def __init__(self, parent, skip_bad: bool):
+    super().__init__(parent)
+    self._skip_bad = skip_bad
+    self.counts = collections.Counter()
+
+  def __next__(self):
+    while True:
+      sample = next(self._parent)
+      if "overlong" in sample:
+        self.counts["overlong_dropped"] += 1
+        continue
+      if "error" in sample:
+        if not self._skip_bad:
+          raise BadSampleError(sample["error"] + " (set data.skip_bad_samples=True to skip)")
+        self.counts["bad_skipped"] += 1
+        continue
+      self.counts["samples"] += 1
+      self.counts["truncated"] += int(sample.pop("truncated"))
+      return sample
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "counts": dict(self.counts)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.counts = collections.Counter(state["counts"])
+
+
+class _Screen(grain.IterDataset):
+
+  def __init__(self, parent, skip_bad: bool):
+    super().__init__(parent)
+    self._skip_bad = skip_bad
+
+  def __iter__(self):
+    return _ScreenIterator(self._parent.__iter__(), self._skip_bad)
+
+
+class _ModalityGroupedOrder(grain.MapDataset):
+  """Per-epoch order in which each run of `group` indices is all-image or all-text.
+
+  Like LLaVA's modality grouping: each modality is shuffled and cut into groups of the
+  global batch size, the full groups are shuffled together, and the two leftovers go last.
+  """
+
+  def __init__(self, parent, is_image: np.ndarray, group: int, seed: int):
+    super().__init__(parent)
+    self._is_image, self._group, self._seed = is_image, group, seed
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"ModalityGroupedOrder(group={self._group}, seed={self._seed})"
+
+  @functools.lru_cache(maxsize=2)
+  def _order(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    groups, leftovers = [], []
+    for mask in (self._is_image, ~self._is_image):
+      idx = rng.permutation(np.flatnonzero(mask))
+      full = len(idx) // self._group * self._group
+      groups += np.split(idx[:full], full // self._group) if full else []
+      leftovers.append(idx[full:])
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    return np.concatenate(groups + leftovers).astype(np.int64)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(index, len(self))
+    return self._parent[int(self._order(epoch)[i]) + epoch * len(self)]
+
+
+def _pad_sample(sample: dict, length: int, pad_id: int) -> dict:
+  """One unpacked sample padded to `length`, with positions, segment ids and one image."""
+  n = len(sample["tokens"])
+  out = {}
+  for key in _SEQ_KEYS:
+    fill = pad_id if key == "tokens" else 0
+    out[key] = np.pad(sample[key], (0, length - n), constant_values=fill)
+  out["positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
+  out["segment_ids"] = (np.arange(length) < n).astype(np.int32)
+  pixels = sample["pixels"]
+  out["pixels"] = pixels if len(pixels) else np.zeros((1, *pixels.shape[1:]), np.float32)
+  return out
+
+
+def _from_packed(row: dict) -> dict:
+  """grain's packed row (…_segment_ids, …_positions per feature) → the model's keys."""
+  return {"tokens": row["tokens"], "targets": row["targets"], "loss_mask": row["loss_mask"],
+          "positions": row["tokens_positions"], "segment_ids": row["tokens_segment_ids"],
+          "pixels": row["pixels"]}
+
+
+class DataIterator:
+  """Batches (numpy dicts, see BATCH_KEYS) with checkpointable state and sample counts."""
+
+  def __init__(self, iterator, screen_of):
+    self._it = iterator
+    self._screen_of = screen_of
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  @property
+  def counts(self) -> dict:
+    """{"samples", "truncated", "overlong_dropped", "bad_skipped"} seen so far."""
+    return dict(self._screen_of(self._it).counts)
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+
+
+def _find_screen(iterator):
+  while not isinstance(iterator, _ScreenIterator):
+    iterator = iterator._parent  # pylint: disable=protected-access
+  return iterator
+
+
+def make_dataset(config, source, *, process_index: int | None = None,
+                 process_count: int | None = None, num_epochs: int | None = None,
+                 shuffle: bool | None = None) -> grain.IterDataset:
+  """The batched IterDataset for `source` under `config.data` / `config.model`.
+
+  process_index/count default to jax's; num_epochs None repeats forever.
+  """
+  from infllava_jax.model.infllava import num_image_tokens
+  data, model = config.data, config.model
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  shuffle = data.shuffle if shuffle is None else shuffle
+  tok = load_tokenizer(data.tokenizer_path)
+  ds = grain.MapDataset.source(source)
+  if data.group_by_modality:
+    is_image = np.array([source.has_image(i) for i in range(len(source))])
+    ds = _ModalityGroupedOrder(ds, is_image, data.batch_size * process_count, data.seed)
+  elif shuffle:
+    ds = ds.shuffle(seed=data.seed)
+  ds = ds[process_index::process_count].repeat(num_epochs)
+  ds = ds.map(SampleDecoder(
+      template=data.template, image_token_id=model.image_token_id,
+      num_image_tokens=num_image_tokens(model), image_size=model.dcm.image_size,
+      image_aspect=data.image_aspect, max_length=data.max_length, overlong=data.overlong,
+      double_bos=data.double_bos, tokenizer_path=data.tokenizer_path))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                            prefetch_buffer_size=data.prefetch))
+  if data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
+  it = _Screen(it, data.skip_bad_samples)
+  length = data.max_length
+  if data.packing:
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": length, "targets": length, "loss_mask": length,
+                           "pixels": data.max_images_per_row},
+        num_packing_bins=data.batch_size, shuffle_bins=False,
+        padding_struct={"tokens": tok.pad_token_id, "targets": 0, "loss_mask": 0,
+                        "pixels": 0})
+    it = it.map(_from_packed)
+  else:
+    it = it.map(functools.partial(_pad_sample, length=length, pad_id=tok.pad_token_id))
+  return it.batch(data.batch_size, drop_remainder=data.drop_remainder)
+
+
+def make_iterator(config, source=None, split: str = "train", **kwargs) -> DataIterator:
+  """A DataIterator over `source` (default: the one config.data names for `split`)."""
+  if config.data.worker_count > 0:
+    _mark_flags_parsed()
+  source = sources.make_source(config.data, split) if source is None else source
+  ds = make_dataset(config, source, **kwargs)
+  return DataIterator(iter(ds), _find_screen)
+
+
+def _mark_flags_parsed() -> None:
+  """grain's worker processes read absl flags; a library caller may not have parsed them."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,214 @@
+"""The grain pipeline: batch layout, resumable state, packing, sharding, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infllava_jax.config import load_config
+from infllava_jax.data import pipeline, sources, templates
+from infllava_jax.model.infllava import num_image_tokens
+
+IMG = -200
+
+
+def _config(**data):
+  overrides = {"synthetic.num_train": 24, "synthetic.image_size": 126, "batch_size": 4,
+               "max_length": 128, **data}
+  cfg = load_config("configs/synthetic.py",
+                    [f"--config.data.{k}={v}" for k, v in overrides.items()])
+  cfg.model.dcm.image_size = 84  # keep arrays small; N_img stays 36
+  return cfg
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(a[k], b[k]) for k in pipeline.BATCH_KEYS)
+
+
+def test_batch_layout():
+  cfg = _config()
+  b = next(pipeline.make_iterator(cfg, process_index=0, process_count=1))
+  assert sorted(b) == sorted(pipeline.BATCH_KEYS)
+  assert b["tokens"].shape == (4, 128) and b["tokens"].dtype == np.int32
+  assert b["loss_mask"].dtype == np.float32 and b["pixels"].shape == (4, 1, 84, 84, 3)
+  n_img = num_image_tokens(cfg.model)
+  for r in range(4):
+    valid = b["segment_ids"][r] == 1
+    n = int(valid.sum())
+    assert valid[:n].all() and not valid[n:].any()
+    assert (b["tokens"][r, n:] == 511).all()  # the shipped tokenizer's <pad>
+    assert b["positions"][r, :n].tolist() == list(range(n))
+    assert (b["tokens"][r] == IMG).sum() == n_img
+    sup = b["loss_mask"][r] > 0
+    # Targets are the next tokens; never image slots or padding.
+    assert (b["targets"][r, :-1][sup[:-1]] == b["tokens"][r, 1:][sup[:-1]]).all()
+    assert not (b["targets"][r][sup] < 0).any()
+  assert b["pixels"].std() > 0.1
+
+
+@pytest.mark.parametrize("packing, workers", [(False, 0), (True, 0), pytest.param(True, 1, marks=pytest.mark.slow)])
+def test_resume_mid_epoch_yields_the_same_batches(packing, workers):
+  cfg = _config(packing=packing, max_images_per_row=2, max_length=200, worker_count=workers)
+  it = pipeline.make_iterator(cfg, process_index=0, process_count=1)
+  _batches(it, 2)
+  state = it.get_state()
+  expected = _batches(it, 5)  # crosses the 24-record epoch boundary
+  counts = it.counts
+  it.close()
+  resumed = pipeline.make_iterator(cfg, process_index=0, process_count=1)
+  resumed.set_state(json.loads(json.dumps(state)))  # the state is JSON-able
+  got = _batches(resumed, 5)
+  resumed.close()
+  assert all(_equal(a, b) for a, b in zip(expected, got))
+  # Samples the packer had buffered are replayed, never counted twice.
+  assert resumed.counts == counts
+
+
+def _decoded_samples(cfg, source):
+  decoder = pipeline.SampleDecoder(
+      template="llama3", image_token_id=IMG, num_image_tokens=num_image_tokens(cfg.model),
+      image_size=cfg.model.dcm.image_size, image_aspect="pad", max_length=10_000,
+      overlong="truncate", double_bos=True, tokenizer_path=None)
+  return [decoder.map(source[i]) for i in range(len(source))]
+
+
+def test_packing_segments_positions_targets_and_images(tmp_path):
+  cfg = _config(packing=True, max_images_per_row=2, max_length=300, shuffle=False)
+  source = _mixed_json(tmp_path, num_image=6, num_text=6)
+  samples = _decoded_samples(cfg, source)
+  by_tokens = {s["tokens"].tobytes(): s for s in samples}
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1, num_epochs=1)
+  seen = 0
+  for b in it:
+    for r in range(b["tokens"].shape[0]):
+      seg = b["segment_ids"][r]
+      n_images = 0
+      for s in range(1, seg.max() + 1):
+        where = np.flatnonzero(seg == s)
+        assert where.tolist() == list(range(where[0], where[-1] + 1))  # contiguous
+        sample = by_tokens[b["tokens"][r, where].tobytes()]
+        assert b["positions"][r, where].tolist() == list(range(len(where)))
+        np.testing.assert_array_equal(b["targets"][r, where], sample["targets"])
+        np.testing.assert_array_equal(b["loss_mask"][r, where], sample["loss_mask"])
+        if len(sample["pixels"]):
+          # The k-th image of the row belongs to the k-th segment that has slots.
+          np.testing.assert_array_equal(b["pixels"][r, n_images], sample["pixels"][0])
+          n_images += 1
+        seen += 1
+      assert n_images <= 2
+      assert not b["pixels"][r, n_images:].any()
+      assert (b["tokens"][r][seg == 0] == 511).all() and not b["loss_mask"][r][seg == 0].any()
+  assert seen == 12 == it.counts["samples"]
+
+
+def test_host_shards_are_disjoint_and_cover_the_data():
+  cfg = _config(batch_size=2)
+  ids = []
+  for p in range(2):
+    it = pipeline.make_iterator(cfg, process_index=p, process_count=2, num_epochs=1)
+    # Questions repeat across records; the images tell records apart.
+    ids.append({b["pixels"][r].tobytes() for b in it for r in range(2)})
+  assert len(ids[0]) == len(ids[1]) == 12 and not ids[0] & ids[1]
+
+
+def _write_png(path, size=(40, 30)):
+  Image.fromarray(np.full((size[1], size[0], 3), 90, np.uint8)).save(path)
+
+
+def _mixed_json(tmp_path, num_image, num_text):
+  records = []
+  for i in range(num_image):
+    _write_png(tmp_path / f"{i}.png", (30 + i, 20 + 2 * i))
+    records.append({"id": f"img{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat color is the sign {i}?"},
+        {"from": "gpt", "value": "Red " * (i + 1)}]})
+  for i in range(num_text):
+    records.append({"id": f"txt{i}", "conversations": [
+        {"from": "human", "value": f"How many objects are there {i}?"},
+        {"from": "gpt", "value": "Two " * (i + 1)}]})
+  path = tmp_path / "mix.json"
+  path.write_text(json.dumps(records))
+  return sources.LlavaJsonSource(str(path), str(tmp_path))
+
+
+def test_group_by_modality_batches_are_single_modality(tmp_path):
+  cfg = _config(group_by_modality=True, batch_size=2)
+  source = _mixed_json(tmp_path, num_image=6, num_text=4)
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1, num_epochs=2)
+  kinds = []
+  for b in it:
+    has = (b["tokens"] == IMG).any(1)
+    assert has.all() or not has.any()
+    kinds.append(bool(has[0]))
+  assert len(kinds) == 10 and sum(kinds) == 6  # 2 epochs: 3 image and 2 text batches each
+
+
+BAD = {
+    "missing image": ({"id": "r1", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]},
+                      r"record 'r1': field 'image': image file .*nope\.png.* not found"),
+    "corrupt image": ({"id": "r2", "image": "corrupt.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]},
+                      r"record 'r2': field 'image': cannot decode image .*corrupt\.png"),
+    "malformed record": ({"id": "r3", "conversation": []},
+                         r"record 'r3': malformed record: field 'conversations' missing"),
+    "image without placeholder": ({"id": "r4", "image": "ok.png", "conversations": [
+        {"from": "human", "value": "What?"}, {"from": "gpt", "value": "A"}]},
+                                  r"record 'r4': .*has an image but .* 0 '<image>'"),
+    "placeholder without image": ({"id": "r5", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]},
+                                  r"record 'r5': .*holds '<image>' but the record has no image"),
+    "roles not alternating": ({"id": "r6", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi"}]},
+                              r"record 'r6': .*roles do not alternate"),
+    "empty conversation": ({"id": "r7", "conversations": []},
+                           r"record 'r7': .*empty or missing 'conversations'"),
+}
+GOOD = {"id": "good", "image": "ok.png", "conversations": [
+    {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]}
+
+
+def _bad_source(tmp_path, records):
+  _write_png(tmp_path / "ok.png")
+  (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps(records))
+  return sources.LlavaJsonSource(str(path), str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_stops_with_file_record_and_reason(tmp_path, kind):
+  record, pattern = BAD[kind]
+  cfg = _config(batch_size=2, shuffle=False)
+  source = _bad_source(tmp_path, [GOOD, record, GOOD, GOOD])
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1)
+  with pytest.raises(pipeline.BadSampleError, match="data.json: " + pattern):
+    next(it)
+
+
+def test_bad_input_skipped_and_counted(tmp_path):
+  cfg = _config(batch_size=2, shuffle=False, skip_bad_samples=True)
+  records = [GOOD] + [r for r, _ in BAD.values()] + [GOOD]
+  it = pipeline.make_iterator(cfg, _bad_source(tmp_path, records), process_index=0,
+                              process_count=1, num_epochs=1)
+  batches = list(it)
+  assert len(batches) == 1
+  assert it.counts == {"samples": 2, "bad_skipped": len(BAD), "truncated": 0}
+
+
+def test_overlong_samples_are_counted(tmp_path):
+  long = {"id": "long", "conversations": [
+      {"from": "human", "value": "Describe the picture. " * 40},
+      {"from": "gpt", "value": "A cat."}]}
+  for policy, expected in (("drop", {"samples": 2, "overlong_dropped": 1, "truncated": 0}),
+                           ("truncate", {"samples": 3, "truncated": 1})):
+    cfg = _config(batch_size=1, shuffle=False, max_length=128, overlong=policy)
+    it = pipeline.make_iterator(cfg, _bad_source(tmp_path, [GOOD, long, GOOD]),
+                                process_index=0, process_count=1, num_epochs=1)
+    list(it)
+    assert it.counts == expected, policy

@@ -1,0 +1,104 @@
+"""Sources: the synthetic generator, its LLaVA JSON / TFDS writer, and the readers."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infllava_jax.data import cli, sources, synthetic
+
+
+def test_synthetic_is_deterministic_and_prefix_stable():
+  a = list(synthetic.synthetic_examples("train", 5, seed=3, image_size=126))
+  b = list(synthetic.synthetic_examples("train", 3, seed=3, image_size=126))
+  for x, y in zip(a, b):
+    assert x["id"] == y["id"] and x["conversations"] == y["conversations"]
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert a[0]["image"].shape == (126, 126, 3) and a[0]["image"].dtype == np.uint8
+
+
+def test_heldout_split_differs_from_train():
+  train = [r["image"] for r in synthetic.synthetic_examples("train", 20, 0, 126)]
+  held = [r["image"] for r in synthetic.synthetic_examples("heldout", 20, 0, 126)]
+  assert not any(np.array_equal(t, h) for t in train for h in held)
+  with pytest.raises(ValueError, match="unknown split"):
+    synthetic.synthetic_example("val", 0, 0, 126)
+
+
+def test_answers_come_from_closed_sets_and_marks_are_small():
+  for r in synthetic.synthetic_examples("train", 30, 1, 252, max_turns=3):
+    conv = r["conversations"]
+    assert conv[0]["value"].startswith("<image>\n")
+    assert sum("<image>" in m["value"] for m in conv) == 1
+    for q, a in zip(conv[::2], conv[1::2]):
+      assert a["value"] in synthetic.answer_set(r["kind"])
+      assert any(cell in q["value"] for cell in synthetic.CELL_NAMES)
+  # At 252 px a letter is 10x14 px: strokes are 2 px, below one pixel after a /3 resize.
+  assert synthetic._letter_mask("E", 252 // 126).shape == (14, 10)
+
+
+def test_letter_is_drawn_in_its_cell():
+  rng = np.random.default_rng(0)
+  image, answers = synthetic.render(rng, "letter", 252)
+  cell = image[:84, :84].astype(int)
+  ink = (cell.sum(-1) < 3 * 120)
+  rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+  glyph = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  assert glyph.shape == (14, 10)
+  np.testing.assert_array_equal(glyph, synthetic._letter_mask(answers[0], 2))
+
+
+def test_cli_writes_json_pngs_and_array_record(tmp_path, capsys):
+  assert cli.main(["synth", "--out", str(tmp_path), "--num", "3", "--num-heldout", "2",
+                   "--image-size", "126", "--seed", "5"]) == 0
+  assert "3/3 images" in capsys.readouterr().out
+  expected = list(synthetic.synthetic_examples("train", 3, 5, 126))
+  js = sources.LlavaJsonSource(str(tmp_path / "train.json"), str(tmp_path / "images"))
+  tf = sources.TfdsSource(str(tmp_path / "tfds" / "synthetic_detail" / "1.0.0"), "train")
+  assert len(js) == len(tf) == 3
+  assert len(sources.TfdsSource(str(tmp_path / "tfds" / "synthetic_detail" / "1.0.0"),
+                                "heldout")) == 2
+  by_id = {r["id"]: r for r in expected}
+  for src in (js, tf):
+    for i in range(3):
+      rec = src[i]
+      ref = by_id[rec["id"]]
+      assert rec["conversations"] == ref["conversations"]
+      img = rec["image"]
+      pixels = np.asarray(Image.open(img) if isinstance(img, str) else
+                          Image.open(__import__("io").BytesIO(img)))
+      np.testing.assert_array_equal(pixels, ref["image"])
+  assert repr(tf) == repr(sources.TfdsSource(str(tmp_path / "tfds/synthetic_detail/1.0.0"),
+                                             "train"))
+
+
+def test_llava_json_file_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    sources.LlavaJsonSource(str(tmp_path / "missing.json"), "")
+  bad = tmp_path / "bad.json"
+  bad.write_text("[{")
+  with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    sources.LlavaJsonSource(str(bad), "")
+  obj = tmp_path / "obj.json"
+  obj.write_text(json.dumps({"id": 1}))
+  with pytest.raises(ValueError, match="obj.json: expected a JSON list"):
+    sources.LlavaJsonSource(str(obj), "")
+
+
+def test_llava_json_malformed_records_are_flagged(tmp_path):
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps([
+      {"id": "a", "image": "x.png", "conversations": []},
+      "just a string",
+      {"id": "c"},
+      {"conversations": []},
+      {"id": "e", "image": 3, "conversations": []},
+  ]))
+  src = sources.LlavaJsonSource(str(path), str(tmp_path))
+  assert "error" not in src[0] and src[0]["image"] == str(tmp_path / "x.png")
+  assert src.has_image(0) and not src.has_image(2)
+  assert "is a str" in src[1]["error"]
+  assert src[2]["id"] == "c" and "'conversations' missing" in src[2]["error"]
+  assert "'id' missing" in src[3]["error"]
+  assert "'image' must be a path" in src[4]["error"]

@@ -1,0 +1,162 @@
+"""Templates, tokenisation and label masks: spec 9.3-9.5 and test vector 15.6."""
+
+import numpy as np
+import pytest
+
+from infllava_jax.data import templates as T
+from infllava_jax.data.tokenizer import load_tokenizer
+
+IMG = -200
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return load_tokenizer()
+
+
+def ids(tok, text):
+  return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def special(tok, name):
+  return tok.convert_tokens_to_ids(name)
+
+
+def llama3(tok, conv, n_img=1, has_image=True, **kw):
+  kw.setdefault("max_length", 2048)
+  return T.tokenize_conversation(conv, has_image=has_image, template="llama3", tokenizer=tok,
+                                 image_token_id=IMG, num_image_tokens=n_img, **kw)
+
+
+def test_spec_15_6_layout_and_labels(tok):
+  bos, sh, eh, eot = (special(tok, s) for s in ("<|begin_of_text|>", "<|start_header_id|>",
+                                                 "<|end_header_id|>", "<|eot_id|>"))
+  nn, n = ids(tok, "\n\n"), ids(tok, "\n")
+  assert len(nn) == 1 and len(n) == 1  # like LLaMA-3's 271 and 198
+  conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+  out = llama3(tok, conv)
+  expected = ([bos, bos, sh] + ids(tok, "system") + [eh] + ids(tok, "\n\n" + T.LLAMA3_SYSTEM)
+              + [eot, sh] + ids(tok, "user") + [eh] + nn + [IMG] + n + ids(tok, "What is it?")
+              + [eot, sh] + ids(tok, "assistant") + [eh] + nn + ids(tok, "A cat.") + [eot])
+  assert out.ids.tolist() == expected
+  answer = ids(tok, "A cat.") + [eot]
+  k = len(answer)
+  assert out.labels[-k:].tolist() == answer
+  assert (out.labels[:-k] == T.IGNORE_INDEX).all()
+  # N_img slots: the length grows by N_img - 1, slots unsupervised, "\n" right after them.
+  big = llama3(tok, conv, n_img=36)
+  assert len(big.ids) == len(out.ids) + 35
+  slots = np.flatnonzero(big.ids == IMG)
+  assert slots.tolist() == list(range(slots[0], slots[0] + 36))
+  assert (big.labels[slots] == T.IGNORE_INDEX).all()
+  assert big.ids[slots[-1] + 1] == n[0]
+  assert big.num_images == 1
+
+
+def test_double_bos_switch(tok):
+  conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+  kept, single = llama3(tok, conv), llama3(tok, conv, double_bos=False)
+  assert single.ids.tolist() == kept.ids.tolist()[1:]
+  assert single.labels.tolist() == kept.labels.tolist()[1:]
+  assert single.ids[1] != tok.bos_token_id
+
+
+def test_multi_turn_supervises_each_answer_and_its_eot(tok):
+  eot = special(tok, "<|eot_id|>")
+  conv = [{"from": "human", "value": "What is it? <image>"}, {"from": "gpt", "value": "A cat."},
+          {"from": "human", "value": "Where is the dog?"}, {"from": "gpt", "value": "No."},
+          {"from": "human", "value": "How many objects are there?"},
+          {"from": "gpt", "value": "Two people"}]
+  out = llama3(tok, conv)
+  supervised = out.labels[out.labels != T.IGNORE_INDEX].tolist()
+  assert supervised == (ids(tok, "A cat.") + [eot] + ids(tok, "No.") + [eot]
+                        + ids(tok, "Two people") + [eot])
+  # Supervised labels equal the ids at their positions.
+  mask = out.labels != T.IGNORE_INDEX
+  assert (out.labels[mask] == out.ids[mask]).all()
+  # <image> moved to the front of its message: the slot follows the user header's "\n\n".
+  slot = int(np.flatnonzero(out.ids == IMG)[0])
+  assert out.ids[slot - 1] == ids(tok, "\n\n")[0]
+  assert out.ids[slot + 1:slot + 1 + len(ids(tok, "\nWhat is it?"))].tolist() == ids(
+      tok, "\nWhat is it?")
+
+
+def test_leading_gpt_message_is_dropped(tok):
+  conv = [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Is there a person?"},
+          {"from": "gpt", "value": "Yes."}]
+  out = llama3(tok, conv, has_image=False)
+  assert out.ids.tolist() == llama3(tok, conv[1:], has_image=False).ids.tolist()
+
+
+def test_text_only_sample(tok):
+  eot = special(tok, "<|eot_id|>")
+  conv = [{"from": "human", "value": "Is there a person?"}, {"from": "gpt", "value": "Yes."}]
+  out = llama3(tok, conv, has_image=False)
+  assert IMG not in out.ids and out.num_images == 0
+  assert out.ids[:2].tolist() == [tok.bos_token_id] * 2
+  assert out.labels[out.labels != T.IGNORE_INDEX].tolist() == ids(tok, "Yes.") + [eot]
+
+
+def test_plain_template(tok):
+  conv = [{"from": "human", "value": "Describe the picture.\n<image>"},
+          {"from": "gpt", "value": "A small red car."}]
+  out = T.tokenize_conversation(conv, has_image=True, template="plain", tokenizer=tok,
+                                image_token_id=IMG, num_image_tokens=1, max_length=2048)
+  caption = ids(tok, "A small red car.\n")
+  assert out.ids.tolist() == [tok.bos_token_id, IMG] + caption
+  assert out.labels.tolist() == [T.IGNORE_INDEX] * 2 + caption
+  with pytest.raises(T.SampleError, match="plain template needs an image"):
+    T.render_plain([("human", "Describe the picture."), ("gpt", "A small red car.")])
+
+
+def test_generation_prompt_ends_with_assistant_header():
+  text, spans = T.render_llama3([("human", "<image>\nWhat is it?"), ("gpt", None)])
+  assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+  assert spans == []
+
+
+def test_truncation_keeps_image_slots_and_counts(tok):
+  conv = [{"from": "human", "value": "<image>\nWhat is it?"},
+          {"from": "gpt", "value": "The quick brown fox jumps over the lazy dog. " * 4}]
+  full = llama3(tok, conv, n_img=8)
+  cut = llama3(tok, conv, n_img=8, max_length=len(full.ids) - 5)
+  assert cut.truncated and not full.truncated
+  assert cut.ids.tolist() == full.ids.tolist()[:-5]
+  with pytest.raises(T.OverlongError, match="drop"):
+    llama3(tok, conv, n_img=8, max_length=len(full.ids) - 5, overlong="drop")
+  slot_end = int(np.flatnonzero(full.ids == IMG)[-1]) + 1
+  with pytest.raises(T.OverlongError, match="cut into"):
+    llama3(tok, conv, n_img=8, max_length=slot_end - 1)
+  assert llama3(tok, conv, n_img=8, max_length=slot_end).truncated
+
+
+def test_shift_targets_supervise_next_token(tok):
+  conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+  out = llama3(tok, conv, n_img=4)
+  arrays = T.shift_targets(out)
+  mask = arrays["loss_mask"].astype(bool)
+  assert arrays["loss_mask"].dtype == np.float32 and arrays["tokens"].dtype == np.int32
+  assert mask.tolist() == (np.append(out.labels[1:], T.IGNORE_INDEX) != T.IGNORE_INDEX).tolist()
+  assert arrays["targets"][mask].tolist() == out.labels[1:][mask[:-1]].tolist()
+  assert not mask[-1] and (arrays["targets"][~mask] == 0).all()
+  # The last prompt token (the assistant header's "\n\n") predicts the first answer token.
+  first = int(np.flatnonzero(mask)[0])
+  assert arrays["tokens"][first] == ids(tok, "\n\n")[0]
+
+
+@pytest.mark.parametrize("conv, has_image, reason", [
+    ([], True, "empty"),
+    ([{"from": "human", "value": "hi"}, {"from": "human", "value": "again"}], False,
+     "roles do not alternate"),
+    ([{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A cat."}], True,
+     "has an image but its conversation holds 0"),
+    ([{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}], False,
+     "holds '<image>' but the record has no image"),
+    ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}], True,
+     "holds 2"),
+    ([{"from": "human", "value": "What?"}], False, "ends with a human turn"),
+    ([{"from": "robot", "value": "x"}], False, "is not"),
+])
+def test_bad_conversations(tok, conv, has_image, reason):
+  with pytest.raises(T.SampleError, match=reason):
+    llama3(tok, conv, has_image=has_image)
