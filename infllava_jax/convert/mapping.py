@@ -115,10 +115,13 @@ def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
   params: dict = {}
   problems: list[str] = []
   for name, array in tensors:
+    # Ignored names first: a stacked rule would otherwise claim e.g. CLIP layers past the
+    # feature layer, which are known and deliberately skipped.
+    if any(p.match(name) for p in ignore_res):
+      continue
     found = match(table, name)
     if found is None:
-      if not any(p.match(name) for p in ignore_res):
-        problems.append(f"unexpected tensor {name!r} {tuple(array.shape)}: no rule maps it")
+      problems.append(f"unexpected tensor {name!r} {tuple(array.shape)}: no rule maps it")
       continue
     rule, layer = found
     value = rule.transform.to_flax(np.asarray(array))
