@@ -47,7 +47,8 @@ def dcm_config() -> ConfigDict:
   """Dual-perspective Cropping Module (spec section 2)."""
   return ConfigDict(dict(
       # "dual": local + global crops (INF-LLaVA); "local" or "global": one kind only
-      # (paper ablation); "none": a single low-res view (LLaVA-1.5 baseline).
+      # (paper ablation, needs dem.enhance="none"); "none": a single low-res view
+      # (LLaVA-1.5 baseline).
       crops="dual",
       image_size=1008,       # model input side; grid = image_size // vision.image_size
   ))
@@ -63,7 +64,8 @@ def dem_config() -> ConfigDict:
       bottleneck_ratio=16,   # fusion MLP: D -> D // 16 -> D // 2
       fusion="concat",       # "concat" (released: concat + residuals + LN) or "add"
       reduction="bilinear",  # "bilinear" (released; a pick for odd ratios) or "avg"
-      merge="mean",          # low-res + DEM: "mean" (released) or "add" (paper text)
+      merge="mean",          # low-res + DEM: "mean" (released), "add" (paper text) or
+                             # "none" (DEM output alone: single-resolution ablation)
       reduced_path=True,     # exact fast path of spec 5.6 where it applies
       layer_norm_eps=1e-5,
   ))
