@@ -85,6 +85,7 @@ def model_config(variant: str = "infllava") -> ConfigDict:
       # None: cuDNN/XLA fused attention on GPU, heads-first einsums elsewhere (fastest
       # on CPU and TPU); or force "einsum", "xla" or "cudnn".
       attention_impl=None,
+      attention_chunk=128,   # causal LLM attention in query blocks of 128 (0: one block)
   ))
   if variant == "llava":
     model.dcm.crops = "none"

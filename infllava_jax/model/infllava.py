@@ -69,10 +69,11 @@ class InfLlava(nn.Module):
                                          remat_policy=cfg.remat_policy,
                                          attention_impl=cfg.attention_impl)
     if cfg.variant == "infllava":
-      self.dem = dem.DualPerspectiveEnhancement(cfg)
+      self.dem = dem.DualPerspectiveEnhancement.from_config(cfg)
     self.projector = Projector(cfg.llm.width, cfg.projector.kind, dtype=dtype)
     self.llm = llama.Llama(cfg.llm, dtype=dtype, remat_policy=cfg.remat_policy,
-                           attention_impl=cfg.attention_impl)
+                           attention_impl=cfg.attention_impl,
+                           attention_chunk=cfg.attention_chunk)
 
   def encode_images(self, pixels: jax.Array) -> jax.Array:
     """[B, H, W, 3] CLIP-normalised images at `dcm.image_size` -> [B, N_img, D] visual tokens."""

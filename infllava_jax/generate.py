@@ -1,0 +1,129 @@
+"""Batched generation: one jitted prefill, then a `lax.while_loop` of cached decode steps.
+
+Prompts of different lengths are left-padded into one [B, T] batch; padding slots get
+segment id 0 so no real token attends them, and each row's positions count its own tokens
+only, so a row's output does not depend on its neighbours. Every buffer has a fixed shape
+(the KV cache holds T + max_new_tokens slots), so nothing recompiles per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from infllava_jax.model import layers, llama
+from infllava_jax.model.infllava import InfLlava
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen. temperature 0 means greedy (top_k/top_p unused)."""
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop_ids: tuple[int, ...] = ()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (tokens [B, T] int32, mask [B, T] int32), padding on the left."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("left_pad: every prompt needs at least one token")
+  length = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, length - len(prompt):] = prompt
+    mask[row, length - len(prompt):] = 1
+  return tokens, mask
+
+
+def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+  """[B, V] float32 logits -> [B] int32 next tokens (greedy, or temperature/top-k/top-p)."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k > 0:
+    kth = lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= sampling.top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits = jnp.where(drop, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
+                    pixels: jax.Array | None, rng: jax.Array, sampling: Sampling,
+                    pad_id: int, on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+  """Generates up to `sampling.max_new_tokens` tokens per row (call it under `jax.jit`).
+
+  Args:
+    tokens: [B, T] int32 left-padded prompts (image slots included).
+    mask: [B, T] int32, 1 on prompt tokens and 0 on padding.
+    pixels: [B, M, H, W, 3] the rows' images, or None.
+    on_token: optional host callback `(step, tokens [B]) -> None`, for streaming.
+  Returns:
+    (generated [B, N] int32 with `pad_id` after a row stops, lengths [B] int32), where a
+    row's length counts its tokens up to and including its stop id.
+  """
+  batch, length = tokens.shape
+  steps = sampling.max_new_tokens
+  cache = llama.init_cache(model.cfg.llm, batch, length + steps, layers.dtype_of(model.cfg.dtype))
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  logits, cache = model.apply({"params": params}, tokens, pixels, positions,
+                              mask.astype(jnp.int32), cache)
+  stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
+  next_pos = positions[:, -1] + 1
+
+  def is_stop(tok):
+    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+  rng, first_rng = jax.random.split(rng)
+  first = choose_next(logits[:, -1], first_rng, sampling)
+  out = jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(first)
+  done = is_stop(first)
+  lengths = jnp.ones((batch,), jnp.int32)
+  if on_token is not None:
+    jax.debug.callback(on_token, 0, first)
+
+  def cond(state):
+    step, _, _, done, *_ = state
+    return jnp.logical_and(step < steps, jnp.logical_not(jnp.all(done)))
+
+  def body(state):
+    step, out, cache, done, lengths, rng = state
+    prev = out[:, step - 1]
+    logits, cache = model.apply({"params": params}, prev[:, None], None,
+                                (next_pos + step - 1)[:, None],
+                                jnp.ones((batch, 1), jnp.int32), cache)
+    rng, step_rng = jax.random.split(rng)
+    tok = jnp.where(done, pad_id, choose_next(logits[:, -1], step_rng, sampling))
+    if on_token is not None:
+      jax.debug.callback(on_token, step, tok)
+    lengths = lengths + jnp.logical_not(done).astype(jnp.int32)
+    done = jnp.logical_or(done, is_stop(tok))
+    return step + 1, out.at[:, step].set(tok), cache, done, lengths, rng
+
+  _, out, _, _, lengths, _ = lax.while_loop(
+      cond, body, (jnp.int32(1), out, cache, done, lengths, rng))
+  return out, lengths
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_generate(model: InfLlava, sampling: Sampling, pad_id: int,
+                      on_token: Callable | None = None):
+  """`generate_tokens` jitted for one (model, sampling) pair; cached so repeated calls reuse it."""
+  return jax.jit(functools.partial(generate_tokens, model, sampling=sampling, pad_id=pad_id,
+                                   on_token=on_token))

@@ -1,0 +1,401 @@
+"""The LLaMA-3 decoder (spec section 9.1): embeddings -> scanned decoder layers -> logits.
+
+The full model calls `llm.embed(tokens)`, writes the visual tokens into the image slots, then
+`llm(embeddings, positions, segment_ids, cache)`. Positions are explicit (they restart per
+packed segment, and may start anywhere in left-padded generation), and `segment_ids` say which
+tokens may see each other: a token attends to the tokens of its own segment at an earlier or
+equal slot. Segment 0 is padding; a real token never attends it.
+
+Param tree (HF names in `convert.llama_table`):
+  embed/embedding [V, D]
+  layers/{attn_norm/scale, attn/{q, k, v, o}/kernel, mlp_norm/scale,
+          mlp/{gate, up, down}/kernel}                  leading axis: layer
+  final_norm/scale [D], lm_head/kernel [D, V]
+
+The KV cache is a plain pytree (`KVCache`) threaded through the layer scan, so prefill and
+decode are one jit-compiled function each with fixed shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from ml_collections import ConfigDict
+
+from infllava_jax.model import layers
+
+ACT_AXES = ("batch", "length", "act_embed")
+ROPE_TYPES = ("llama3",)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for `S` slots, and what each slot holds.
+
+  k, v: [L, B, S, KVH, K] (RoPE already applied to k).
+  segment_ids: [B, S] int32, the segment of the token in each slot; 0 = padding or unwritten.
+  index: [] int32, the next slot to write (the same for every row).
+  """
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  index: jax.Array
+
+
+def init_cache(cfg: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated).
+
+  Writing past `max_len` is not detected on device (`dynamic_update_slice` clamps the start),
+  so callers size it for the longest prompt plus the tokens to generate.
+  """
+  shape = (cfg.depth, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  dtype = layers.dtype_of(dtype)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def rope_inverse_frequencies(cfg: ConfigDict) -> np.ndarray:
+  """[K/2] float32 inverse frequencies, computed in float32 exactly as transformers 5.23 does.
+
+  `cfg.rope_scaling` None gives plain RoPE (`_compute_default_rope_parameters`); a dict with
+  rope_type "llama3" applies LLaMA-3.1's band-wise scaling (`_compute_llama3_parameters`):
+  long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+  """
+  dim = cfg.head_dim
+  inv_freq = 1.0 / (np.float32(cfg.rope_theta) **
+                    (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+  scaling = cfg.rope_scaling
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  rope_type = scaling.get("rope_type", scaling.get("type"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"model.llm.rope_scaling.rope_type={rope_type!r} is not supported; "
+                     f"expected one of {ROPE_TYPES} or rope_scaling=None")
+  f32 = np.float32
+  factor = f32(scaling["factor"])
+  low_freq_factor = f32(scaling["low_freq_factor"])
+  high_freq_factor = f32(scaling["high_freq_factor"])
+  old_context_len = f32(scaling["original_max_position_embeddings"])
+  low_freq_wavelen = old_context_len / low_freq_factor
+  high_freq_wavelen = old_context_len / high_freq_factor
+  wavelen = f32(2 * math.pi) / inv_freq
+  inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor -
+                                                                    low_freq_factor)
+  smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+  is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(is_medium, smoothed, inv_freq_llama).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos, sin: [B, T, K] in `dtype` for positions [B, T] (angles in float32, as HF)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """HF's rotate-half RoPE: x * cos + rotate_half(x) * sin. x: [B, T, N, K]; cos, sin: [B, T, K]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Array,
+                   k_slots: jax.Array) -> jax.Array:
+  """[B, 1, T, S] bool: query t sees key s iff same segment and slot_s <= slot_t.
+
+  q_segments [B, T], k_segments [B, S], q_slots [T], k_slots [S]. Examples (one row,
+  `1` = may attend):
+    packed, segments [1 1 2 2]:  left-padded, segments [0 1 1]:  decode at slot 2 of [0 1 1]:
+      1 . . .                      1 . .                          . 1 1
+      1 1 . .                      . 1 .
+      . . 1 .                      . 1 1
+      . . 1 1
+  Padding queries (segment 0) see earlier padding, so no row is empty (no NaN in softmax);
+  real queries never see padding.
+  """
+  same = q_segments[:, :, None] == k_segments[:, None, :]
+  causal = k_slots[None, None, :] <= q_slots[None, :, None]
+  return (same & causal)[:, None]
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                      scale: float) -> jax.Array:
+  """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path.
+
+  q [B, T, H, K]; k, v [B, S, KVH, K]; mask [B, 1, T, S] bool or None (causal, T == S).
+  Returns [B, T, H, K]. The H // KVH query heads sharing a KV head are folded into the
+  query length, so both products are single batched matmuls over (B, KVH) with contiguous
+  operands: on CPU about 2x faster than jax's vmap over the group (same numbers). Logits and
+  softmax are float32; the probabilities return to the compute dtype for the second matmul.
+  """
+  b, t, h, d = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = h // kvh
+  q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+  k = k.transpose(0, 2, 1, 3)
+  v = v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bnqd,bnsd->bnqs", q, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kvh, g, t, s) * scale
+  if mask is None:
+    mask = jnp.tril(jnp.ones((t, s), bool))
+  else:
+    mask = mask[:, :, None]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, s)
+  out = jnp.einsum("bnqs,bnsd->bnqd", probs, v)
+  return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                             scale: float, chunk: int) -> jax.Array:
+  """`grouped_attention` for self-attention (slot t of q is slot t of k), skipping the
+  key blocks that causality masks anyway.
+
+  Query chunk [s, e) only meets keys [0, e): for T = 4 chunks of 128 that is 10/16 of the
+  logits, and of their softmax and gradients, which dominate attention on CPU. Exact: the
+  skipped keys are masked for these queries. q [B, T, H, K]; k, v [B, T, KVH, K];
+  mask [B, 1, T, T] (causal by construction) or None (plain causal). Returns [B, T, H, K].
+  """
+  t = q.shape[1]
+  if chunk <= 0 or t <= chunk:
+    return grouped_attention(q, k, v, mask, scale)
+  outs = []
+  for start in range(0, t, chunk):
+    end = min(start + chunk, t)
+    if mask is None:
+      block = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+    else:
+      block = mask[:, :, start:end, :end]
+    outs.append(grouped_attention(q[:, start:end], k[:, :end], v[:, :end], block, scale))
+  return jnp.concatenate(outs, axis=1)
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE, through an optional per-layer KV cache: [B, T, D] -> same."""
+
+  cfg: ConfigDict
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+  attention_impl: str | None = None
+  attention_chunk: int = 0
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, kv, index):
+    """x [B, T, D]; mask [B, 1, T, S] or None (plain causal); kv: (k, v) [B, S, KVH, K] or None.
+
+    Returns (out [B, T, D], updated (k, v) or None).
+    """
+    cfg = self.cfg
+    b, t, d = x.shape
+    h, kvh, k_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+    dense = lambda features, axes, name: layers.Dense(
+        features, axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+    # [B*T, D] @ [D, F]: a plain 2-D matmul forwards and backwards (the weight gradient of
+    # a 3-D input contracts two axes, which XLA:CPU runs ~25% slower).
+    x = x.reshape(b * t, d)
+    q = dense(h * k_dim, ("embed", "heads"), "q")(x).reshape(b, t, h, k_dim)
+    k = dense(kvh * k_dim, ("embed", "kv_heads"), "k")(x).reshape(b, t, kvh, k_dim)
+    v = dense(kvh * k_dim, ("embed", "kv_heads"), "v")(x).reshape(b, t, kvh, k_dim)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    new_kv = None
+    if kv is not None:
+      k_cache, v_cache = kv
+      start = (0, index, 0, 0)
+      k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      new_kv = (k_cache, v_cache)
+      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+    scale = 1.0 / math.sqrt(k_dim)
+    # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
+    # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere.
+    if self.attention_impl in ("xla", "cudnn") or (
+        self.attention_impl is None and jax.default_backend() == "gpu"):
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,
+                                         implementation=self.attention_impl)
+    elif self.attention_impl not in (None, "einsum"):
+      raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected None, "
+                       "'einsum', 'xla' or 'cudnn'")
+    elif kv is None:
+      out = causal_chunked_attention(q, k, v, mask, scale, self.attention_chunk)
+    else:
+      out = grouped_attention(q, k, v, mask, scale)
+    out = dense(d, ("heads", "embed"), "o")(out.reshape(b * t, h * k_dim))
+    return out.reshape(b, t, d), new_kv
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases. [B, T, D] -> [B, T, D]."""
+
+  cfg: ConfigDict
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda features, axes, name: layers.Dense(
+        features, axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)
+    b, t, d = x.shape
+    x = x.reshape(b * t, d)  # 2-D matmuls, as in Attention
+    gate = dense(self.cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
+    up = dense(self.cfg.mlp_dim, ("embed", "mlp"), "up")(x)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "act_mlp"))
+    return dense(d, ("mlp", "embed"), "down")(hidden).reshape(b, t, d)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). The scan body: (x, *xs) -> (x, kv)."""
+
+  cfg: ConfigDict
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+  attention_impl: str | None = None
+  attention_chunk: int = 0
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, kv, index):
+    norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
+    attn = Attention(self.cfg, self.dtype, self.param_dtype, self.attention_impl,
+                     self.attention_chunk, name="attn")
+    attn_out, new_kv = attn(norm("attn_norm")(x), cos, sin, mask, kv, index)
+    x = nn.with_logical_constraint(x + attn_out, ACT_AXES)
+    x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(x))
+    return nn.with_logical_constraint(x, ACT_AXES), new_kv
+
+
+class Embedder(nn.Module):
+  """Token embedding table. tokens [B, T] int32 -> [B, T, D] in the compute dtype."""
+
+  vocab_size: int
+  width: int
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                 ("vocab", "embed")),
+                       (self.vocab_size, self.width), self.param_dtype)
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class LMHead(nn.Module):
+  """Untied output projection [B, T, D] -> [B, T, V] float32 logits (float32 accumulation)."""
+
+  vocab_size: int
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                               ("embed", "vocab")),
+                        (d, self.vocab_size), self.param_dtype)
+    logits = jnp.dot(x.reshape(b * t, d).astype(self.dtype), kernel.astype(self.dtype),
+                     preferred_element_type=jnp.float32).reshape(b, t, self.vocab_size)
+    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+class Llama(nn.Module):
+  """LLaMA-3 decoder. `embed(tokens)` and `__call__(embeddings, ...)`; see the module docstring.
+
+  Attributes:
+    cfg: `model.llm` (width, depth, heads, kv_heads, head_dim, mlp_dim, vocab_size,
+      rms_norm_eps, rope_theta, rope_scaling, param_dtype).
+    dtype: compute dtype (activations, matmul inputs, KV written to the cache).
+    remat_policy: a name of `layers.REMAT_POLICIES`.
+    attention_impl: "einsum" computes attention with `grouped_attention` (the XLA math in a
+      layout that runs ~2x faster on CPU); "xla" or "cudnn" call
+      `jax.nn.dot_product_attention` with that implementation; None is "einsum", except on
+      GPU where jax picks (cuDNN flash attention where it applies).
+    attention_chunk: query block of `causal_chunked_attention` when attention_impl is None
+      and no cache is used; 0 disables it.
+  """
+
+  cfg: ConfigDict
+  dtype: layers.Dtype = jnp.float32
+  remat_policy: str = "none"
+  attention_impl: str | None = None
+  attention_chunk: int = 128
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.heads % cfg.kv_heads:
+      raise ValueError(f"model.llm.heads={cfg.heads} is not a multiple of "
+                       f"kv_heads={cfg.kv_heads}")
+    param_dtype = layers.dtype_of(cfg.param_dtype)
+    dtype = layers.dtype_of(self.dtype)
+    self.inv_freq = rope_inverse_frequencies(cfg)
+    # `self.llm.embed(tokens)` is this submodule's call; its params live at embed/embedding.
+    self.embed = Embedder(cfg.vocab_size, cfg.width, dtype, param_dtype)
+    scanned = layers.scan_layers(
+        DecoderLayer, length=cfg.depth, remat=self.remat_policy,
+        # cos, sin, mask and the write index are shared; the cache is split by layer.
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    self.layers = scanned(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk)
+    self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.lm_head = LMHead(cfg.vocab_size, dtype, param_dtype)
+
+  def __call__(self, embeddings: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """embeddings [B, T, D], positions [B, T] int32, segment_ids [B, T] int32 or None.
+
+    segment_ids None means one segment per row with no padding (plain causal attention).
+    With `cache`, the T tokens are written at slots [index, index + T) and attend to every
+    cached slot before them; the returned cache has index + T.
+    Returns (logits [B, T, V] float32, the updated cache or None).
+    """
+    cfg = self.cfg
+    b, t = positions.shape
+    chex.assert_shape(embeddings, (b, t, cfg.width))
+    dtype = layers.dtype_of(self.dtype)
+    x = nn.with_logical_constraint(embeddings.astype(dtype), ACT_AXES)
+    cos, sin = rope_tables(positions, self.inv_freq, dtype)
+    if segment_ids is not None:
+      chex.assert_shape(segment_ids, (b, t))
+    if cache is None:
+      kv = index = None
+      # Without packing or padding the causal mask is implied, never materialised.
+      mask = None if segment_ids is None else attention_mask(
+          segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+    else:
+      chex.assert_shape(cache.k, (cfg.depth, b, None, cfg.kv_heads, cfg.head_dim))
+      if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+      index = cache.index
+      cache_segments = lax.dynamic_update_slice(cache.segment_ids,
+                                                segment_ids.astype(jnp.int32), (0, index))
+      slots = cache_segments.shape[1]
+      mask = attention_mask(segment_ids, cache_segments, index + jnp.arange(t),
+                            jnp.arange(slots))
+      kv = (cache.k, cache.v)
+    x, new_kv = self.layers(x, cos, sin, mask, kv, index)
+    logits = self.lm_head(self.final_norm(x))
+    chex.assert_shape(logits, (b, t, cfg.vocab_size))
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_segments, index=index + t)
+    return logits, new_cache
+
+  def tokens_to_logits(self, tokens: jax.Array, positions: jax.Array,
+                       segment_ids: jax.Array | None = None,
+                       cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """The text-only path `self(self.embed(tokens), ...)`; `init` through it creates every param."""
+    return self(self.embed(tokens), positions, segment_ids, cache)

@@ -1,0 +1,289 @@
+"""LLaMA decoder: parity with HF `LlamaForCausalLM` (float32), KV cache, packing, configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+import flax.linen as nn
+from ml_collections import ConfigDict
+
+from configs import infllava_8b
+from infllava_jax.convert import mapping
+from infllava_jax.convert.llama_table import llama_config_from_hf, llama_table, tie_lm_head
+from infllava_jax.model import llama
+
+HF_TOL = 1e-4
+TOL = 1e-5
+T = 24
+
+ROPE_LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+def hf_config_dict(new_spelling: bool) -> dict:
+  """A tiny LLaMA-3.1-style config.json in transformers 5's or the released spelling."""
+  base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu",
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
+  if new_spelling:
+    return dict(base, dtype="float32", rope_parameters=dict(ROPE_LLAMA3, rope_theta=500000.0))
+  return dict(base, torch_dtype="float32", rope_theta=500000.0, rope_scaling=dict(ROPE_LLAMA3))
+
+
+@pytest.fixture(scope="module")
+def llm_cfg():
+  return llama_config_from_hf(hf_config_dict(new_spelling=True))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  config = transformers.LlamaConfig(**hf_config_dict(new_spelling=True),
+                                    attn_implementation="eager")
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  # HF's init (std 0.02, unit norms) gives near-zero logits where any bug hides: use O(1)
+  # activations and non-unit norm weights instead.
+  with torch.no_grad():
+    for name, tensor in model.named_parameters():
+      if "norm" in name:
+        tensor.uniform_(0.5, 1.5)
+      elif "embed" in name:
+        tensor.normal_(0.0, 1.0)
+      else:
+        tensor.normal_(0.0, tensor.shape[1] ** -0.5)
+  return model
+
+
+def init_shapes(model, batch=1, length=1):
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens,
+                                           method="tokens_to_logits"))
+
+
+@pytest.fixture(scope="module")
+def params(llm_cfg, hf_model):
+  tensors = [(n, t.detach().numpy()) for n, t in hf_model.state_dict().items()]
+  expected = nn.meta.unbox(init_shapes(llama.Llama(llm_cfg))["params"])
+  converted = mapping.torch_to_params(tensors, llama_table(llm_cfg), expected, source="tiny")
+  return jax.tree_util.tree_map(jnp.asarray, converted)
+
+
+@pytest.fixture(scope="module")
+def run(llm_cfg, params):
+  """run(tokens, positions, segment_ids=None, cache=None) -> (logits, cache), jitted."""
+  model = llama.Llama(llm_cfg)
+  return jax.jit(lambda *args: model.apply({"params": params}, *args,
+                                           method="tokens_to_logits"))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return np.random.default_rng(0).integers(0, 256, (2, T)).astype(np.int32)
+
+
+def arange_positions(batch, length, start=0):
+  return np.broadcast_to(np.arange(start, start + length, dtype=np.int32), (batch, length))
+
+
+def max_err(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def test_rope_frequencies_match_hf(llm_cfg, hf_model):
+  ours = llama.rope_inverse_frequencies(llm_cfg)
+  theirs = hf_model.model.rotary_emb.inv_freq.numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+  # The scaling must bite at this size, or the test above proves nothing about it.
+  plain_cfg = ConfigDict(llm_cfg.to_dict())
+  plain_cfg.rope_scaling = None
+  plain = llama.rope_inverse_frequencies(plain_cfg)
+  assert np.sum(~np.isclose(plain, ours)) >= 4
+
+
+def test_logits_match_hf(run, hf_model, tokens):
+  with torch.no_grad():
+    want = hf_model(torch.from_numpy(tokens).long()).logits.numpy()
+  got, cache = run(tokens, arange_positions(2, T))
+  assert cache is None and got.dtype == jnp.float32
+  assert np.std(want) > 0.3  # logits O(1): the tolerance below means something
+  assert max_err(got, want) <= HF_TOL
+
+
+def test_logits_match_hf_at_far_positions(run, hf_model, tokens):
+  # Positions beyond original_max_position_embeddings, where the llama3 bands differ.
+  positions = arange_positions(2, T, start=100)
+  with torch.no_grad():
+    want = hf_model(torch.from_numpy(tokens).long(),
+                    position_ids=torch.from_numpy(np.array(positions)).long()).logits.numpy()
+  got, _ = run(tokens, positions)
+  assert max_err(got, want) <= HF_TOL
+
+
+def decode(run, llm_cfg, tokens, positions, segments, prefill, max_len=32):
+  """Prefill `prefill` tokens, then feed the rest one at a time: logits of every step [B, T, V]."""
+  b, t = tokens.shape
+  cache = llama.init_cache(llm_cfg, b, max_len, jnp.float32)
+  out, cache = run(tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill], cache)
+  steps = [out]
+  for i in range(prefill, t):
+    out, cache = run(tokens[:, i:i + 1], positions[:, i:i + 1], segments[:, i:i + 1], cache)
+    steps.append(out)
+  assert int(cache.index) == t
+  return np.concatenate(steps, axis=1)
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(run, llm_cfg, tokens):
+  positions = arange_positions(2, T)
+  full, _ = run(tokens, positions)
+  got = decode(run, llm_cfg, tokens, positions, np.ones_like(tokens), prefill=T - 4)
+  assert max_err(got, full) <= TOL
+
+
+def left_padded(tokens, pad):
+  """Row 1 shifted right by `pad` slots of padding (segment 0) at the front."""
+  t = tokens.shape[1]
+  padded = tokens.copy()
+  padded[1] = np.concatenate([np.zeros(pad, np.int32), tokens[1, :t - pad]])
+  segments = np.ones_like(tokens)
+  segments[1, :pad] = 0
+  positions = np.array(arange_positions(2, t))
+  positions[1] = np.concatenate([np.zeros(pad, np.int32), np.arange(t - pad)])
+  return padded, positions, segments
+
+
+def test_left_padded_row_equals_unpadded(run, llm_cfg, tokens):
+  pad = 5
+  padded, positions, segments = left_padded(tokens, pad)
+  alone, _ = run(tokens[1:, :T - pad], arange_positions(1, T - pad))
+  batched, _ = run(padded, positions, segments)
+  assert max_err(batched[1, pad:], alone[0]) <= TOL
+  cached = decode(run, llm_cfg, padded, positions, segments, prefill=T - 4)
+  assert max_err(cached[1, pad:], alone[0]) <= TOL
+  # Row 0 has no padding and is unaffected by its neighbour's.
+  full, _ = run(tokens, arange_positions(2, T))
+  assert max_err(cached[0], full[0]) <= TOL
+
+
+def test_packed_segments_equal_separate_runs(run, tokens):
+  lengths = (10, 10)  # then 4 slots of padding
+  positions, segments = packed_inputs(lengths, T)
+  packed, _ = run(tokens[:1], positions, segments)
+  start = 0
+  for n in lengths:
+    alone, _ = run(tokens[:1, start:start + n], arange_positions(1, n))
+    assert max_err(packed[0, start:start + n], alone[0]) <= TOL
+    start += n
+  assert np.all(np.isfinite(np.asarray(packed)))  # padding rows too: no NaN to leak into grads
+
+
+def packed_inputs(lengths, total):
+  """segment_ids and per-segment positions [1, total] for segments of `lengths`, then padding."""
+  segments = np.zeros((1, total), np.int32)
+  positions = np.zeros((1, total), np.int32)
+  start = 0
+  for seg, n in enumerate(lengths, 1):
+    segments[0, start:start + n] = seg
+    positions[0, start:start + n] = np.arange(n)
+    start += n
+  return positions, segments
+
+
+@pytest.mark.parametrize("impl,chunk", [(None, 10), ("xla", 0)])
+def test_attention_paths_agree(llm_cfg, params, run, tokens, impl, chunk):
+  """Causal chunking (uneven chunks 10, 10, 4) and jax.nn.dot_product_attention equal the
+  default one-block `grouped_attention`, plain causal and packed."""
+  model = llama.Llama(llm_cfg, attention_impl=impl, attention_chunk=chunk)
+  other = jax.jit(lambda *args: model.apply({"params": params}, *args,
+                                            method="tokens_to_logits"))
+  positions = arange_positions(2, T)
+  assert max_err(other(tokens, positions)[0], run(tokens, positions)[0]) <= TOL
+  positions, segments = packed_inputs((10, 10), T)
+  assert max_err(other(tokens[:1], positions, segments)[0],
+                 run(tokens[:1], positions, segments)[0]) <= TOL
+
+
+def test_conversion_round_trip(params, hf_model, llm_cfg):
+  back = dict(mapping.params_to_torch(jax.device_get(params), llama_table(llm_cfg)))
+  state = hf_model.state_dict()
+  assert sorted(back) == sorted(state)
+  for name, tensor in state.items():
+    np.testing.assert_array_equal(back[name], tensor.numpy(), err_msg=name)
+
+
+def test_param_logical_axes(llm_cfg):
+  specs = nn.get_partition_spec(init_shapes(llama.Llama(llm_cfg)))["params"]
+  specs = jax.tree_util.tree_map(tuple, specs,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert specs["embed"]["embedding"] == ("vocab", "embed")
+  assert specs["lm_head"]["kernel"] == ("embed", "vocab")
+  assert specs["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads")
+  assert specs["layers"]["attn"]["k"]["kernel"] == ("layers", "embed", "kv_heads")
+  assert specs["layers"]["attn"]["o"]["kernel"] == ("layers", "heads", "embed")
+  assert specs["layers"]["mlp"]["down"]["kernel"] == ("layers", "mlp", "embed")
+
+
+def test_config_reading_both_spellings(llm_cfg):
+  old = llama_config_from_hf(hf_config_dict(new_spelling=False))
+  assert old.to_dict() == llm_cfg.to_dict()
+  assert llm_cfg.rope_theta == 500000.0 and llm_cfg.head_dim == 16 and llm_cfg.kv_heads == 2
+  assert llm_cfg.rope_scaling.to_dict() == ROPE_LLAMA3
+  # What transformers 5 itself writes parses to the same config.
+  written = transformers.LlamaConfig(**hf_config_dict(new_spelling=True)).to_dict()
+  assert llama_config_from_hf(written).to_dict() == llm_cfg.to_dict()
+  plain = dict(hf_config_dict(new_spelling=False), rope_scaling=None, torch_dtype="bfloat16")
+  plain_cfg = llama_config_from_hf(plain)
+  assert plain_cfg.rope_scaling is None and plain_cfg.param_dtype == "bfloat16"
+  assert llama_config_from_hf(plain, param_dtype="float32").param_dtype == "float32"
+
+
+@pytest.mark.parametrize("field,value", [("attention_bias", True), ("mlp_bias", True),
+                                         ("hidden_act", "gelu"), ("tie_word_embeddings", True),
+                                         ("rope_scaling", dict(rope_type="yarn", factor=2.0))])
+def test_config_reading_rejects_unsupported(field, value):
+  with pytest.raises(ValueError, match=field if field != "rope_scaling" else "yarn"):
+    llama_config_from_hf(dict(hf_config_dict(new_spelling=False), **{field: value}))
+
+
+def test_tied_embeddings_by_copy():
+  tied = dict(hf_config_dict(new_spelling=False), tie_word_embeddings=True)
+  assert llama_config_from_hf(tied, allow_tied=True).vocab_size == 256
+  embed = np.arange(6.0).reshape(3, 2)
+  out = dict(tie_lm_head([("model.embed_tokens.weight", embed), ("model.norm.weight", 1)]))
+  assert out["lm_head.weight"] is embed
+  own_head = np.ones((3, 2))
+  out = dict(tie_lm_head([("model.embed_tokens.weight", embed), ("lm_head.weight", own_head)]))
+  assert out["lm_head.weight"] is own_head
+
+
+def test_param_count_of_released_config_equals_hf():
+  cfg = infllava_8b.llm_config()
+  shapes = init_shapes(llama.Llama(cfg))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+      num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=False)
+  with torch.device("meta"):
+    theirs = sum(p.numel() for p in transformers.LlamaForCausalLM(hf_cfg).parameters())
+  assert ours == theirs == 8_030_269_440
+
+
+def test_remat_policies_give_equal_gradients(llm_cfg, params, tokens):
+  positions = arange_positions(2, T)
+
+  def grads(policy):
+    model = llama.Llama(llm_cfg, remat_policy=policy)
+
+    def loss(p):
+      logits, _ = model.apply({"params": p}, tokens, positions, method="tokens_to_logits")
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    return jax.jit(jax.grad(loss))(params)
+
+  plain, remat = grads("none"), grads("nothing_saveable")
+  errs = jax.tree_util.tree_map(max_err, plain, remat)
+  assert max(jax.tree_util.tree_leaves(errs)) <= 1e-6
+  assert float(jnp.max(jnp.abs(plain["layers"]["attn"]["q"]["kernel"]))) > 1e-3
