@@ -12,6 +12,9 @@ import sys
 # command -> (module, one-line description)
 COMMANDS = {
     "demo": ("infllava_jax.demo", "build a model from a config and run one image+text forward"),
+    "train": ("infllava_jax.training.loop", "train a model from a config (multi-host aware; resumes)"),
+    "compile": ("infllava_jax.training.compile", "ahead-of-time compile a train step: per-device memory and FLOPs"),
+    "generate": ("infllava_jax.generate_cli", "answer a question about an image with a checkpoint"),
     "data": ("infllava_jax.data.cli", "write the synthetic fine-detail dataset (LLaVA JSON, array_record)"),
     "convert": ("infllava_jax.convert.cli", "PyTorch checkpoints (INF-LLaVA, HF LLaMA-3 + CLIP, llava-hf) <-> Orbax"),
     "inspect": ("infllava_jax.convert.inspect", "list the tensors, shapes, dtypes and counts of a checkpoint"),

@@ -1,0 +1,287 @@
+"""Optimiser, learning-rate schedule, freeze masks and loss normalisation (spec section 10).
+
+Everything here reads one `train` ConfigDict section (`default_train_config(stage)` gives
+the reference's values):
+
+  lr                  peak learning rate (stage 1: 1e-3, stage 2: 2e-5).
+  warmup_ratio        linear warmup over ceil(warmup_ratio * total_steps) steps, then a
+                      half-cycle cosine to 0 (HF `cosine`).
+  weight_decay        decoupled AdamW decay (reference: 0).
+  weight_decay_exclude  regexes of params never decayed: HF excludes biases and norm
+                      weights (ours are named `bias` and `scale`).
+  b1, b2, eps         AdamW moments (torch defaults 0.9, 0.999, 1e-8).
+  max_grad_norm       None (reference: no clipping, see spec 10) or a global-norm bound
+                      taken over the trainable params only.
+  grad_accum_steps    micro-batches per optimiser step, accumulated inside one jitted step
+                      by `accumulate_gradients` (no `optax.MultiSteps`).
+  trainable           regexes over '/'-joined param paths; a param trains when one matches.
+                      CLIP (`^vision/`) is frozen unless listed here.
+  param_groups        ((regex, lr_multiplier), ...) over trainable params, first match
+                      wins, others take 1.0; e.g. ((r"^vision/", 0.1),) with "^vision/"
+                      added to `trainable` unfreezes CLIP at a tenth of the peak lr.
+  loss_normalisation  "global_token_mean" (default: sum of token losses / supervised tokens
+                      of the whole global batch, independent of how it is split) or
+                      "micro_batch_mean" (the reference's HF/DeepSpeed behaviour: mean over
+                      each group of `loss_group_size` rows, then the mean of those means).
+  loss_group_size     rows per reference micro-batch (per-GPU batch: 16 stage 1, 8 stage 2).
+  global_batch_size, num_epochs  read by the train loop (256 / 128 sequences, 1 epoch).
+
+Frozen params get no optimiser state: `optax.multi_transform` routes them to
+`optax.set_to_zero()`, whose state is empty, so AdamW moments exist only for trainable leaves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict, config_dict
+
+FROZEN = "frozen"
+LOSS_MODES = ("global_token_mean", "micro_batch_mean")
+
+
+def default_train_config(stage: int = 2) -> ConfigDict:
+  """The reference's recipe (spec section 10) for stage 1 (alignment) or 2 (SFT)."""
+  if stage not in (1, 2):
+    raise ValueError(f"default_train_config: stage must be 1 or 2, got {stage!r}")
+  return ConfigDict(dict(
+      lr=1e-3 if stage == 1 else 2e-5,
+      warmup_ratio=0.03,
+      weight_decay=0.0,
+      weight_decay_exclude=(r"(^|/)bias$", r"(^|/)scale$"),
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      max_grad_norm=config_dict.placeholder(float),  # None: no clipping
+      grad_accum_steps=1,
+      trainable=(r"^dem/", r"^projector/") + (() if stage == 1 else (r"^llm/",)),
+      param_groups=(),
+      loss_normalisation="global_token_mean",
+      loss_group_size=16 if stage == 1 else 8,
+      global_batch_size=256 if stage == 1 else 128,
+      num_epochs=1,
+  ))
+
+
+def learning_rate_schedule(train_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
+  """HF `get_cosine_schedule_with_warmup` times `train_cfg.lr`, as a function of the update count.
+
+  Update k (counting from 0, as optax and the HF scheduler both do) gets
+  lr * k / W for k < W, else lr * 0.5 * (1 + cos(pi * (k - W) / (total - W))), with
+  W = ceil(warmup_ratio * total). Past `total_steps` the lr stays 0 (HF would rise again).
+  """
+  if total_steps < 1:
+    raise ValueError(f"learning_rate_schedule: total_steps must be >= 1, got {total_steps}")
+  peak = float(train_cfg.lr)
+  warmup = math.ceil(float(train_cfg.warmup_ratio) * total_steps)
+  decay = max(1, total_steps - warmup)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    ramp = count / max(1, warmup)
+    progress = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return peak * jnp.where(count < warmup, ramp, cosine)
+
+  return schedule
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _join(path) -> str:
+  return "/".join(_key_name(k) for k in path)
+
+
+def param_paths(params: Any) -> Any:
+  """The tree of '/'-joined key paths ("llm/layers/attn/q/kernel") matching `params`."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _join(path), params)
+
+
+def _matches_any(path: str, patterns: Sequence[str]) -> bool:
+  return any(re.search(p, path) for p in patterns)
+
+
+def _check_patterns_match(paths: Sequence[str], patterns: Sequence[str], field: str):
+  for pattern in patterns:
+    if not any(re.search(pattern, p) for p in paths):
+      raise ValueError(f"train.{field}: regex {pattern!r} matches no param; "
+                       f"top-level names are {sorted({p.split('/')[0] for p in paths})}")
+
+
+def trainable_mask(params: Any, train_cfg: ConfigDict) -> Any:
+  """Tree of bools like `params` (unboxed): True where a `train_cfg.trainable` regex matches.
+
+  A regex that matches no param raises, so a typo cannot silently freeze a module.
+  """
+  paths = param_paths(params)
+  _check_patterns_match(jax.tree.leaves(paths), train_cfg.trainable, "trainable")
+  return jax.tree.map(lambda p: _matches_any(p, train_cfg.trainable), paths)
+
+
+def param_labels(params: Any, train_cfg: ConfigDict) -> Any:
+  """Tree of labels like `params`: "frozen", or "group_<i>" (i-th `param_groups` entry),
+  or "group_default" (lr multiplier 1)."""
+  paths = param_paths(params)
+  groups = tuple(train_cfg.param_groups)
+  _check_patterns_match(jax.tree.leaves(paths), [g[0] for g in groups], "param_groups")
+  mask = trainable_mask(params, train_cfg)
+
+  def label(path: str, trainable: bool) -> str:
+    if not trainable:
+      return FROZEN
+    for i, (pattern, _) in enumerate(groups):
+      if re.search(pattern, path):
+        return f"group_{i}"
+    return "group_default"
+
+  return jax.tree.map(label, paths, mask)
+
+
+def make_optimizer(train_cfg: ConfigDict, total_steps: int,
+                   params: Any) -> optax.GradientTransformation:
+  """AdamW with the warmup-cosine schedule, per-group lr multipliers and frozen params.
+
+  `params` (unboxed arrays or ShapeDtypeStructs) only fixes the tree structure and names.
+  Gradient accumulation is not inside: the train step sums micro-batch gradients with
+  `accumulate_gradients` and calls `update` once per global batch.
+  """
+  schedule = learning_rate_schedule(train_cfg, total_steps)
+  exclude = tuple(train_cfg.weight_decay_exclude)
+
+  def decay_mask(tree):
+    # A function of the tree it gets: inside multi_transform, other groups' leaves are
+    # empty `MaskedNode`s, so a fixed mask tree would not match.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not _matches_any(_join(path), exclude), tree)
+
+  multipliers = {f"group_{i}": float(m) for i, (_, m) in enumerate(train_cfg.param_groups)}
+  multipliers["group_default"] = 1.0
+
+  def adamw(multiplier: float) -> optax.GradientTransformation:
+    return optax.adamw(lambda count: multiplier * schedule(count), b1=train_cfg.b1,
+                       b2=train_cfg.b2, eps=train_cfg.eps,
+                       weight_decay=train_cfg.weight_decay, mask=decay_mask)
+
+  transforms = {label: adamw(m) for label, m in multipliers.items()}
+  transforms[FROZEN] = optax.set_to_zero()
+  tx = optax.multi_transform(transforms, param_labels(params, train_cfg))
+  if train_cfg.max_grad_norm is not None:
+    # Masked, so the norm is taken over trainable grads only.
+    clip = optax.masked(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)),
+                        trainable_mask(params, train_cfg))
+    tx = optax.chain(clip, tx)
+  return tx
+
+
+def stop_frozen_gradients(params: Any, mask: Any) -> Any:
+  """`params` with `lax.stop_gradient` on frozen leaves.
+
+  Apply inside the loss function: XLA then drops the backward pass into frozen towers
+  (CLIP) and their weight gradients instead of computing values the optimiser zeroes.
+  """
+  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+
+
+def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def loss_weights(loss_mask: jax.Array, mode: str = "global_token_mean",
+                 group_size: int | None = None) -> jax.Array:
+  """Per-token weights [B, T] such that sum(ce * weights) is the normalised batch loss.
+
+  Computed once on the whole global batch, before it is split into micro-batches: every
+  micro-batch's `sum(ce * w)` is then its exact share, and the accumulated sum over
+  micro-batches is the full loss in either mode.
+
+  global_token_mean: w = mask / (supervised tokens in the batch).
+  micro_batch_mean:  rows are cut into groups of `group_size` (the reference's per-GPU
+    micro-batch); w = mask / (supervised tokens in the group) / (number of groups). A
+    group with no supervised token contributes 0 (the reference would give NaN).
+
+  Args:
+    loss_mask: [B, T] float32, 1 where the token is supervised.
+  """
+  loss_mask = loss_mask.astype(jnp.float32)
+  if mode == "global_token_mean":
+    return loss_mask / jnp.maximum(loss_mask.sum(), 1.0)
+  if mode == "micro_batch_mean":
+    rows, length = loss_mask.shape
+    if group_size is None or group_size < 1 or rows % group_size:
+      raise ValueError(f"loss_weights: micro_batch_mean needs a group_size dividing the "
+                       f"batch of {rows} rows, got {group_size!r}")
+    groups = loss_mask.reshape(rows // group_size, group_size, length)
+    counts = jnp.maximum(groups.sum(axis=(1, 2), keepdims=True), 1.0)
+    return (groups / counts / groups.shape[0]).reshape(rows, length)
+  raise ValueError(f"loss_weights: mode must be one of {LOSS_MODES}, got {mode!r}")
+
+
+def token_mean_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                    mode: str = "global_token_mean",
+                    group_size: int | None = None) -> jax.Array:
+  """Normalised CE of a whole batch (no accumulation): logits [B, T, V], targets [B, T]."""
+  weights = loss_weights(loss_mask, mode, group_size)
+  return jnp.sum(per_token_cross_entropy(logits, targets) * weights)
+
+
+def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+  """Leaves [B, ...] -> [A, B / A, ...], micro-batch a taking rows a, a + A, a + 2A, ...
+
+  Strided rather than contiguous rows: with the batch axis sharded over devices, each
+  device's block holds rows of every micro-batch, so each micro-batch stays spread over
+  all devices without moving data.
+  """
+
+  def split(x):
+    rows = x.shape[0]
+    if rows % num_micro_batches:
+      raise ValueError(f"split_micro_batches: batch of {rows} rows does not split into "
+                       f"{num_micro_batches} micro-batches")
+    x = x.reshape(rows // num_micro_batches, num_micro_batches, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], params: Any,
+                         batch: Any, num_micro_batches: int) -> tuple[jax.Array, Any, Any]:
+  """Sums loss, aux and grads of `loss_fn` over micro-batches with `lax.scan` (inside jit).
+
+  `loss_fn(params, micro_batch) -> (loss, aux)` must return the micro-batch's share of the
+  total loss (e.g. `sum(ce * w)` with `w` from `loss_weights` on the global batch, carried
+  in the batch), so that sums are the full-batch values. `aux` is a pytree of arrays, also
+  summed. With one micro-batch this is plain `value_and_grad`.
+
+  Returns (loss, aux, grads), grads in the params' dtype.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro_batches == 1:
+    (loss, aux), grads = grad_fn(params, batch)
+    return loss, aux, grads
+
+  micro = split_micro_batches(batch, num_micro_batches)
+  first = jax.tree.map(lambda x: x[0], micro)
+  (_, aux_shape), _ = jax.eval_shape(grad_fn, params, first)
+
+  def body(carry, micro_batch):
+    loss_sum, aux_sum, grad_sum = carry
+    (loss, aux), grads = grad_fn(params, micro_batch)
+    return (loss_sum + loss, jax.tree.map(jnp.add, aux_sum, aux),
+            jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  init = (jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+          jax.tree.map(jnp.zeros_like, params))
+  (loss, aux, grads), _ = jax.lax.scan(body, init, micro)
+  return loss, aux, grads
