@@ -1,0 +1,114 @@
+"""Converted checkpoint -> the INF-LLaVA release layout (spec section 11), for PyTorch tools.
+
+Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json` and a
+`config.json` (model_type llava_llama, the LLaMA fields in the old `rope_theta` /
+`rope_scaling` spelling that released checkpoints use, the `mm_*` fields). The names come
+from the same table `from-pytorch` reads with (`hf.release_table`), so the round trip is
+exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
+`post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
+anyway); `vision_config` in config.json records the full tower so a re-import knows its depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+from ml_collections import ConfigDict
+from safetensors.numpy import save_file
+
+from infllava_jax.convert import checkpoint_io, hf
+from infllava_jax.convert.mapping import ConversionError, flatten, params_to_torch
+
+INDEX_FILE = "model.safetensors.index.json"
+CLIP_NAME = "openai/clip-vit-large-patch14-336"
+
+
+def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
+  """config.json of the release layout for `model_cfg` (spec 11 fields)."""
+  llm, vision = model_cfg.llm, model_cfg.vision
+  config = dict(
+      architectures=["LlavaLlamaForCausalLM"], model_type=hf.RELEASE_MODEL_TYPE,
+      vocab_size=llm.vocab_size, hidden_size=llm.width, intermediate_size=llm.mlp_dim,
+      num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
+      num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, hidden_act="silu",
+      rms_norm_eps=llm.rms_norm_eps, rope_theta=llm.rope_theta,
+      rope_scaling=llm.rope_scaling.to_dict() if llm.rope_scaling else None,
+      max_position_embeddings=llm.max_positions, tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False, torch_dtype=torch_dtype, use_cache=True,
+      mm_vision_tower=CLIP_NAME, mm_hidden_size=vision.width,
+      mm_projector_type=model_cfg.projector.kind,
+      mm_vision_select_layer=vision.feature_layer,
+      mm_vision_select_feature=vision.feature_select, mm_patch_merge_type="flat",
+      mm_use_im_start_end=False, mm_use_im_patch_token=False,
+      vision_config=dict(
+          model_type="clip_vision_model", hidden_size=vision.width,
+          intermediate_size=vision.mlp_dim, num_hidden_layers=vision.depth,
+          num_attention_heads=vision.heads, image_size=vision.image_size,
+          patch_size=vision.patch_size, layer_norm_eps=vision.layer_norm_eps,
+          hidden_act="quick_gelu"),
+  )
+  if model_cfg.image_token_id >= 0:  # a real vocabulary id (llava-hf's <image>)
+    config["image_token_index"] = model_cfg.image_token_id
+  return config
+
+
+def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
+  """[(name, nbytes)] per shard, in table order, each shard at most `max_bytes` (or one tensor)."""
+  flat = flatten(params)
+  shards, current, size = [], [], 0
+  for rule in table:
+    if rule.path not in flat:
+      raise ConversionError(f"param {rule.path} (for {rule.torch_name(0)!r}) is missing")
+    value = flat[rule.path]
+    item = (np.dtype(dtype) if dtype else np.dtype(value.dtype)).itemsize
+    names = ([rule.torch_name(i) for i in range(value.shape[0])] if rule.stacked
+             else [rule.torch])
+    nbytes = math.prod(value.shape[1:] if rule.stacked else value.shape) * item
+    for name in names:
+      if current and size + nbytes > max_bytes:
+        shards.append(current)
+        current, size = [], 0
+      current.append((name, nbytes))
+      size += nbytes
+  if current:
+    shards.append(current)
+  return shards
+
+
+def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
+                   max_shard_bytes: int = 5 * 10**9,
+                   on_write: Callable[[str, int, int, int], None] | None = None) -> None:
+  """Writes the release layout of a converted checkpoint into `out_dir`.
+
+  dtype: None keeps each param's stored dtype; else every tensor is cast.
+  on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
+  """
+  model_cfg, params = checkpoint_io.load_converted(checkpoint_dir)
+  table = hf.release_table(model_cfg)
+  shards = _shard_plan(params, table, dtype, max_shard_bytes)
+  total_tensors = sum(len(s) for s in shards)
+  total_bytes = sum(n for s in shards for _, n in s)
+  os.makedirs(out_dir, exist_ok=True)
+  tensors: Iterator[tuple[str, np.ndarray]] = params_to_torch(params, table)
+  weight_map = {}
+  for number, shard in enumerate(shards, 1):
+    file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+    arrays = {}
+    for want_name, _ in shard:
+      name, array = next(tensors)
+      assert name == want_name, (name, want_name)  # same table, same order
+      arrays[name] = np.ascontiguousarray(array.astype(dtype) if dtype else array)
+      weight_map[name] = file
+      if on_write:
+        on_write(name, arrays[name].nbytes, total_tensors, total_bytes)
+    save_file(arrays, os.path.join(out_dir, file), metadata={"format": "pt"})
+    del arrays
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump(dict(metadata=dict(total_size=total_bytes), weight_map=weight_map), f, indent=2)
+  stored = dtype or str(np.dtype(flatten(params)["llm/embed/embedding"].dtype))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(release_config(model_cfg, stored), f, indent=2)

@@ -1,0 +1,153 @@
+"""INF-LLaVA release layout -> converted (CLI) -> parity with HF, and the bit-exact round trip."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from infllava_jax.config import load_config
+from infllava_jax.convert import checkpoint_io, cli, hf
+from infllava_jax.convert import inspect as inspect_cli
+from infllava_jax.convert.mapping import flatten
+from infllava_jax.model import clip, llama
+from tests.convert import tiny_checkpoints as tc
+
+LOGITS_TOL = 1e-4
+CLIP_TOL = 1e-5
+
+
+def convert(args):
+  assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py", *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def release_f32(tiny_config, tmp_path_factory):
+  """(HF llama, HF clip, tensors written, model_cfg, params, folder) of a float32 release,
+  converted: the release is in folder/release, the conversion in folder/converted."""
+  root = tmp_path_factory.mktemp("release_f32")
+  llama_hf, clip_hf, tensors = tc.write_release(str(root / "release"), tiny_config.model)
+  convert(["--model", str(root / "release"), "--out", str(root / "converted")])
+  model_cfg, params = checkpoint_io.load_converted(str(root / "converted"))
+  return llama_hf, clip_hf, tensors, model_cfg, params, root
+
+
+def test_config_comes_from_the_checkpoint(release_f32, tiny_config):
+  *_, model_cfg, _, _ = release_f32
+  for section in ("llm", "vision"):
+    for key, want in tiny_config.model[section].items():
+      assert model_cfg[section][key] == want, (section, key)
+  assert model_cfg.variant == "infllava"
+  assert model_cfg.dcm.image_size == tiny_config.model.dcm.image_size
+
+
+def test_llm_logits_match_hf(release_f32):
+  llama_hf, _, _, model_cfg, params, _ = release_f32
+  tokens = np.random.default_rng(0).integers(0, model_cfg.llm.vocab_size, (2, 11))
+  with torch.no_grad():
+    want = llama_hf(torch.from_numpy(tokens)).logits.numpy()
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  got, _ = llama.Llama(model_cfg.llm).apply({"params": params["llm"]}, jnp.asarray(tokens),
+                                            positions, method="tokens_to_logits")
+  np.testing.assert_allclose(np.asarray(got), want, atol=LOGITS_TOL, rtol=0)
+
+
+def test_clip_features_match_hf(release_f32):
+  _, clip_hf, _, model_cfg, params, _ = release_f32
+  side = model_cfg.vision.image_size
+  images = np.random.default_rng(1).standard_normal((3, side, side, 3)).astype(np.float32)
+  with torch.no_grad():
+    out = clip_hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                  output_hidden_states=True)
+  want = out.hidden_states[-2][:, 1:].numpy()
+  got = clip.VisionTransformer(model_cfg.vision).apply({"params": params["vision"]}, images)
+  np.testing.assert_allclose(np.asarray(got), want, atol=CLIP_TOL, rtol=0)
+
+
+def test_dem_and_projector_are_the_release_tensors(release_f32):
+  _, _, tensors, model_cfg, params, _ = release_f32
+  flat = flatten(params)
+  rules = [r for r in hf.release_table(model_cfg) if r.path.split("/")[0] in ("dem", "projector")]
+  assert len(rules) == 24
+  for rule in rules:
+    np.testing.assert_array_equal(flat[rule.path],
+                                  rule.transform.to_flax(tensors[rule.torch].numpy()))
+
+
+def test_converted_tree_is_the_models(release_f32):
+  """Exactly the tree `build_model(model_cfg).init` makes: what train/generate load."""
+  *_, model_cfg, params, _ = release_f32
+  want = jax.tree.map(lambda a: a.shape, hf.expected_params(model_cfg))
+  assert jax.tree.map(lambda a: a.shape, params) == want
+
+
+def test_load_converted_places_params_on_a_mesh(release_f32, tmp_path):
+  *_, model_cfg, params, _ = release_f32
+  mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  checkpoint_io.save_converted(str(tmp_path / "copy"), model_cfg, params)
+  _, placed = checkpoint_io.load_converted(str(tmp_path / "copy"), replicated)
+  for path, array in flatten(placed).items():
+    assert isinstance(array, jax.Array) and array.sharding == replicated, path
+    np.testing.assert_array_equal(np.asarray(array), flatten(params)[path])
+
+
+def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path):
+  _, _, tensors = tc.write_release(str(tmp_path / "release"), tiny_config.model, torch.bfloat16)
+  convert(["--model", str(tmp_path / "release"), "--out", str(tmp_path / "first")])
+  assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(tmp_path / "first"),
+                   "--out", str(tmp_path / "exported"), "--max-shard-size", "0.0001"]) == 0
+  convert(["--model", str(tmp_path / "exported"), "--out", str(tmp_path / "second")])
+  first_cfg, first = checkpoint_io.load_converted(str(tmp_path / "first"))
+  second_cfg, second = checkpoint_io.load_converted(str(tmp_path / "second"))
+  assert second_cfg.to_dict() == first_cfg.to_dict()
+  first, second = flatten(first), flatten(second)
+  assert sorted(first) == sorted(second)
+  for path in first:
+    assert first[path].dtype == second[path].dtype == np.dtype("bfloat16"), path
+    np.testing.assert_array_equal(first[path].view(np.uint16), second[path].view(np.uint16))
+  # The exported shards hold the release tensors themselves, bit for bit, under their names.
+  exported = {}
+  for name, ref in hf.folder_refs(str(tmp_path / "exported")).items():
+    with safe_open(ref.file, "numpy") as f:
+      exported[name] = f.get_tensor(name)
+  unused = hf.release_ignore(first_cfg)
+  assert set(exported) == {n for n in tensors if not any(re.match(p, n) for p in unused)}
+  for name, array in exported.items():
+    np.testing.assert_array_equal(array.view(np.uint16), tc.to_numpy(tensors[name]).view(np.uint16))
+  assert len([f for f in os.listdir(tmp_path / "exported") if f.endswith(".safetensors")]) > 1
+
+
+def test_inspect_lists_both_sides(release_f32, capsys):
+  *_, params, root = release_f32
+  assert inspect_cli.main([str(root / "release")]) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"^model\.layers\.1\.mlp\.gate_proj\.weight +\[128, 64\] +float32$", out,
+                   re.M)
+  assert re.search(r"^model\.spatial_embed +17,736$", out, re.M)
+  assert inspect_cli.main([str(root / "converted"), "--summary"]) == 0
+  out = capsys.readouterr().out
+  counts = dict(re.findall(r"^(\S+) +([\d,]+)$", out, re.M))
+  for module in ("llm", "vision", "dem", "projector"):
+    want = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params[module]))
+    got = sum(int(n.replace(",", "")) for m, n in counts.items() if m.split("/")[0] == module)
+    assert got == want, module
+
+
+def test_plan_places_each_param_into_its_sharding_and_casts(release_f32):
+  *_, params, root = release_f32
+  source = hf.release_source(str(root / "release"), load_config("configs/tiny.py").model)
+  model_cfg, planned = hf.plan(source, hf.Reader(), dtype="bfloat16")
+  assert model_cfg.llm.param_dtype == model_cfg.vision.param_dtype == "bfloat16"
+  mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  placed = hf.materialize(planned, jax.tree.map(lambda _: replicated, params))
+  for path, array in flatten(placed).items():
+    assert isinstance(array, jax.Array) and array.sharding == replicated, path
+    assert array.dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(np.asarray(array),
+                                  flatten(params)[path].astype(jnp.bfloat16))
