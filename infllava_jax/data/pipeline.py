@@ -182,6 +182,11 @@ class DataIterator:
   def __next__(self) -> dict:
     return next(self._it)
 
+  @property
+  def grain_iterator(self):
+    """The underlying grain `DatasetIterator`, for grain's Orbax checkpoint handler."""
+    return self._it
+
   def get_state(self) -> dict:
     return self._it.get_state()
 
@@ -191,7 +196,9 @@ class DataIterator:
   @property
   def counts(self) -> dict:
     """{"samples", "truncated", "overlong_dropped", "bad_skipped"} seen so far."""
-    return dict(self._screen_of(self._it).counts)
+    counts = self._screen_of(self._it).counts
+    return {key: counts.get(key, 0)
+            for key in ("samples", "truncated", "overlong_dropped", "bad_skipped")}
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)

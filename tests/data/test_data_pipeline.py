@@ -198,7 +198,8 @@ def test_bad_input_skipped_and_counted(tmp_path):
                               process_count=1, num_epochs=1)
   batches = list(it)
   assert len(batches) == 1
-  assert it.counts == {"samples": 2, "bad_skipped": len(BAD), "truncated": 0}
+  assert it.counts == {"samples": 2, "bad_skipped": len(BAD), "truncated": 0,
+                       "overlong_dropped": 0}
 
 
 def test_overlong_samples_are_counted(tmp_path):
@@ -206,9 +207,9 @@ def test_overlong_samples_are_counted(tmp_path):
       {"from": "human", "value": "Describe the picture. " * 40},
       {"from": "gpt", "value": "A cat."}]}
   for policy, expected in (("drop", {"samples": 2, "overlong_dropped": 1, "truncated": 0}),
-                           ("truncate", {"samples": 3, "truncated": 1})):
+                           ("truncate", {"samples": 3, "truncated": 1, "overlong_dropped": 0})):
     cfg = _config(batch_size=1, shuffle=False, max_length=128, overlong=policy)
     it = pipeline.make_iterator(cfg, _bad_source(tmp_path, [GOOD, long, GOOD]),
                                 process_index=0, process_count=1, num_epochs=1)
     list(it)
-    assert it.counts == expected, policy
+    assert it.counts == {"bad_skipped": 0, **expected}, policy
