@@ -1,0 +1,87 @@
+"""Stage 1 (alignment) of the released INF-LLaVA-8B: DEM + projector trained on LAION/CC/SBU captions.
+
+  infllava train --config configs/infllava_8b_stage1.py --workdir runs/stage1 \\
+      --init_from CONVERTED --config.data.json_path=... --config.data.image_folder=... \\
+      --config.data.tokenizer_path=...
+
+CONVERTED is `infllava convert` of Meta-Llama-3-8B-Instruct (+ <pad> row) and
+CLIP-ViT-L/14-336: `train.init_include` takes CLIP and the LLM from it; the DEM and the
+projector keep their fresh PyTorch-default init (spec 10). Memory check without a GPU:
+`infllava compile --config configs/infllava_8b_stage1.py --mesh fsdp=8`.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from configs import infllava_8b, synthetic
+from infllava_jax.training import checkpoint, optim
+
+
+def model_config() -> ConfigDict:
+  model = infllava_8b.model_config("infllava")
+  model.dtype = "bfloat16"           # compute dtype (the reference trains in bf16)
+  # Frozen towers hold no optimiser state and no float32 master copy is needed: CLIP and
+  # LLaMA-3 are released in bf16, so bf16 params are the exact weights and halve their
+  # memory (the LLM: 16 GB -> 2 GB per device at fsdp=8). Matmuls run in bf16 either way.
+  model.vision.param_dtype = "bfloat16"
+  model.llm.param_dtype = "bfloat16"
+  # Only the per-layer carry is kept for the backward pass (512 MiB per row of 2048 tokens
+  # for the 32 LLM layers); the LLM forward is recomputed, ~+33% of its FLOPs. Saving the
+  # matmul outputs ("dots_with_no_batch_dims_saveable") would cost ~5.5 GiB per row, too
+  # much at the reference's 4+ rows per device.
+  model.remat_policy = "nothing_saveable"
+  return model
+
+
+def data_config() -> ConfigDict:
+  data = synthetic.data_config()
+  data.update(dict(
+      source="llava_json",
+      # LLaVA-Pretrain (liuhaotian/LLaVA-Pretrain): the JSON and its unzipped images/.
+      json_path="/path/to/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+      image_folder="/path/to/LLaVA-Pretrain/images",
+      # The Meta-Llama-3-8B-Instruct tokenizer folder with the added <pad> (vocab 128257).
+      tokenizer_path="/path/to/Meta-Llama-3-8B-Instruct",
+      template="plain",      # <image> + caption, loss on the caption (spec 10)
+      image_aspect="square",  # resize + centre crop, as the reference's pretraining
+      max_length=2048,
+      packing=False,         # one sample per row, as the reference (batch = 256 samples)
+      max_images_per_row=1,
+      # A corrupt or missing image of 558K is skipped and counted in the progress lines
+      # rather than stopping a multi-hour run.
+      skip_bad_samples=True,
+      group_by_modality=False,  # every record has an image
+      # Rows per host per step: the global batch of 256 on one host; divide it by the
+      # number of hosts (the loop multiplies by jax.process_count()).
+      batch_size=256,
+      worker_count=4,        # the reference's dataloader_num_workers
+  ))
+  return data
+
+
+def train_config() -> ConfigDict:
+  train = optim.default_train_config(1)  # DEM + projector, lr 1e-3, AdamW 0.9/0.999/1e-8,
+  # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (spec 10)
+  train.update(dict(
+      # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at
+      # once, whose float32 logits (4 x 1 GiB, plus their gradient) dominate activations.
+      grad_accum_steps=8,
+      steps=config_dict.placeholder(int),  # None: num_epochs over the data (~2,180 steps)
+      log_every=10,
+      seed=0,
+      # With --init_from a converted LLaMA-3 + CLIP checkpoint: take those two towers only.
+      init_include=(r"^vision/", r"^llm/"),
+  ))
+  return train
+
+
+def get_config(arg: str = "") -> ConfigDict:
+  del arg
+  config = ConfigDict()
+  config.model = model_config()
+  config.data = data_config()
+  config.train = train_config()
+  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint.every_steps = 500   # ~2,180 steps: a few restart points
+  config.checkpoint.max_to_keep = 2     # each step holds the frozen LLM too (~17 GB)
+  config.mesh = "fsdp"   # ZeRO-3 style over all devices (the reference: ZeRO-2 on 8 GPUs)
+  return config

@@ -1,0 +1,362 @@
+"""`infllava compile`: ahead-of-time compile the real train step at full size, on CPU.
+
+  infllava compile --config configs/infllava_8b_stage2.py --mesh fsdp=8 \\
+      [--batch 1] [--length 2048] [--grad-accum 1] [--device-memory 80GiB] [--config.a.b=v ...]
+
+Nothing of model size is ever allocated: params come from `jax.eval_shape(model.init)`, the
+AdamW state from `jax.eval_shape(tx.init)`, the batch is `ShapeDtypeStruct`s, and the step
+the trainer runs (`training.step.make_train_step`, same shardings and donation as
+`training.loop.Trainer`) is lowered and compiled for a mesh of simulated CPU devices
+(`--xla_force_host_platform_device_count`, one per mesh position). XLA's SPMD partitioner
+works the same for any backend, so the per-device buffer sizes it reports are those of the
+partitioned program; temporaries differ somewhat on GPU/TPU (fusion and layout choices).
+
+Printed: per-device memory from XLA (arguments, outputs, donated aliasing, temporaries,
+generated code, total), an analytic lower bound per device (params + gradients + AdamW
+state as the shardings place them, the batch, the activations the remat policy must keep,
+the float32 logits the loss reads) and compiled / bound, and FLOPs per step from XLA beside
+`training/flops.py`'s formula. Exits 1 when the total exceeds --device-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, NamedTuple
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+              "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+GIB = 2 ** 30
+
+
+def parse_size(text: str) -> int:
+  """'80GiB' -> 85899345920 bytes; KB/MB/GB are powers of 10, KiB/MiB/GiB of 2, bare = bytes."""
+  match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+  if not match or match.group(2).lower() not in SIZE_UNITS:
+    raise argparse.ArgumentTypeError(
+        f"size {text!r}: expected a number with an optional unit "
+        "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 80GiB")
+  return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def mesh_device_count(spec: str, default: int) -> int:
+  """Devices a --mesh spec needs: the product of 'axis=size,...', or `default` for a preset
+  name or a spec with a -1 entry (parsed without importing jax, which must not load yet)."""
+  if "=" not in spec:
+    return default
+  sizes = [int(part.split("=", 1)[1]) for part in spec.split(",") if part.strip()]
+  return default if -1 in sizes else math.prod(sizes)
+
+
+def request_cpu_devices(count: int) -> None:
+  """Asks XLA for `count` simulated CPU devices; only works before jax is imported."""
+  if "jax" in sys.modules:
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def available_devices(count: int) -> list:
+  """The first `count` jax devices; a clear error when jax was started with fewer."""
+  import jax
+  devices = jax.devices()
+  if len(devices) < count:
+    raise SystemExit(
+        f"infllava compile: the mesh needs {count} devices but jax has {len(devices)} "
+        f"({devices[0].platform}). jax was imported before `infllava compile` could ask for "
+        f"simulated devices: run it in a fresh process, or set JAX_PLATFORMS=cpu "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before jax is imported.")
+  return devices[:count]
+
+
+def shard_bytes(leaf) -> int:
+  """Bytes one device holds of `leaf` (a ShapeDtypeStruct carrying a sharding)."""
+  shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
+  return math.prod(shape) * leaf.dtype.itemsize
+
+
+def tree_shard_bytes(tree: Any) -> int:
+  import jax
+  return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying the matching `shardings`."""
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def opt_state_shardings(opt_state: Any, params: Any, mesh) -> Any:
+  """AdamW moments sharded like their params; counts and other scalars replicated.
+
+  params: the param tree as ShapeDtypeStructs carrying their shardings.
+
+  A state leaf belongs to the param whose dict-key path ends its own (optax nests the
+  moments under group names: `inner_states/group_default/.../mu/llm/layers/...`) with the
+  same shape: the placement `jit(tx.init)` propagates to in the trainer.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_path = {tuple(k.key for k in path): p
+             for path, p in jax.tree_util.tree_leaves_with_path(params)}
+  longest = max(map(len, by_path))
+
+  def place(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for n in range(min(longest, len(keys)), 0, -1):
+      param = by_path.get(keys[-n:])
+      if param is not None:
+        return param.sharding if param.shape == leaf.shape else replicated
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
+def abstract_batch(config, mesh, rows: int, length: int) -> dict:
+  """The data pipeline's batch as sharded ShapeDtypeStructs: [rows, length] ids, weights and
+  pixels [rows, M, S, S, 3] float32 (M = data.max_images_per_row)."""
+  import jax
+  import jax.numpy as jnp
+  from infllava_jax import sharding
+  side = config.model.dcm.image_size
+  shapes = {"tokens": ((rows, length), jnp.int32), "targets": ((rows, length), jnp.int32),
+            "loss_mask": ((rows, length), jnp.float32),
+            "positions": ((rows, length), jnp.int32),
+            "segment_ids": ((rows, length), jnp.int32),
+            "pixels": ((rows, config.data.max_images_per_row, side, side, 3), jnp.float32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def activation_bound(config, mask_paths: list[str], rows_per_device: int, length: int,
+                     tensor: int) -> list[tuple[str, int]]:
+  """(label, bytes per device) of activations every remat policy must hold at once.
+
+  Under remat each scanned layer keeps at least its input carry for the backward pass (all
+  that "nothing_saveable" keeps; other policies keep more). Only towers that gradients flow
+  through keep anything: the LLM always (the projector's gradient passes through it, frozen
+  or not), CLIP only when one of its params trains. The loss reads whole float32 logits
+  [B, T, V], vocab split over `tensor` (LMHead's `act_vocab`).
+  """
+  import jax.numpy as jnp
+  from infllava_jax.model import clip, dcm
+  model = config.model
+  compute = jnp.dtype(model.dtype)
+  llm = model.llm
+  terms = [(f"carry: {llm.depth} LLM layers x [{rows_per_device}, {length}, {llm.width}] "
+            f"{compute.name}", llm.depth * rows_per_device * length * llm.width * compute.itemsize)]
+  if any(p.startswith("vision/") for p in mask_paths):
+    v = model.vision
+    views = 1 if model.variant == "llava" else dcm.num_views(model)
+    images = rows_per_device * config.data.max_images_per_row * views
+    used, tokens = clip.num_used_layers(v), clip.num_patches(v) + 1
+    terms.append((f"carry: {used} CLIP layers x [{images}, {tokens}, {v.width}] {compute.name}",
+                  used * images * tokens * v.width * compute.itemsize))
+  vocab = -(-llm.vocab_size // tensor)
+  terms.append((f"logits [{rows_per_device}, {length}, {vocab}] float32",
+                rows_per_device * length * vocab * 4))
+  return terms
+
+
+class AbstractState(NamedTuple):
+  """The trainer's state for `config` on `mesh`, as sharded ShapeDtypeStructs (nothing allocated)."""
+  model: Any
+  state: Any      # TrainState of ShapeDtypeStructs carrying NamedShardings
+  mask: Any       # bool tree like the params: True where trainable
+  tx: Any         # the optax optimiser
+  schedule: Any   # the learning-rate schedule
+
+
+def abstract_train_state(config, mesh) -> AbstractState:
+  """Params from `jax.eval_shape(model.init)` placed by `sharding.param_shardings`, and the
+  AdamW state from `jax.eval_shape(tx.init)` (moments like their params)."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec
+  from infllava_jax import sharding
+  from infllava_jax.model import infllava
+  from infllava_jax.training import optim
+  from infllava_jax.training.step import TrainState
+
+  model = infllava.build_model(config.model)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), *infllava.dummy_inputs(config.model)))
+  params = with_shardings(nn.meta.unbox(abstract["params"]),
+                          sharding.param_shardings(abstract, mesh)["params"])
+  train = config.train
+  mask = optim.trainable_mask(params, train)
+  total_steps = int(train.get("steps") or 1000)  # the schedule's length changes no shape
+  tx = optim.make_optimizer(train, total_steps, params)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = with_shardings(opt_state, opt_state_shardings(opt_state, params, mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+  return AbstractState(model, TrainState(step, params, opt_state), mask, tx,
+                       optim.learning_rate_schedule(train, total_steps))
+
+
+def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
+                       log=print) -> dict:
+  """Lowers and compiles the trainer's step for `config` on `devices`; returns its figures.
+
+  rows_per_shard: rows of each micro-batch per batch shard (data x fsdp position), so the
+  global batch is rows_per_shard x shards x train.grad_accum_steps.
+  Returns a dict: mesh, devices, global_batch, memory (XLA's per-device bytes: arguments,
+  outputs, alias, temporaries, generated_code, total), bound (list of (label, bytes per
+  device)), bound_total, flops_xla (per device), flops_formula (whole step, all devices).
+  """
+  import jax
+  from infllava_jax import sharding
+  from infllava_jax.model import infllava
+  from infllava_jax.training import flops, optim
+  from infllava_jax.training.loop import check_divisible
+  from infllava_jax.training.step import make_train_step
+
+  train = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  accum = train.grad_accum_steps
+  global_batch = rows_per_shard * shards * accum
+  check_divisible(global_batch, mesh, accum)
+
+  t0 = time.perf_counter()
+  log(f"building abstract params ({config.model.variant}, mesh {dict(mesh.shape)})...")
+  model, state, mask, tx, schedule = abstract_train_state(config, mesh)
+  batch = abstract_batch(config, mesh, global_batch, length)
+  leaves, flags = jax.tree.leaves(state.params), jax.tree.leaves(mask)
+  trainable = [x for x, m in zip(leaves, flags) if m]
+  log(f"  {sum(x.size for x in leaves):,} params ({sum(x.size for x in trainable):,} "
+      f"trainable), global batch {global_batch} x {length} tokens ({rows_per_shard} per "
+      f"batch shard x {shards} shards x {accum} micro-batches) in "
+      f"{time.perf_counter() - t0:.1f}s")
+
+  step = make_train_step(model, tx, train, mask, schedule)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  t0 = time.perf_counter()
+  log("lowering...")
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    lowered = jitted.lower(state, batch)
+  log(f"  lowered in {time.perf_counter() - t0:.1f}s")
+  t0 = time.perf_counter()
+  log("compiling...")
+  compiled = lowered.compile()
+  log(f"  compiled in {time.perf_counter() - t0:.1f}s")
+
+  stats = compiled.memory_analysis()
+  memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+            "alias": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+            "generated_code": stats.generated_code_size_in_bytes}
+  # Donated state buffers are reused for the new state: count them once.
+  memory["total"] = (memory["arguments"] + memory["outputs"] - memory["alias"]
+                     + memory["temporaries"] + memory["generated_code"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+  # Gradients exist for trainable params only, in their dtype and placement.
+  grads = tree_shard_bytes(trainable)
+  bound = [("params", tree_shard_bytes(state.params)),
+           ("gradients (trainable params only)", grads)]
+  if accum > 1:
+    bound.append((f"gradient accumulator ({accum} micro-batches)", grads))
+  bound += [("AdamW state", tree_shard_bytes(state.opt_state)),
+            ("batch", tree_shard_bytes(batch))]
+  paths = [p for p, m in zip(jax.tree.leaves(optim.param_paths(state.params)), flags) if m]
+  bound += activation_bound(config, paths, rows_per_shard, length, mesh.shape["tensor"])
+  return {
+      "mesh": dict(mesh.shape), "devices": len(devices), "global_batch": global_batch,
+      "memory": memory, "bound": bound, "bound_total": sum(b for _, b in bound),
+      "flops_xla": float(cost.get("flops", 0.0)),
+      "flops_formula": flops.train_step_flops(
+          config.model, global_batch, length, global_batch * config.data.max_images_per_row,
+          any(p.startswith("llm/") for p in paths), infllava.num_image_tokens(config.model)),
+  }
+
+
+def format_bytes(size: float) -> str:
+  """Fixed-width GiB, or MiB below 1 GiB (tiny configs)."""
+  return f"{size / GIB:10.3f} GiB" if abs(size) >= GIB else f"{size / 2 ** 20:10.3f} MiB"
+
+
+def report(figures: dict, limit: int | None) -> str:
+  """The printed summary of `compile_train_step`'s figures."""
+  mem = figures["memory"]
+  lines = [f"per-device memory (XLA memory_analysis; mesh {figures['mesh']}):",
+           f"  arguments       {format_bytes(mem['arguments'])}",
+           f"  outputs         {format_bytes(mem['outputs'])}",
+           f"  aliased         {format_bytes(-mem['alias'])}  (donated state reused as output)",
+           f"  temporaries     {format_bytes(mem['temporaries'])}",
+           f"  generated code  {format_bytes(mem['generated_code'])}",
+           f"  total           {format_bytes(mem['total'])}" +
+           (f"  (limit {format_bytes(limit).strip()})" if limit else ""),
+           "analytic lower bound per device:"]
+  lines += [f"  {format_bytes(b)}  {label}" for label, b in figures["bound"]]
+  lines += [f"  {format_bytes(figures['bound_total'])}  total",
+            f"compiled / bound: {mem['total'] / figures['bound_total']:.3f} (target <= 1.3)"]
+  xla_total = figures["flops_xla"] * figures["devices"]
+  lines += [f"FLOPs per step: formula (training/flops.py, no remat recompute) "
+            f"{figures['flops_formula']:.4g}; XLA cost_analysis {figures['flops_xla']:.4g} per "
+            f"device x {figures['devices']} = {xla_total:.4g} ({xla_total / figures['flops_formula']:.3f} "
+            f"of the formula: XLA counts a scanned layer stack's loop body once, not once per layer)"]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="infllava compile", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True,
+                      help="config file[:arg], e.g. configs/infllava_8b_stage2.py")
+  parser.add_argument("--mesh", default=None,
+                      help="mesh to compile for, 'fsdp=8' or 'data=2,fsdp=2,tensor=2' (one "
+                           "simulated CPU device per position); default: the config's mesh "
+                           "on --devices devices")
+  parser.add_argument("--devices", type=int, default=8,
+                      help="device count for a preset mesh name or a -1 axis (default 8)")
+  parser.add_argument("--batch", type=int, default=1,
+                      help="rows per batch shard (data x fsdp position) per micro-batch "
+                           "(default 1)")
+  parser.add_argument("--length", type=int, default=None,
+                      help="tokens per row (default: the config's data.max_length)")
+  parser.add_argument("--grad-accum", type=int, default=1,
+                      help="micro-batches per step, replacing train.grad_accum_steps "
+                           "(default 1: memory of one micro-batch, no accumulator)")
+  parser.add_argument("--device-memory", type=parse_size, default=None,
+                      help="fail (exit 1) when the compiled per-device total exceeds this, "
+                           "e.g. 80GiB")
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
+                 "--config.model.remat_policy=dots_saveable)")
+  count = mesh_device_count(args.mesh, args.devices) if args.mesh else args.devices
+  request_cpu_devices(count)  # before anything imports jax (configs import it)
+  from infllava_jax.config import load_config
+  config = load_config(args.config, overrides)
+  if args.mesh:
+    config.mesh = args.mesh
+  config.train.grad_accum_steps = args.grad_accum
+  devices = available_devices(count)
+  log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+  figures = compile_train_step(config, devices, args.batch,
+                               args.length or config.data.max_length, log)
+  print(report(figures, args.device_memory), flush=True)
+  total = figures["memory"]["total"]
+  if args.device_memory is not None and total > args.device_memory:
+    print(f"infllava compile: per-device total {format_bytes(total).strip()} exceeds "
+          f"--device-memory {format_bytes(args.device_memory).strip()}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

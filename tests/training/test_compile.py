@@ -1,0 +1,115 @@
+"""`infllava compile` on the 8 simulated CPU devices of conftest.py, and the 8B stage configs.
+
+One real compile (the tiny synthetic config on fsdp=4 x tensor=2, ~30 s on 2 cores); the 8B
+configs are only traced with `jax.eval_shape` (compiling them takes minutes).
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from infllava_jax import sharding
+from infllava_jax.config import load_config
+from infllava_jax.training import compile as compile_cli
+from infllava_jax.training import optim
+
+
+@pytest.fixture(scope="module")
+def tiny_figures():
+  config = load_config("configs/synthetic.py", ["--config.mesh=fsdp=4,tensor=2"])
+  return compile_cli.compile_train_step(config, jax.devices(), 1, config.data.max_length,
+                                        log=lambda _: None)
+
+
+def test_tiny_compile_figures_are_consistent(tiny_figures):
+  mem = tiny_figures["memory"]
+  assert tiny_figures["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert tiny_figures["global_batch"] == 4  # 1 row per batch shard x 4 fsdp shards
+  for key in ("arguments", "outputs", "temporaries"):
+    assert mem[key] > 0, key
+  # The donated state comes back as the new state in place: almost all output bytes alias.
+  assert 0 < mem["alias"] <= mem["outputs"] <= mem["arguments"]
+  assert mem["outputs"] - mem["alias"] < 0.01 * mem["outputs"]
+  labels = [label for label, _ in tiny_figures["bound"]]
+  assert labels[:4] == ["params", "gradients (trainable params only)", "AdamW state", "batch"]
+  bound = dict(tiny_figures["bound"])
+  # Everything trains in the synthetic config: gradients as big as params, AdamW 2x.
+  assert bound["gradients (trainable params only)"] == bound["params"]
+  assert bound["AdamW state"] >= 2 * bound["params"]
+  assert any(label.startswith("carry: 2 CLIP layers") for label in labels)  # CLIP trains (2 of 3 used)
+  assert tiny_figures["bound_total"] == sum(bound.values())
+  # A lower bound: XLA cannot hold the step in less.
+  assert mem["total"] >= tiny_figures["bound_total"] > 0
+  assert tiny_figures["flops_xla"] > 0 and tiny_figures["flops_formula"] > 0
+
+
+def test_main_reports_and_fails_over_device_memory(tiny_figures, monkeypatch, capsys):
+  """The CLI path (argument parsing, report, limit) on the figures compiled above."""
+  seen = {}
+
+  def fake_compile(config, devices, rows, length, log):
+    seen.update(mesh=config.mesh, devices=len(devices), rows=rows, length=length,
+                accum=config.train.grad_accum_steps)
+    return tiny_figures
+
+  monkeypatch.setattr(compile_cli, "compile_train_step", fake_compile)
+  argv = ["--config", "configs/synthetic.py", "--mesh", "fsdp=4,tensor=2", "--length", "64"]
+  assert compile_cli.main(argv + ["--device-memory", "80GiB"]) == 0
+  out = capsys.readouterr().out
+  assert seen == {"mesh": "fsdp=4,tensor=2", "devices": 8, "rows": 1, "length": 64,
+                  "accum": 1}
+  assert "compiled / bound:" in out and "analytic lower bound per device:" in out
+
+  assert compile_cli.main(argv + ["--device-memory", "1KiB"]) == 1
+  err = capsys.readouterr().err
+  total = compile_cli.format_bytes(tiny_figures["memory"]["total"]).strip()
+  assert f"per-device total {total} exceeds --device-memory 0.001 MiB" in err
+
+
+def test_main_rejects_a_mesh_larger_than_the_devices():
+  with pytest.raises(SystemExit, match="needs 16 devices but jax has 8"):
+    compile_cli.main(["--config", "configs/synthetic.py", "--mesh", "fsdp=16"])
+
+
+@pytest.mark.parametrize("text, size", [("80GiB", 80 * 2 ** 30), ("1.5GB", 1_500_000_000),
+                                        ("512 MiB", 2 ** 29), ("4096", 4096)])
+def test_parse_size(text, size):
+  assert compile_cli.parse_size(text) == size
+
+
+def test_parse_size_rejects_unknown_units():
+  with pytest.raises(Exception, match="80Gb/s"):
+    compile_cli.parse_size("80Gb/s")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_configs_build_abstract_state(stage):
+  config = load_config(f"configs/infllava_8b_stage{stage}.py")
+  assert config.train.lr == (1e-3 if stage == 1 else 2e-5)
+  assert config.data.template == ("plain" if stage == 1 else "llama3")
+  assert config.data.image_aspect == ("square" if stage == 1 else "pad")
+  assert config.data.group_by_modality == (stage == 2)
+  assert config.data.max_length == 2048
+  mesh = sharding.make_mesh(config.mesh)  # "fsdp": all 8 test devices
+  _, state, mask, _, _ = compile_cli.abstract_train_state(config, mesh)
+  params = state.params
+  paths = optim.param_paths(params)
+  trained = {p.split("/")[0] for p, m in zip(jax.tree.leaves(paths), jax.tree.leaves(mask)) if m}
+  assert trained == ({"dem", "projector"} if stage == 1 else {"dem", "projector", "llm"})
+  dtypes = {p.split("/")[0]: x.dtype for p, x in zip(jax.tree.leaves(paths), jax.tree.leaves(params))}
+  assert dtypes["vision"] == np.dtype("bfloat16")
+  assert dtypes["llm"] == np.dtype("bfloat16" if stage == 1 else "float32")
+  n_trainable = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
+  assert (n_trainable > 8e9) == (stage == 2)
+  # AdamW moments (mu, nu) exist for trainable params only and are split like them over
+  # the 8 fsdp devices; a replicated moment would multiply its bytes by 8.
+  trainable = [x for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  grads = compile_cli.tree_shard_bytes(trainable)
+  opt = compile_cli.tree_shard_bytes(state.opt_state)
+  assert 2 * grads <= opt < 2 * grads + 4096
+  assert grads < 1.01 * sum(x.size * x.dtype.itemsize for x in trainable) / 8 + 2 ** 20
+  # init_include regexes must select params (restore_params_only raises otherwise).
+  for pattern in config.train.init_include:
+    assert any(re.search(pattern, p) for p in jax.tree.leaves(paths)), pattern
