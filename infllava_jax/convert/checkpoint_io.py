@@ -21,6 +21,7 @@ stored arrays are ordinary Orbax numpy arrays: restoring needs nothing from this
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -96,7 +97,12 @@ def _checked(value: StreamedArray, index: int | None, name: str) -> np.ndarray:
   return data
 
 
-type_handlers.register_type_handler(StreamedArray, _StreamedHandler(), override=True)
+@functools.cache
+def _register_streamed_handler() -> None:
+  """Registers the `StreamedArray` handler once, when the first converted checkpoint is
+  written: only writing needs it, and registering logs an Orbax warning (its typestr is
+  'np.ndarray', shared with the stock handler it extends), which readers need not see."""
+  type_handlers.register_type_handler(StreamedArray, _StreamedHandler(), override=True)
 
 
 def save_converted(directory: str, model_cfg: ConfigDict, params: dict) -> None:
@@ -110,6 +116,7 @@ def save_converted(directory: str, model_cfg: ConfigDict, params: dict) -> None:
     raise FileExistsError(f"{os.path.join(directory, PARAMS_DIR)} exists: choose a new --out "
                           "folder (a checkpoint is never overwritten)")
   os.makedirs(directory, exist_ok=True)
+  _register_streamed_handler()
   checkpointer = ocp.PyTreeCheckpointer()
   checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
