@@ -1,0 +1,70 @@
+"""Analytic FLOPs of a train step, for tokens/s -> MFU (model FLOPs utilisation).
+
+Counted as multiply-adds x 2 over the matmuls (element-wise work is ignored):
+
+  LLM      forward per row:  2 * N_llm * T  +  2 * L * T^2 * H * K   (causal attention:
+           QK^T and AV, half of the T x T scores).  N_llm = matmul params incl. lm_head
+           (embedding lookups are free).
+  ViT      forward only (frozen, nothing upstream needs its gradient), per image:
+           views * (2 * N_vit * (P+1)  +  4 * L_vit * (P+1)^2 * D_vit).
+  projector: 2 * N * N_img per image, forward. The DEM is left out: its cross-attention
+           is under 3% of the ViT's FLOPs at the released size.
+  Backward: 2x the forward of every trainable part; a frozen LLM still passes activation
+  gradients back to the projector (1x its forward, no weight gradients).
+
+So stage 1 (LLM frozen) costs ~2x the LLM forward, stage 2 ~3x, plus the ViT forward.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from infllava_jax.model import dcm
+
+
+def llm_matmul_params(llm: ConfigDict) -> int:
+  d, hk, kvk = llm.width, llm.heads * llm.head_dim, llm.kv_heads * llm.head_dim
+  block = d * hk * 2 + d * kvk * 2 + 3 * d * llm.mlp_dim
+  return llm.depth * block + d * llm.vocab_size
+
+
+def vit_forward_flops(model: ConfigDict) -> float:
+  """FLOPs of the vision tower on one image (all its views)."""
+  v = model.vision
+  tokens = (v.image_size // v.patch_size) ** 2 + 1
+  layers = v.depth + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
+  per_view = layers * (2 * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) * tokens
+                       + 4 * tokens ** 2 * v.width)
+  per_view += 2 * v.patch_size ** 2 * 3 * v.width * tokens
+  views = 1 if model.variant == "llava" else dcm.num_views(model)
+  return views * per_view
+
+
+def projector_forward_flops(model: ConfigDict, n_img: int) -> float:
+  return 2 * n_img * (model.vision.width * model.llm.width + model.llm.width ** 2)
+
+
+def train_step_flops(model: ConfigDict, rows: int, length: int, images: int,
+                     llm_trainable: bool, n_img: int) -> float:
+  """FLOPs of one optimiser step over `rows` rows of `length` tokens holding `images` images."""
+  llm = model.llm
+  llm_fwd = rows * (2 * llm_matmul_params(llm) * length
+                    + 2 * llm.depth * length ** 2 * llm.heads * llm.head_dim)
+  llm_factor = 3 if llm_trainable else 2
+  return llm_factor * llm_fwd + images * (vit_forward_flops(model)
+                                          + 3 * projector_forward_flops(model, n_img))
+
+
+# Dense bf16 peak per device, for MFU. Unknown kinds (CPU) report no MFU unless
+# `train.peak_flops_per_device` is set.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}

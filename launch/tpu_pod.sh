@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice: the same command on every worker at once.
+# jax.distributed.initialize() finds the coordinator and process ids from the TPU metadata.
+#
+#   launch/tpu_pod.sh NAME ZONE configs/infllava_8b_stage1.py gs://bucket/run1 [options...]
+#
+# The repository must already be cloned and installed at $REPO_DIR (default ~/infllava-jax)
+# on every worker, e.g. with
+#   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
+#     "git clone URL ~/infllava-jax && pip install -e ~/infllava-jax"
+set -euo pipefail
+if [ $# -lt 4 ]; then
+  echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [infllava train options...]" >&2
+  exit 2
+fi
+name=$1 zone=$2 config=$3 workdir=$4
+shift 4
+repo=${REPO_DIR:-'~/infllava-jax'}
+# A multi-host slice must run on all workers together: a single worker would wait forever
+# for its peers at jax.distributed.initialize(). Refuse anything but --worker=all.
+if [ -n "${WORKER:-}" ] && [ "${WORKER}" != "all" ]; then
+  echo "$0: refusing WORKER=$WORKER: every worker of the slice must start together (--worker=all)" >&2
+  exit 2
+fi
+extra=$(printf ' %q' "$@")
+exec gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command \
+  "cd $repo && infllava train --config $config --workdir $workdir$extra"
