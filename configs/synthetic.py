@@ -8,6 +8,7 @@ the data pipeline resizes them to config.model.dcm.image_size.
 from ml_collections import ConfigDict
 
 from configs import tiny
+from infllava_jax.training import checkpoint, optim
 
 # Size of the shipped tokenizer (infllava_jax/data/assets/tokenizer), <pad> included.
 SHIPPED_VOCAB_SIZE = 512
@@ -51,9 +52,30 @@ def data_config() -> ConfigDict:
   ))
 
 
+def train_config() -> ConfigDict:
+  """The tiny model starts from random weights, so every part trains (CLIP included)."""
+  train = optim.default_train_config(2)
+  train.update(dict(
+      lr=2e-3,
+      steps=800,            # optimiser steps (overrides num_epochs): ~7 min on 2 CPU cores
+      trainable=(r"^vision/", r"^dem/", r"^projector/", r"^llm/"),
+      log_every=50,
+      seed=0,               # parameter init
+      init_include=None,    # with --init_from: regexes of params to take (None: all)
+  ))
+  return train
+
+
 def get_config(arg: str = "infllava") -> ConfigDict:
   config = ConfigDict()
   config.model = tiny.model_config(arg or "infllava")
   config.model.llm.vocab_size = SHIPPED_VOCAB_SIZE
   config.data = data_config()
+  config.train = train_config()
+  if config.model.variant == "llava":  # the baseline has no DEM
+    config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
+  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint.every_steps = 200
+  config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"
+  config.eval = ConfigDict(dict(heldout_examples=256, max_new_tokens=4))
   return config

@@ -1,12 +1,12 @@
 """A synthetic fine-detail VQA set: answers need detail that one low-res view loses.
 
-Each image is a 3x3 grid of cells. Every cell holds a small mark: a 5x7 bitmap letter or a
-group of 1-4 tiny dots, drawn at `image_size // 126` px per bitmap pixel with a random
-offset inside its cell. At 252 px a letter is 10x14 px with 2 px strokes; the LLaVA-1.5
-baseline sees the image resized by 3 (84 px), where strokes fall below one pixel and the
-letters and dot counts blur into blobs. The question names a cell ("top-left", ...), so the
-model must also localise. Answers come from a small closed set (one letter or one digit):
-accuracy is an exact match.
+Each image is a 3x3 grid of cells; each cell a question asks about holds a small mark: a
+5x7 bitmap letter or a group of 1-4 tiny dots, drawn at `image_size // 126` px per bitmap
+pixel at a random place in its cell. At 252 px a letter is 10x14 px with 2 px strokes; the
+LLaVA-1.5 baseline sees the image resized by 3 (84 px), where strokes fall below one pixel
+and the letters and dot counts blur into blobs. The question names the cell ("top-left",
+...); with several questions per image the model must also localise. Answers come from a
+small closed set (one letter or one digit): accuracy is an exact match.
 
 Records are in LLaVA conversation form and depend only on (split, seed, index), so a
 held-out split is the same generator under another split name, and any prefix of a split
@@ -15,11 +15,12 @@ is the same whatever `num` is.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 GRID = 3
+LATTICE = 18
 CELL_NAMES = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left",
               "bottom", "bottom-right")
 # 5x7 bitmaps, rows top to bottom. Letters of similar ink mass, so a blurred blob does not
@@ -73,15 +74,19 @@ def _dots_mask(count: int, scale: int) -> np.ndarray:
   return np.kron(bits, np.ones((scale, scale), bool)).astype(bool)
 
 
-def render(rng: np.random.Generator, kind: str, image_size: int) -> tuple[np.ndarray, list[str]]:
-  """Draws one image: uint8 [S, S, 3] and the answer of each of the 9 cells (row-major)."""
+def render(rng: np.random.Generator, kind: str, image_size: int,
+           cells: Sequence[int] | None = None) -> tuple[np.ndarray, list[str | None]]:
+  """Draws one image: uint8 [S, S, 3] and the answer of each of the 9 cells (row-major).
+
+  Only `cells` (default: all 9) get a mark; the others stay empty (answer None).
+  """
   scale = max(1, image_size // 126)
   cell = image_size // GRID
   background = rng.integers(170, 256, size=3)
   image = background + rng.integers(-12, 13, size=(image_size, image_size, 3))
   image = np.clip(image, 0, 255).astype(np.uint8)
-  answers = []
-  for k in range(GRID * GRID):
+  answers: list[str | None] = [None] * (GRID * GRID)
+  for k in range(GRID * GRID) if cells is None else cells:
     if kind == "letter":
       answer = LETTERS[rng.integers(len(LETTERS))]
       mask = _letter_mask(answer, scale)
@@ -89,10 +94,17 @@ def render(rng: np.random.Generator, kind: str, image_size: int) -> tuple[np.nda
       answer = COUNTS[rng.integers(len(COUNTS))]
       mask = _dots_mask(int(answer), scale)
     h, w = mask.shape
-    top = (k // GRID) * cell + int(rng.integers(0, cell - h + 1))
-    left = (k % GRID) * cell + int(rng.integers(0, cell - w + 1))
+    # Marks sit in the boxes of a LATTICE x LATTICE grid (at 252 px: 14 px, the patch grid
+    # of the tiny model's high-res views), plus a small jitter: one patch then holds one
+    # whole mark, which a small model learns in minutes; a 3x smaller view cannot resolve it.
+    box = image_size // LATTICE
+    slots = max(1, (cell - w) // box + 1), max(1, (cell - h) // box + 1)
+    top = (k // GRID) * cell + box * int(rng.integers(0, slots[1]))
+    left = (k % GRID) * cell + box * int(rng.integers(0, slots[0]))
+    top += int(rng.integers(0, max(1, min(box - h, cell - h) + 1)))
+    left += int(rng.integers(0, max(1, min(box - w, cell - w) + 1)))
     _stamp(image, mask, top, left, rng.integers(0, 90, size=3).astype(np.uint8))
-    answers.append(answer)
+    answers[k] = answer
   return image, answers
 
 
@@ -101,13 +113,14 @@ def synthetic_example(split: str, seed: int, index: int, image_size: int,
   """Record `index` of a split: {"id", "image": uint8 [S, S, 3], "conversations"}.
 
   The first human turn carries `<image>`; later turns (up to `max_turns`) ask about other
-  cells of the same image.
+  cells of the same image. Only the cells asked about hold a mark: with one question the
+  image has one small mark, and finding it is part of the task.
   """
   rng = _rng(split, seed, index)
   kind = KINDS[rng.integers(len(KINDS))]
-  image, answers = render(rng, kind, image_size)
   turns = int(rng.integers(1, max_turns + 1))
   cells = rng.permutation(GRID * GRID)[:turns]
+  image, answers = render(rng, kind, image_size, cells)
   conversations = []
   for t, k in enumerate(cells):
     question = QUESTIONS[kind].format(cell=CELL_NAMES[k])

@@ -1,0 +1,287 @@
+"""`infllava train`: the training loop around the jitted step.
+
+  infllava train --config configs/synthetic.py[:arg] --workdir DIR [--config.a.b=value ...]
+
+One process per host (TPU VM worker, SLURM task or local process); `jax.distributed`
+joins them, the mesh spans all devices, each host feeds its share of the global batch.
+Progress lines every `train.log_every` steps; TensorBoard scalars in DIR/tensorboard;
+checkpoints in DIR/checkpoints (resumed automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from infllava_jax import sharding
+from infllava_jax.config import load_config
+from infllava_jax.data import pipeline, sources
+from infllava_jax.model import infllava
+from infllava_jax.training import checkpoint, flops, optim
+from infllava_jax.training.step import BATCH_KEYS, TrainState, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def initialize_distributed(args) -> None:
+  """Joins the processes of a multi-host run (explicit flags, or SLURM / TPU auto-detection)."""
+  if args.num_processes and args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
+      "TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
+def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
+  if config.train.get("steps"):
+    return int(config.train.steps)
+  return max(1, config.train.num_epochs * source_len // global_batch)
+
+
+def global_batch_from_host(batch: dict, mesh) -> dict:
+  """Per-host numpy batch -> global jax.Arrays split over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, batch[k].ndim),
+                                                    batch[k]) for k in BATCH_KEYS}
+
+
+def on_mesh(tree: Any, mesh) -> Any:
+  """`tree` with every leaf not already laid out on `mesh` replicated over it.
+
+  The jitted step's in_shardings come from the state's leaves: one left on a single
+  device (a fresh `jnp.zeros` scalar) would clash with the mesh the step runs on.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)
+
+
+def check_divisible(global_batch: int, mesh, accum: int) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % (shards * accum):
+    raise ValueError(
+        f"global batch {global_batch} (data.batch_size {global_batch // jax.process_count()} x "
+        f"{jax.process_count()} processes) must divide into train.grad_accum_steps={accum} "
+        f"micro-batches over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} "
+        f"= {shards} batch shards")
+
+
+class Trainer:
+  """Everything a run holds: mesh, model, optimiser, compiled step, data, checkpoints."""
+
+  def __init__(self, config: ConfigDict, workdir: str, init_from: str | None = None,
+               devices: Sequence[jax.Device] | None = None):
+    """devices: what `config.mesh` spans (default: all of them, every process's)."""
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.model = infllava.build_model(config.model)
+    self.n_img = infllava.num_image_tokens(config.model)
+    train = config.train
+    self.source = sources.make_source(config.data, "train")
+    self.global_batch = config.data.batch_size * jax.process_count()
+    check_divisible(self.global_batch, self.mesh, train.grad_accum_steps)
+    self.total_steps = total_steps(config, len(self.source), self.global_batch)
+
+    rng = jax.random.key(train.seed)
+    variables, self.param_shardings = sharding.init_sharded(
+        self.model.init, self.mesh, rng, *infllava.dummy_inputs(config.model))
+    params = variables["params"]
+    self.param_shardings = self.param_shardings["params"]
+    if init_from:
+      target = checkpoint.abstract_tree(params, self.param_shardings)
+      loaded = checkpoint.restore_params_only(init_from, target, train.get("init_include"))
+      params = jax.tree.map(lambda new, old: old if isinstance(new, jax.ShapeDtypeStruct) else new,
+                            loaded, params)
+    self.mask = optim.trainable_mask(params, train)
+    self.schedule = optim.learning_rate_schedule(train, self.total_steps)
+    self.tx = optim.make_optimizer(train, self.total_steps, params)
+    # Eager init: each moment is created with its param's sharding (under jit, GSPMD
+    # would replicate them); the scalar counts land on one device and are then replicated.
+    opt_state = on_mesh(self.tx.init(params), self.mesh)
+    self.state = TrainState(on_mesh(jnp.zeros((), jnp.int32), self.mesh), params, opt_state)
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    batch_shardings = {k: sharding.batch_sharding(self.mesh, 5 if k == "pixels" else 2)
+                       for k in BATCH_KEYS}
+    self._compiled_step = jax.jit(
+        make_train_step(self.model, self.tx, train, self.mask, self.schedule),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None), donate_argnums=0)
+    self.data = pipeline.make_iterator(config, self.source, "train",
+                                       num_epochs=None)
+    self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                config.checkpoint, config=config)
+    self.start_step = 0
+    if self.checkpointer.latest_step() is not None:
+      abstract = checkpoint.abstract_tree(self.state.params, self.param_shardings)
+      abstract_opt = checkpoint.abstract_tree(self.state.opt_state,
+                                              jax.tree.map(lambda x: x.sharding, self.state.opt_state))
+      restored = self.checkpointer.restore(abstract, abstract_opt, self.data.grain_iterator)
+      self.state = TrainState(on_mesh(jnp.asarray(restored.step, jnp.int32), self.mesh),
+                              restored.params, restored.opt_state)
+      self.start_step = restored.step
+      log(f"resumed from step {restored.step} in {self.checkpointer.directory}")
+
+  def step_fn(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    # The mesh and logical rules must be in scope when the step is traced.
+    with jax.set_mesh(self.mesh), sharding.axis_rules():
+      return self._compiled_step(state, batch)
+
+  def step_flops(self) -> float:
+    cfg = self.config
+    images = self.global_batch * cfg.data.max_images_per_row
+    llm_trainable = any(m for p, m in zip(jax.tree.leaves(optim.param_paths(self.state.params)),
+                                          jax.tree.leaves(self.mask)) if p.startswith("llm/"))
+    return flops.train_step_flops(cfg.model, self.global_batch, cfg.data.max_length, images,
+                                  llm_trainable, self.n_img)
+
+  def run(self, until_step: int | None = None) -> TrainState:
+    """Trains from the current step to `total_steps`, or stops after `until_step` as a
+    preemption would (saving it): the schedule still spans `total_steps`."""
+    cfg = self.config.train
+    last_step_to_run = self.total_steps if until_step is None else min(until_step,
+                                                                       self.total_steps)
+    peak = (cfg.get("peak_flops_per_device")
+            or flops.PEAK_FLOPS.get(self.mesh.devices.flat[0].device_kind))
+    step_flops = self.step_flops()
+    writer = metric_writer(self.workdir)
+    preempted = checkpoint.PreemptionFlag()
+    log(f"training {self.total_steps} steps, global batch {self.global_batch}, mesh "
+        f"{dict(self.mesh.shape)}, {self.mesh.size} devices, "
+        f"{sum(x.size for x in jax.tree.leaves(self.state.params)):,} params "
+        f"({sum(x.size for x, m in zip(jax.tree.leaves(self.state.params), jax.tree.leaves(self.mask)) if m):,} trainable)")
+    pending: list[tuple[int, dict]] = []
+    last_time, last_step = time.perf_counter(), self.start_step
+    step = self.start_step
+    try:
+      while step < last_step_to_run:
+        batch = global_batch_from_host(next(self.data), self.mesh)
+        self.state, metrics = self.step_fn(self.state, batch)
+        step += 1
+        pending.append((step, metrics))
+        stop = preempted.should_stop() if jax.process_count() > 1 else preempted.is_set()
+        if step % cfg.log_every == 0 or step == last_step_to_run or stop or \
+            self.checkpointer.should_save(step):
+          host = check_finite(pending)  # one host sync per interval, not per step
+          now = time.perf_counter()
+          steps_done = step - last_step
+          rate = steps_done / (now - last_time)
+          last = host[-1][1]
+          tokens_per_s = rate * self.global_batch * self.config.data.max_length
+          mfu = (f"{100 * rate * step_flops / (peak * self.mesh.size):.1f}%"
+                 if peak else "n/a")
+          log(f"step {step}/{self.total_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
+              f"grad_norm {last['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
+              f"step_time {1 / rate:.3f}s MFU {mfu} samples {self.data.counts['samples']} "
+              f"skipped {self.data.counts['bad_skipped']}")
+          for s, m in host:
+            for name, value in m.items():
+              writer.add_scalar(f"train/{name}", value, s)
+          writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+          pending, last_time, last_step = [], now, step
+          self.checkpointer.save(step, self.state.params, self.state.opt_state,
+                                 self.data.grain_iterator, force=stop)
+        if stop:
+          log(f"preempted ({preempted_by(preempted)}): saved step {step}, exiting")
+          break
+      else:
+        self.checkpointer.save(step, self.state.params, self.state.opt_state,
+                               self.data.grain_iterator, force=True)
+    finally:
+      self.checkpointer.wait_until_finished()
+      writer.close()
+      preempted.restore()
+    return self.state
+
+
+def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches the metrics of the last steps; stops the run at the first non-finite one.
+
+  The grad norm is checked too: step s's loss is computed before its update, so a NaN
+  gradient would otherwise reach the params saved at step s with a finite loss beside it.
+  """
+  host = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+  for s, m in host:
+    for name in ("loss", "grad_norm"):
+      if not math.isfinite(m[name]):
+        raise NonFiniteLossError(
+            f"{name} is {m[name]} at step {s}; stopping without saving it. The last good "
+            "checkpoint is kept: lower train.lr, check the data, or set train.max_grad_norm")
+  return host
+
+
+def preempted_by(flag: checkpoint.PreemptionFlag) -> str:
+  return signal.Signals(flag.signal).name if flag.signal else "signal on another process"
+
+
+def metric_writer(workdir: str):
+  from tensorboardX import SummaryWriter
+  if jax.process_index() != 0:
+    return _NullWriter()
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+class _NullWriter:
+  def add_scalar(self, *args):
+    pass
+
+  def close(self):
+    pass
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="infllava train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True,
+                      help="config file[:arg], e.g. configs/synthetic.py:llava")
+  parser.add_argument("--workdir", required=True,
+                      help="run folder: checkpoints, TensorBoard logs (resumes if present)")
+  parser.add_argument("--init_from", "--init-from", default=None,
+                      help="params to start from: a converted checkpoint or another run's "
+                           "folder (train.init_include selects a subset, e.g. DEM + projector)")
+  parser.add_argument("--coordinator", default=None,
+                      help="host:port of process 0 for a multi-process run")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
+                 "--config.train.lr=1e-4)")
+  initialize_distributed(args)
+  config = load_config(args.config, overrides)
+  trainer = Trainer(config, args.workdir, args.init_from)
+  trainer.run()
+  if config.get("eval") and config.eval.get("heldout_examples"):
+    from infllava_jax.evaluate import synthetic
+    accuracy = synthetic.heldout_accuracy(trainer.state.params, config)
+    log(f"held-out accuracy {accuracy['accuracy']:.3f} on {accuracy['examples']} examples "
+        f"({config.model.variant})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
