@@ -68,6 +68,7 @@ class Assistant:
   @classmethod
   def from_run(cls, path: str, step: int | None = None) -> "Assistant":
     """From a training run folder (latest step) or a converted checkpoint folder."""
+    path = checkpoint.run_checkpoints(path)
     config = checkpoint_config(path, step)
     model = infllava.build_model(config.model)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),

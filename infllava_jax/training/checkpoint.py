@@ -41,6 +41,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 
+RUN_CHECKPOINTS = "checkpoints"  # a training run's steps live in WORKDIR/checkpoints
+
+
+def run_checkpoints(path: str | os.PathLike) -> str:
+  """The folder of saved steps for a run's workdir, or `path` itself when it is one already."""
+  inner = os.path.join(path, RUN_CHECKPOINTS)
+  return inner if os.path.isdir(inner) else os.fspath(path)
+
+
 def default_checkpoint_config() -> ConfigDict:
   return ConfigDict(dict(
       every_steps=1000,

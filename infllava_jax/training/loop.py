@@ -127,8 +127,8 @@ class Trainer:
         out_shardings=(state_shardings, None), donate_argnums=0)
     self.data = pipeline.make_iterator(config, self.source, "train",
                                        num_epochs=None)
-    self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                                config.checkpoint, config=config)
+    self.checkpointer = checkpoint.Checkpointer(
+        os.path.join(workdir, checkpoint.RUN_CHECKPOINTS), config.checkpoint, config=config)
     self.start_step = 0
     if self.checkpointer.latest_step() is not None:
       abstract = checkpoint.abstract_tree(self.state.params, self.param_shardings)
