@@ -43,28 +43,33 @@ def read_rows(path: str) -> list[dict]:
     return list(reader)
 
 
+def cell(row: dict, column: str) -> str:
+  """A cell's text, stripped ('' for a cell a short row lacks)."""
+  return (row.get(column) or "").strip()
+
+
 def options_of(row: dict) -> list[str]:
   """The option texts, in letter order, up to the first empty cell."""
   options = []
   for letter in LETTERS:
     if letter not in row or is_blank(row[letter]):
       break
-    options.append(row[letter].strip())
+    options.append(cell(row, letter))
   return options
 
 
 def image_bytes(row: dict, by_index: dict[int, dict], source: str, index: int) -> bytes:
   """The row's decoded image; a short all-digit cell names the row holding the image."""
-  cell = (row["image"] or "").strip()
-  if cell.isdigit() and len(cell) <= 64:
-    if int(cell) not in by_index:
-      raise BenchmarkError(f"{where(source, index)}: field 'image': refers to row {cell}, "
+  text = cell(row, "image")
+  if text.isdigit() and len(text) <= 64:
+    if int(text) not in by_index:
+      raise BenchmarkError(f"{where(source, index)}: field 'image': refers to row {text}, "
                            "which the file does not have")
-    cell = by_index[int(cell)]["image"].strip()
-  if is_blank(cell):
+    text = cell(by_index[int(text)], "image")
+  if is_blank(text):
     raise BenchmarkError(f"{where(source, index)}: field 'image': empty")
   try:
-    return base64.b64decode(cell, validate=True)
+    return base64.b64decode(text, validate=True)
   except (binascii.Error, ValueError) as e:
     raise BenchmarkError(f"{where(source, index)}: field 'image': not base64 ({e})") from e
 
@@ -94,19 +99,19 @@ def read(data: str, circular: bool = True) -> list[Question]:
     if len(options) < 2:
       raise BenchmarkError(f"{where(data, index)}: fields 'A'..: expected at least 2 options, "
                            f"got {options}")
-    answer = (row["answer"] or "").strip()
+    answer = cell(row, "answer")
     if answer not in LETTERS[:len(options)]:
       raise BenchmarkError(f"{where(data, index)}: field 'answer': expected one of "
                            f"{list(LETTERS[:len(options)])}, got {row['answer']!r}")
     image = image_bytes(row, by_index, data, index)
-    hint = "" if is_blank(row.get("hint")) else row["hint"].strip() + "\n"
+    hint = "" if is_blank(row.get("hint")) else cell(row, "hint") + "\n"
     shifts = range(len(options)) if circular and not has_copies else [0]
     for shift in shifts:
       texts, position = shifted(options, LETTERS.index(answer), shift)
       out.append(Question(
           id=str(index + shift * SHIFT), image=image,
-          prompt=choice_prompt(row["question"].strip(), texts, hint),
-          answer=LETTERS[position], category=row["category"].strip(),
+          prompt=choice_prompt(cell(row, "question"), texts, hint),
+          answer=LETTERS[position], category=cell(row, "category"),
           options={LETTERS[i]: t for i, t in enumerate(texts)},
           group=str(index % SHIFT), shift=index // SHIFT + shift, source=data))
   return out

@@ -119,20 +119,18 @@ def circular(rows: Iterable[tuple[Question, bool]]) -> dict:
 def summarize(benchmark: str, rows: Sequence[tuple[Question, str, str | None, bool]]) -> dict:
   """The summary of one benchmark run from its (question, output, parsed, right) rows.
 
-  Always: records, accuracy, by_category, count_by_category, unparsed (choice answers
-  with no option letter). MMBench: accuracy is CircularEval's (questions = groups) and
-  "vanilla" holds the first-pass numbers. POPE: "pope" holds yes_no_metrics overall and
-  per category.
+  Always: records (questions asked), questions, accuracy, by_category, count_by_category,
+  unparsed (choice answers with no option letter). MMBench: accuracy is CircularEval's
+  (questions = groups) and "vanilla" holds the first-pass numbers. POPE: "pope" holds
+  yes_no_metrics overall and per category.
   """
-  summary = {"benchmark": benchmark, "records": len(rows)}
   if any(q.group for q, *_ in rows):
     result = circular((q, right) for q, _, _, right in rows)
-    summary.update(result["circular"])
-    summary["questions"] = summary.pop("count")
-    summary["vanilla"] = result["vanilla"]
+    headline, extra = result["circular"], {"vanilla": result["vanilla"]}
   else:
-    summary.update(accuracy((q.category, right) for q, _, _, right in rows))
-    summary["questions"] = summary.pop("count")
+    headline, extra = accuracy((q.category, right) for q, _, _, right in rows), {}
+  summary = {"benchmark": benchmark, "records": len(rows), "questions": headline.pop("count"),
+             **headline, **extra}
   summary["unparsed"] = sum(q.kind == "choice" and parsed is None for q, _, parsed, _ in rows)
   if any(q.kind == "yesno" for q, *_ in rows):
     by_category = defaultdict(list)

@@ -1,15 +1,45 @@
-"""Held-out accuracy on the synthetic fine-detail set: greedy answers, exact match."""
+"""Held-out accuracy on the synthetic fine-detail set: greedy answers, exact match.
+
+As a benchmark (`infllava evaluate --benchmark synthetic`), the held-out split's records
+become `Question`s (category: the question kind, letter or count) and go through the same
+runner and scorer as the public benchmarks.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ml_collections import ConfigDict
 
 from infllava_jax import generate
+from infllava_jax.config import load_config
 from infllava_jax.data import synthetic
+from infllava_jax.evaluate import runner, scoring
+from infllava_jax.evaluate.records import Question
 from infllava_jax.inference import Assistant
+
+SOURCE = "synthetic held-out split"
+DEFAULT_CONFIG = "configs/synthetic.py"
+
+
+def synthetic_config(config: ConfigDict) -> ConfigDict:
+  """`config.data.synthetic`, or the default run's (a converted checkpoint stores no data
+  config)."""
+  data = config.get("data") or ConfigDict()
+  return data.get("synthetic") or load_config(DEFAULT_CONFIG).data.synthetic
+
+
+def max_new_tokens(config: ConfigDict) -> int:
+  return (config.get("eval") or ConfigDict()).get("max_new_tokens", 8)
+
+
+def questions(config: ConfigDict, num: int) -> list[Question]:
+  """The first `num` held-out records as exact-answer Questions."""
+  syn = synthetic_config(config)
+  return [Question(id=r["id"], image=r["image"], prompt=_first_question(r),
+                   answer=r["conversations"][1]["value"], category=r["kind"], kind="exact",
+                   source=SOURCE)
+          for r in synthetic.synthetic_examples("heldout", num, syn.seed, syn.image_size)]
 
 
 def heldout_accuracy(params: Any, config: ConfigDict, num: int | None = None,
@@ -20,28 +50,11 @@ def heldout_accuracy(params: Any, config: ConfigDict, num: int | None = None,
   greedy output equals the reference answer (case and surrounding spaces ignored).
   """
   num = num or config.eval.heldout_examples
-  syn = config.data.synthetic
   assistant = Assistant(config, params)
-  sampling = generate.Sampling(max_new_tokens=config.eval.get("max_new_tokens", 8))
-  records = list(synthetic.synthetic_examples("heldout", num, syn.seed, syn.image_size))
-  right, by_kind, start = 0, {}, time.perf_counter()
-  for lo in range(0, num, batch_size):
-    chunk = records[lo:lo + batch_size]
-    # Pad the last chunk to the batch size so one compiled program serves every chunk.
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    answers = assistant.ask_batch([r["image"] for r in padded],
-                                  [_first_question(r) for r in padded], sampling)
-    for record, answer in zip(chunk, answers):
-      ok = answer.strip().lower() == record["conversations"][1]["value"].strip().lower()
-      right += ok
-      hits, total = by_kind.get(record["kind"], (0, 0))
-      by_kind[record["kind"]] = (hits + ok, total + 1)
-    if progress:
-      done = min(lo + batch_size, num)
-      print(f"  evaluated {done}/{num} held-out examples, accuracy so far "
-            f"{right / done:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
-  return {"accuracy": right / num, "examples": num,
-          "by_kind": {k: h / t for k, (h, t) in sorted(by_kind.items())}}
+  sampling = generate.Sampling(max_new_tokens=max_new_tokens(config))
+  rows = runner.run(assistant, questions(config, num), sampling, batch_size, progress=progress)
+  summary = scoring.summarize("synthetic", rows)
+  return {"accuracy": summary["accuracy"], "examples": num, "by_kind": summary["by_category"]}
 
 
 def _first_question(record: dict) -> str:

@@ -1,0 +1,134 @@
+"""`infllava evaluate`: accuracy of a checkpoint on a benchmark's local files.
+
+  infllava evaluate --checkpoint runs/synthetic --benchmark scienceqa --data ScienceQA/
+  infllava evaluate --checkpoint ckpt/ --benchmark pope --data pope/ --images coco/val2014
+  infllava evaluate --checkpoint ckpt/ --benchmark mmbench --data MMBench_DEV_EN.tsv
+  infllava evaluate --checkpoint ckpt/ --benchmark seed --data SEED-Bench.json \\
+      --images SEED-Bench-image/
+  infllava evaluate --checkpoint runs/synthetic --benchmark synthetic --limit 256
+
+--data per benchmark: scienceqa, the folder with problems.json and pid_splits.json
+(images in DATA/images/test/PID/ or DATA/test/PID/, or --images); pope, a
+coco_pope_<category>.json file or a folder of them (images: --images, the COCO val2014
+folder); mmbench, the TSV (base64 images inside; CircularEval unless --no-circular);
+seed, SEED-Bench.json (images: --images, else SEED-Bench-image/ beside it); synthetic,
+nothing (the run's held-out split).
+
+Decoding is greedy, as in the paper's evaluation. Writes OUT/predictions.jsonl (one line
+per question asked: output, parsed answer, right or not) and OUT/summary.json (accuracy
+overall and per category; POPE adds precision/recall/F1/yes-ratio, MMBench the vanilla
+first-pass numbers beside the circular ones), and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from infllava_jax import generate
+from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
+from infllava_jax.evaluate import synthetic
+from infllava_jax.inference import Assistant
+
+BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
+MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
+
+
+def read_questions(args: argparse.Namespace, config=None) -> list[records.Question]:
+  """The benchmark's questions, the first --limit of them (MMBench: of its questions, each
+  with all its shifts). `config` (the checkpoint's) is needed for synthetic only."""
+  if args.benchmark == "synthetic":
+    num = args.limit or synthetic.synthetic_config(config).num_heldout
+    return synthetic.questions(config, num)
+  if args.benchmark == "scienceqa":
+    questions = scienceqa.read(args.data, args.images)
+  elif args.benchmark == "pope":
+    questions = pope.read(args.data, args.images)
+  elif args.benchmark == "mmbench":
+    questions = mmbench.read(args.data, circular=args.circular)
+  else:
+    questions = seed.read(args.data, args.images)
+  return records.limit(questions, args.limit)
+
+
+def default_out(checkpoint: str, benchmark: str) -> str:
+  """CHECKPOINT_eval/BENCHMARK beside the checkpoint folder."""
+  return os.path.join(os.path.normpath(checkpoint) + "_eval", benchmark)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="infllava evaluate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+  parser.add_argument("--data", default=None,
+                      help="the benchmark's question file or folder (not for synthetic)")
+  parser.add_argument("--images", default=None, help="image folder (see above)")
+  parser.add_argument("--out", default=None,
+                      help="output folder (default: CHECKPOINT_eval/BENCHMARK)")
+  parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+  parser.add_argument("--limit", type=int, default=None,
+                      help="only the first N questions (MMBench: N questions, all shifts)")
+  parser.add_argument("--max-new-tokens", type=int, default=None,
+                      help=f"default: {MAX_NEW_TOKENS} (synthetic: the run's "
+                           "eval.max_new_tokens, else 8)")
+  parser.add_argument("--no-circular", dest="circular", action="store_false",
+                      help="MMBench: ask each question once (vanilla only)")
+  parser.add_argument("--no-progress", dest="progress", action="store_false")
+  args = parser.parse_args(argv)
+  if not os.path.exists(args.checkpoint):
+    parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+  if args.benchmark != "synthetic":
+    if not args.data:
+      parser.error(f"--data is required for --benchmark {args.benchmark}")
+    if not os.path.exists(args.data):
+      parser.error(f"--data {args.data!r} does not exist")
+  if args.images and not os.path.isdir(args.images):
+    parser.error(f"--images {args.images!r} is not a folder")
+  for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                      ("--max-new-tokens", args.max_new_tokens)):
+    if value is not None and value < 1:
+      parser.error(f"{flag} must be at least 1, got {value}")
+  return args
+
+
+def main(argv: list[str]) -> int:
+  args = parse_args(argv)
+  start = time.perf_counter()
+  try:  # the benchmark's files first: a bad record stops the run before the model loads
+    questions = None if args.benchmark == "synthetic" else read_questions(args)
+    assistant = Assistant.from_run(args.checkpoint, args.step)
+    print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
+          f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+    if questions is None:
+      questions = read_questions(args, assistant.config)
+  except records.BenchmarkError as e:
+    print(f"infllava evaluate: {e}", file=sys.stderr)
+    return 1
+  if not questions:
+    print(f"infllava evaluate: no {args.benchmark} questions in {args.data}", file=sys.stderr)
+    return 1
+  tokens = args.max_new_tokens or (synthetic.max_new_tokens(assistant.config)
+                                   if args.benchmark == "synthetic" else MAX_NEW_TOKENS)
+  out = args.out or default_out(args.checkpoint, args.benchmark)
+  os.makedirs(out, exist_ok=True)
+  print(f"{len(questions)} {args.benchmark} questions, batch size {args.batch_size}, "
+        f"writing {out}", file=sys.stderr)
+  try:
+    rows = runner.run(assistant, questions, generate.Sampling(max_new_tokens=tokens),
+                      args.batch_size, os.path.join(out, "predictions.jsonl"), args.progress)
+  except records.BenchmarkError as e:
+    print(f"infllava evaluate: {e}", file=sys.stderr)
+    return 1
+  summary = scoring.summarize(args.benchmark, rows)
+  summary.update(checkpoint=os.path.abspath(args.checkpoint), step=args.step,
+                 data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
+                 seconds=round(time.perf_counter() - start, 1))
+  with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2, ensure_ascii=False)
+  print(json.dumps(summary, indent=2, ensure_ascii=False))
+  return 0
