@@ -3,14 +3,19 @@
     assistant = Assistant.from_run("runs/synthetic")          # or Assistant(config, params)
     assistant.ask("cat.png", "What is in the picture?")       # -> "A cat."
     assistant.ask_batch([img1, img2], ["Q1?", "Q2?"])          # one batched generation
+    assistant.ask("cat.png", "And its colour?", history=[("What is in the picture?", "A cat.")])
+    assistant.stream("cat.png", "Describe it.", on_text=print)  # text pieces as tokens arrive
 
 Prompts use the llama3 template with its generation prompt (spec 9.3); images go through
-the same preprocessing as training (`data.images.preprocess`, `data.image_aspect`).
+the same preprocessing as training (`data.images.preprocess`, `data.image_aspect`). An image
+of None asks a text-only question (no image slots in the prompt).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+import threading
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -51,11 +56,104 @@ def checkpoint_config(path: str, step: int | None = None) -> ConfigDict:
   return checkpoint.read_config(path, step)
 
 
-class Assistant:
-  """A model, its params and tokenizer, ready to answer questions about images."""
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """One generated answer.
 
-  def __init__(self, config: ConfigDict, params: Any, tokenizer=None):
+  text: the decoded answer, special tokens skipped, stripped (what `ask` returns).
+  token_ids: the generated ids, up to and including the stop id when there is one.
+  prompt_tokens: the prompt's length in tokens (image slots included).
+  finish_reason: "stop" (a stop id ended it) or "length" (`max_new_tokens` ran out).
+  """
+  text: str
+  token_ids: tuple[int, ...]
+  prompt_tokens: int
+  finish_reason: str
+
+
+class TextStream:
+  """Generated ids in, text pieces out, for printing an answer while it is generated.
+
+  Byte-level BPE pieces need not be whole characters, and a character's bytes may span
+  tokens, so ids are never decoded one at a time: the last few ids are decoded together
+  and only text that no later id can change is passed on (vLLM's incremental detokenising:
+  a trailing U+FFFD, an incomplete UTF-8 sequence, waits for its next byte). Leading and
+  trailing whitespace is held back, so the pieces concatenate to exactly the stripped
+  answer that `Assistant.ask` returns once `finish` has passed on the rest.
+  """
+
+  def __init__(self, tokenizer, stop_ids: Sequence[int], on_text: Callable[[str], None]):
+    self.tokenizer = tokenizer
+    self.stop_ids = frozenset(int(i) for i in stop_ids)
+    self.on_text = on_text
+    self.ids: list[int] = []
+    self.raw = ""  # decoded text so far, unstripped
+    self.sent = ""  # what on_text has been given: a prefix of the final answer
+    self.stopped = False
+    self._prefix, self._read = 0, 0  # ids[_prefix:_read] were decoded last time
+
+  def _decode(self, ids) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+  def push(self, token: int) -> None:
+    """The next generated id (ignored after a stop id)."""
+    if self.stopped:
+      return
+    self.ids.append(int(token))
+    if int(token) in self.stop_ids:
+      self.stopped = True
+      return
+    before = self._decode(self.ids[self._prefix:self._read])
+    after = self._decode(self.ids[self._prefix:])
+    if len(after) <= len(before) or after.endswith("\ufffd"):
+      return
+    self.raw += after[len(before):]
+    self._prefix, self._read = self._read, len(self.ids)
+    self._send(self.raw.strip())
+
+  def finish(self, text: str) -> None:
+    """Passes on the rest of the final answer `text` (the authoritative decode)."""
+    self._send(text)
+
+  def _send(self, text: str) -> None:
+    if text.startswith(self.sent) and len(text) > len(self.sent):
+      piece, self.sent = text[len(self.sent):], text
+      self.on_text(piece)
+
+
+class _TokenRelay:
+  """A fixed host callback for `generate.compiled_generate` (so its jit cache is reused)
+  that hands each step's tokens to the current `TextStream`, in step order."""
+
+  def __init__(self):
+    self.stream: TextStream | None = None
+    self._next, self._waiting = 0, {}
+
+  def start(self, stream: TextStream | None) -> None:
+    self.stream, self._next, self._waiting = stream, 0, {}
+
+  def __call__(self, step, tokens) -> None:
+    if self.stream is None:
+      return
+    self._waiting[int(step)] = int(np.asarray(tokens)[0])
+    while self._next in self._waiting:  # unordered callbacks: release in step order
+      self.stream.push(self._waiting.pop(self._next))
+      self._next += 1
+
+
+class Assistant:
+  """A model, its params and tokenizer, ready to answer questions about images.
+
+  `length_bucket` > 1 left-pads prompts to a multiple of it, so prompts of nearby lengths
+  share one compiled generation (a chat or a server would otherwise compile per length);
+  padding slots are masked, so answers are the same up to float rounding.
+  """
+
+  def __init__(self, config: ConfigDict, params: Any, tokenizer=None, length_bucket: int = 1):
+    if length_bucket < 1:
+      raise ValueError(f"Assistant: length_bucket must be >= 1, got {length_bucket}")
     self.config = config
+    self.length_bucket = length_bucket
     self.model = infllava.build_model(config.model)
     self.params = params
     data = config.get("data", ConfigDict())
@@ -64,40 +162,111 @@ class Assistant:
     self.double_bos = data.get("double_bos", True)
     stops = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
     self.stop_ids = tuple(i for i in stops if i is not None and i >= 0)
+    self.lock = threading.Lock()  # one generation at a time (see `stream`)
+    self._relay = _TokenRelay()
 
   @classmethod
-  def from_run(cls, path: str, step: int | None = None) -> "Assistant":
-    """From a training run folder (latest step) or a converted checkpoint folder."""
+  def from_run(cls, path: str, step: int | None = None, **kwargs) -> "Assistant":
+    """From a training run folder (latest step) or a converted checkpoint folder.
+
+    kwargs go to the constructor (`tokenizer`, `length_bucket`).
+    """
     path = checkpoint.run_checkpoints(path)
     config = checkpoint_config(path, step)
     model = infllava.build_model(config.model)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                  *infllava.dummy_inputs(config.model)))
     params = checkpoint.restore_params_only(path, nn.meta.unbox(abstract["params"]), step=step)
-    return cls(config, params)
+    return cls(config, params, **kwargs)
+
+  @property
+  def context_length(self) -> int:
+    """Positions the language model was built for (prompt + answer should fit)."""
+    return int(self.config.model.llm.max_positions)
+
+  def prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
+             has_image: bool = True) -> list[int]:
+    """The prompt ids `ask` uses for this question, history and image presence."""
+    return prompt_ids(question, self.tokenizer, self.config.model, has_image=has_image,
+                      history=history, double_bos=self.double_bos)
 
   def pixels(self, image) -> np.ndarray:
     return images.preprocess(image, self.config.model.dcm.image_size, self.aspect)
 
-  def ask_batch(self, image_list: Sequence[Any], questions: Sequence[str],
-                sampling: generate.Sampling | None = None, seed: int = 0,
-                on_token=None) -> list[str]:
-    """One answer per (image, question) pair, generated as one left-padded batch."""
+  def _sampling(self, sampling: generate.Sampling | None) -> generate.Sampling:
+    sampling = sampling or generate.Sampling(max_new_tokens=32)
+    return generate.Sampling(**{**sampling.__dict__,
+                                "stop_ids": sampling.stop_ids or self.stop_ids})
+
+  def generate_batch(self, image_list: Sequence[Any], questions: Sequence[str],
+                     histories: Sequence[Sequence[tuple[str, str]]] | None = None,
+                     sampling: generate.Sampling | None = None, seed: int = 0,
+                     on_token=None) -> list[Answer]:
+    """One `Answer` per (image, question[, history]), generated as one left-padded batch.
+
+    An image of None makes that row text-only; `histories[i]` holds row i's earlier
+    (question, answer) turns (its image belongs to the first question). `on_token` is
+    `generate.generate_tokens`' host callback `(step, tokens [B])`.
+    """
     if len(image_list) != len(questions):
       raise ValueError(f"ask_batch: {len(image_list)} images but {len(questions)} questions")
-    sampling = sampling or generate.Sampling(max_new_tokens=32)
-    sampling = generate.Sampling(**{**sampling.__dict__,
-                                    "stop_ids": sampling.stop_ids or self.stop_ids})
-    prompts = [prompt_ids(q, self.tokenizer, self.config.model, double_bos=self.double_bos)
-               for q in questions]
+    histories = [()] * len(questions) if histories is None else histories
+    if len(histories) != len(questions):
+      raise ValueError(f"ask_batch: {len(histories)} histories but {len(questions)} questions")
+    sampling = self._sampling(sampling)
+    prompts = [self.prompt(q, h, has_image=im is not None)
+               for im, q, h in zip(image_list, questions, histories)]
     tokens, mask = generate.left_pad(prompts, self.tokenizer.pad_token_id)
-    pixels = np.stack([self.pixels(im) for im in image_list])[:, None]
+    extra = -tokens.shape[1] % self.length_bucket
+    if extra:
+      tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.tokenizer.pad_token_id)
+      mask = np.pad(mask, ((0, 0), (extra, 0)))
+    pixels = None
+    if any(im is not None for im in image_list):
+      side = self.config.model.dcm.image_size
+      pixels = np.stack([images.zero_image(side) if im is None else self.pixels(im)
+                         for im in image_list])[:, None]
+      pixels = jnp.asarray(pixels)
     run = generate.compiled_generate(self.model, sampling, self.tokenizer.pad_token_id, on_token)
-    out, lengths = run(self.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pixels),
+    out, lengths = run(self.params, jnp.asarray(tokens), jnp.asarray(mask), pixels,
                        jax.random.key(seed))
     out, lengths = np.asarray(out), np.asarray(lengths)
-    return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            for row, n in zip(out, lengths)]
+    answers = []
+    for prompt, row, n in zip(prompts, out, lengths):
+      ids = tuple(int(i) for i in row[:n])
+      stopped = bool(ids) and ids[-1] in sampling.stop_ids
+      answers.append(Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
+                            len(prompt), "stop" if stopped else "length"))
+    return answers
 
-  def ask(self, image, question: str, **kwargs) -> str:
-    return self.ask_batch([image], [question], **kwargs)[0]
+  def ask_batch(self, image_list: Sequence[Any], questions: Sequence[str],
+                sampling: generate.Sampling | None = None, seed: int = 0,
+                on_token=None, histories=None) -> list[str]:
+    """One answer per (image, question) pair, generated as one left-padded batch."""
+    return [a.text for a in self.generate_batch(image_list, questions, histories, sampling,
+                                                seed, on_token)]
+
+  def ask(self, image, question: str, history: Sequence[tuple[str, str]] = (),
+          **kwargs) -> str:
+    return self.ask_batch([image], [question], histories=[history], **kwargs)[0]
+
+  def stream(self, image, question: str, on_text: Callable[[str], None],
+             history: Sequence[tuple[str, str]] = (), sampling: generate.Sampling | None = None,
+             seed: int = 0) -> Answer:
+    """Answers one question, calling `on_text(piece)` as text becomes final.
+
+    The pieces concatenate to the returned `Answer.text`. Generations on this Assistant
+    run one at a time (`self.lock`): the token callback is shared by all of them.
+    """
+    sampling = self._sampling(sampling)
+    text_stream = TextStream(self.tokenizer, sampling.stop_ids, on_text)
+    with self.lock:
+      self._relay.start(text_stream)
+      try:
+        answer = self.generate_batch([image], [question], [history], sampling, seed,
+                                     on_token=self._relay)[0]
+        jax.effects_barrier()  # every token callback has run
+      finally:
+        self._relay.start(None)
+    text_stream.finish(answer.text)
+    return answer
