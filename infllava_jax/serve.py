@@ -1,0 +1,465 @@
+"""`infllava serve`: an OpenAI-compatible chat-completions endpoint for one checkpoint.
+
+  infllava serve --checkpoint runs/synthetic                  # http://127.0.0.1:8000/v1
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+    "messages": [{"role": "user", "content": [
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR..."}},
+      {"type": "text", "text": "What is in the picture?"}]}], "temperature": 0}'
+
+Routes: `POST /v1/chat/completions` (plain or `"stream": true` server-sent events in the
+OpenAI chunk format, ending with `data: [DONE]`) and `GET /v1/models`. The plain `openai`
+client and lmms-eval's `openai` model work against it (give lmms-eval `num_concurrent=1`
+and a generous `timeout`: requests queue here, see below).
+
+How requests map onto the model:
+  - Images come as base64 data URLs (`data:image/png;base64,...`, any format Pillow
+    reads); http(s) URLs are refused (400): the server fetches nothing remote. One image
+    per conversation, as in training; it belongs to the first user question, whichever
+    user message carried it. Requests without an image ask a text-only question.
+  - System (and developer) messages are folded in: their text goes before the first user
+    question, after the image. The prompt keeps the model's own llama3 system prompt,
+    which it was trained with.
+  - Earlier user/assistant messages are the conversation history; consecutive messages of
+    one role are joined with a newline; the last message must be the user's.
+  - `max_completion_tokens` (or `max_tokens`; default `--max-tokens`), `temperature`
+    (default 1.0, as OpenAI; 0 is greedy), `top_p`, `top_k` (an extension, 0 = off) and
+    `seed` (default: a fresh one per request) set the sampling. `stop` (a string or up to
+    4) cuts the answer before the first stop string to complete; the model still
+    generates to its stop token or the token limit, so `usage.completion_tokens` counts
+    every generated token. `n` must be 1; `logprobs` and tools are not supported;
+    other fields (`model`, penalties, `user`...) are accepted and ignored.
+  - Prompt + `max_tokens` must fit the model's positions (`llm.max_positions`).
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with 4xx for
+bad requests; the server keeps serving.
+
+Generation runs one request at a time: the model sits on one device, and the
+`Assistant`'s lock serialises requests (the others wait their turn, so clients should
+allow for queueing). A streamed request whose client goes away still finishes its
+generation before the next starts. Prompts are padded to a multiple of `--length-bucket`
+tokens so that most requests reuse one compiled generation; each new (bucket,
+max_tokens, temperature, top_p, top_k) combination compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import ipaddress
+import json
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from infllava_jax import generate
+from infllava_jax.data import images
+from infllava_jax.inference import Answer, Assistant
+
+MAX_STOPS = 4
+
+
+class RequestError(ValueError):
+  """A request the server refuses; becomes an OpenAI-style error body with `status`."""
+
+  def __init__(self, message: str, param: str | None = None, code: str | None = None,
+               status: int = 400, kind: str = "invalid_request_error"):
+    super().__init__(message)
+    self.message, self.param, self.code, self.status, self.kind = (message, param, code,
+                                                                   status, kind)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+  """A validated chat request: what the model is asked and how to sample."""
+  question: str
+  history: tuple[tuple[str, str], ...]
+  image: Any  # a PIL image, or None for a text-only question
+  max_tokens: int | None  # None: the server's default
+  temperature: float
+  top_p: float
+  top_k: int
+  seed: int
+  stop: tuple[str, ...]
+  stream: bool
+  include_usage: bool
+
+
+# ---- request parsing (pure: dict in, ChatRequest out or RequestError) ----
+
+def decode_data_url(url: Any, param: str):
+  """A `data:<mime>;base64,<data>` URL -> RGB PIL image; RequestError naming `param`."""
+  if not isinstance(url, str):
+    raise RequestError(f"{param} must be a string URL, got {type(url).__name__}", param)
+  if url.startswith(("http://", "https://")):
+    raise RequestError(f"{param}: remote images are not fetched; send the image inline as a "
+                       "base64 data URL (data:image/png;base64,...)", param, "invalid_image_url")
+  head, comma, data = url.partition(",")
+  if not (url.startswith("data:") and comma and head.endswith(";base64")):
+    raise RequestError(f"{param} must be a base64 data URL (data:image/png;base64,...), got "
+                       f"{url[:40]!r}", param, "invalid_image_url")
+  try:
+    raw = base64.b64decode("".join(data.split()), validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise RequestError(f"{param}: malformed base64 ({e})", param, "invalid_image") from e
+  try:
+    return images.decode(raw)
+  except images.ImageError as e:
+    raise RequestError(f"{param}: {e}", param, "invalid_image") from e
+
+
+def _content_text(content: Any, where: str, role: str) -> tuple[str, list]:
+  """A message's content -> (text, [(param, image url)])."""
+  if isinstance(content, str):
+    return content, []
+  if not isinstance(content, list):
+    raise RequestError(f"{where}.content must be a string or a list of content parts, got "
+                       f"{type(content).__name__}", f"{where}.content")
+  texts, urls = [], []
+  for j, part in enumerate(content):
+    param = f"{where}.content[{j}]"
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+      texts.append(part["text"])
+    elif kind == "image_url":
+      if role != "user":
+        raise RequestError(f"{param}: images are only accepted in user messages", param)
+      image_url = part.get("image_url")
+      url = image_url.get("url") if isinstance(image_url, dict) else image_url
+      urls.append((f"{param}.image_url.url", url))
+    else:
+      raise RequestError(f"{param} must be {{'type': 'text', 'text': str}} or {{'type': "
+                         f"'image_url', 'image_url': {{'url': ...}}}}, got {str(part)[:80]!r}",
+                         param)
+  return "\n".join(texts), urls
+
+
+def parse_messages(messages: Any) -> tuple[str, tuple[tuple[str, str], ...], Any]:
+  """OpenAI `messages` -> (question, history [(question, answer)], image or None)."""
+  if not isinstance(messages, list) or not messages:
+    raise RequestError("messages must be a non-empty list", "messages")
+  system, turns, urls = [], [], []
+  for i, message in enumerate(messages):
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+      raise RequestError(f"{where} must be an object with 'role' and 'content'", where)
+    role = message.get("role")
+    if role not in ("system", "developer", "user", "assistant"):
+      raise RequestError(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', "
+                         f"got {role!r}", f"{where}.role")
+    text, found = _content_text(message.get("content"), where, role)
+    urls += found
+    if role in ("system", "developer"):
+      system.append(text)
+    elif turns and turns[-1][0] == role:
+      turns[-1] = (role, turns[-1][1] + "\n" + text)
+    else:
+      turns.append((role, text))
+  if not turns or turns[0][0] != "user":
+    raise RequestError("the first non-system message must be the user's", "messages")
+  if turns[-1][0] != "user":
+    raise RequestError("the last message must be the user's (the model answers it)",
+                       "messages")
+  if len(urls) > 1:
+    raise RequestError(f"this model takes one image per conversation, got {len(urls)}",
+                       urls[1][0])
+  image = decode_data_url(urls[0][1], urls[0][0]) if urls else None
+  texts = [text for _, text in turns]
+  if system:
+    texts[0] = "\n".join(system) + "\n\n" + texts[0]
+  history = tuple(zip(texts[:-1:2], texts[1::2]))
+  return texts[-1], history, image
+
+
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+  value = body.get(name)
+  if value is None:
+    return default
+  kinds = (int,) if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+    kind = "an integer" if integer else "a number"
+    raise RequestError(f"{name} must be {kind} in [{low}, {high}], got {value!r}", name)
+  return value
+
+
+def parse_request(body: Any) -> ChatRequest:
+  """A chat-completions JSON body -> ChatRequest (RequestError for what cannot be served)."""
+  if not isinstance(body, dict):
+    raise RequestError("the request body must be a JSON object")
+  if body.get("n") not in (None, 1):
+    raise RequestError(f"n must be 1 (one choice per request), got {body['n']!r}", "n")
+  if body.get("logprobs"):
+    raise RequestError("logprobs are not supported", "logprobs")
+  if body.get("tools") or body.get("functions"):
+    raise RequestError("tools are not supported", "tools")
+  question, history, image = parse_messages(body.get("messages"))
+  name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
+      "max_tokens")
+  max_tokens = _number(body, name, None, 1, 1 << 20, integer=True)
+  stop = body.get("stop")
+  stop = [stop] if isinstance(stop, str) else (stop or [])
+  if (not isinstance(stop, list) or len(stop) > MAX_STOPS
+      or not all(isinstance(s, str) and s for s in stop)):
+    raise RequestError(f"stop must be a non-empty string or a list of up to {MAX_STOPS}, got "
+                       f"{body.get('stop')!r}", "stop")
+  stream = body.get("stream") or False
+  if not isinstance(stream, bool):
+    raise RequestError(f"stream must be a boolean, got {stream!r}", "stream")
+  options = body.get("stream_options") or {}
+  if not isinstance(options, dict):
+    raise RequestError("stream_options must be an object", "stream_options")
+  seed = _number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True)
+  top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
+  top_k = _number(body, "top_k", 0, 0, 1 << 20, integer=True)
+  if top_p == 0.0:  # only the most likely token: top_k 1 (a 0 nucleus would keep nothing)
+    top_p, top_k = 1.0, 1
+  return ChatRequest(
+      question=question, history=history, image=image, max_tokens=max_tokens,
+      temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)), top_p=top_p, top_k=top_k,
+      seed=secrets.randbits(31) if seed is None else seed % (1 << 31),
+      stop=tuple(stop), stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+# ---- stop strings ----
+
+def stop_cut(text: str, stops: Sequence[str]) -> int | None:
+  """Where to cut `text`: the start of the stop string that completes first, or None."""
+  best = None
+  for stop in stops:
+    at = text.find(stop)
+    if at >= 0 and (best is None or at + len(stop) < best[0]):
+      best = (at + len(stop), at)
+  return None if best is None else best[1]
+
+
+class StopFilter:
+  """Streams text pieces, holding back what may begin a stop string, cutting at one."""
+
+  def __init__(self, stops: Sequence[str]):
+    self.stops, self.text, self.sent, self.cut = tuple(stops), "", 0, None
+
+  def push(self, piece: str) -> str:
+    """The next piece in; the text now safe to send out."""
+    if self.cut is not None:
+      return ""
+    self.text += piece
+    self.cut = stop_cut(self.text, self.stops)
+    end = self.cut
+    if end is None:  # keep the longest tail that a stop string starts with
+      tail = max((n for s in self.stops for n in range(1, len(s))
+                  if self.text.endswith(s[:n])), default=0)
+      end = len(self.text) - tail
+    end = max(end, self.sent)
+    out, self.sent = self.text[self.sent:end], end
+    return out
+
+  def finish(self) -> str:
+    """What was held back, once the answer is complete."""
+    if self.cut is not None:
+      return ""
+    out, self.sent = self.text[self.sent:], len(self.text)
+    return out
+
+
+# ---- responses ----
+
+def _usage(answer: Answer) -> dict:
+  completion = len(answer.token_ids)
+  return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
+          "total_tokens": answer.prompt_tokens + completion}
+
+
+def completion_body(answer: Answer, request: ChatRequest, model: str, ident: str,
+                    created: int) -> dict:
+  """The `chat.completion` object for a finished answer (stop strings applied)."""
+  cut = stop_cut(answer.text, request.stop)
+  text = answer.text if cut is None else answer.text[:cut]
+  return {"id": ident, "object": "chat.completion", "created": created, "model": model,
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": "stop" if cut is not None else answer.finish_reason,
+                       "logprobs": None}],
+          "usage": _usage(answer)}
+
+
+def _event(payload: dict | str) -> str:
+  return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def stream_events(assistant: Assistant, request: ChatRequest, sampling: generate.Sampling,
+                  model: str, ident: str, created: int) -> Iterator[str]:
+  """Server-sent events of one streamed answer: role chunk, content chunks, final chunk
+  with the finish reason, usage chunk if asked, then `data: [DONE]`.
+
+  The generation runs in its own thread (it holds the Assistant's lock until done, even
+  if the client leaves); this generator relays its text pieces as they come.
+  """
+  pieces: queue.Queue = queue.Queue()
+
+  def work():
+    try:
+      answer = assistant.stream(request.image, request.question,
+                                on_text=lambda text: pieces.put(("text", text)),
+                                history=request.history, sampling=sampling, seed=request.seed)
+      pieces.put(("done", answer))
+    except Exception as e:  # reported to the client in the stream
+      pieces.put(("error", e))
+
+  threading.Thread(target=work, name=f"generate-{ident}", daemon=True).start()
+
+  def chunk(delta: dict, finish: str | None = None) -> str:
+    return _event({"id": ident, "object": "chat.completion.chunk", "created": created,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish}]})
+
+  yield chunk({"role": "assistant", "content": ""})
+  stops = StopFilter(request.stop)
+  while True:
+    kind, value = pieces.get()
+    if kind == "text":
+      text = stops.push(value)
+      if text:
+        yield chunk({"content": text})
+    elif kind == "error":
+      yield _event(error_body(f"generation failed: {type(value).__name__}: {value}",
+                              "server_error"))
+      break
+    else:
+      text = stops.finish()
+      if text:
+        yield chunk({"content": text})
+      yield chunk({}, "stop" if stops.cut is not None else value.finish_reason)
+      if request.include_usage:
+        yield _event({"id": ident, "object": "chat.completion.chunk", "created": created,
+                      "model": model, "choices": [], "usage": _usage(value)})
+      break
+  yield _event("[DONE]")
+
+
+def sampling_for(assistant: Assistant, request: ChatRequest,
+                 default_max_tokens: int) -> generate.Sampling:
+  """The request's Sampling, after checking that prompt + answer fit the model's positions."""
+  prompt = len(assistant.prompt(request.question, request.history, request.image is not None))
+  room = assistant.context_length - prompt
+  max_tokens = request.max_tokens or min(default_max_tokens, room)
+  if room < 1 or max_tokens > room:
+    param = "max_tokens" if request.max_tokens and room >= 1 else "messages"
+    raise RequestError(f"the prompt has {prompt} tokens and max_tokens is {max_tokens}: "
+                       f"together over the model's {assistant.context_length} positions",
+                       param, "context_length_exceeded")
+  return generate.Sampling(max_new_tokens=max_tokens, temperature=request.temperature,
+                           top_p=request.top_p, top_k=request.top_k)
+
+
+# ---- the app ----
+
+def create_app(assistant: Assistant, model_name: str = "infllava",
+               default_max_tokens: int = 512) -> FastAPI:
+  """The FastAPI app serving `assistant` under /v1 (see the module docstring)."""
+  app = FastAPI(title="infllava-jax", docs_url=None, redoc_url=None)
+  started = int(time.time())
+
+  def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+  @app.exception_handler(HTTPException)
+  async def http_error(_, e: HTTPException):  # 404, 405... in the OpenAI shape
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+  @app.exception_handler(Exception)
+  async def server_error(_, e: Exception):
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"),
+                        status_code=500)
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                        "created": started, "owned_by": "infllava-jax"}]}
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: Request):
+    raw = await http.body()
+    try:
+      body = json.loads(raw)
+    except ValueError as e:
+      return error_response(RequestError(f"the request body is not valid JSON: {e}"))
+    try:  # decoding images and tokenising are host work: off the event loop
+      request = await run_in_threadpool(parse_request, body)
+      sampling = await run_in_threadpool(sampling_for, assistant, request, default_max_tokens)
+    except RequestError as e:
+      return error_response(e)
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if request.stream:
+      return StreamingResponse(
+          stream_events(assistant, request, sampling, model_name, ident, created),
+          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def answer() -> Answer:
+      with assistant.lock:
+        return assistant.generate_batch([request.image], [request.question],
+                                        [request.history], sampling, request.seed)[0]
+
+    return completion_body(await run_in_threadpool(answer), request, model_name, ident, created)
+
+  return app
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="infllava serve", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  parser.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default loopback only; anything else exposes the "
+                           "model, unauthenticated, to the network)")
+  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--model-name", default=None,
+                      help="the id /v1/models lists and responses carry (default: the "
+                           "checkpoint folder's name); requests may name any model")
+  parser.add_argument("--max-tokens", type=int, default=512,
+                      help="answer length when a request gives no max_tokens")
+  parser.add_argument("--length-bucket", type=int, default=64,
+                      help="pad prompts to a multiple of this many tokens (fewer compiles)")
+  args = parser.parse_args(argv)
+  if not os.path.exists(args.checkpoint):
+    parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+  if args.max_tokens < 1 or args.length_bucket < 1:
+    parser.error("--max-tokens and --length-bucket must be >= 1")
+  if not is_loopback(args.host):
+    print(f"warning: binding {args.host}: anyone who can reach this address can use the model "
+          "(no authentication); use 127.0.0.1 unless you mean it", file=sys.stderr)
+
+  import uvicorn
+
+  start = time.perf_counter()
+  assistant = Assistant.from_run(args.checkpoint, args.step, length_bucket=args.length_bucket)
+  name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
+        f"{time.perf_counter() - start:.1f}s; serving {name!r} at "
+        f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+  uvicorn.run(create_app(assistant, name, args.max_tokens), host=args.host, port=args.port)
+  return 0
