@@ -1,0 +1,154 @@
+"""`infllava chat`: a conversation about one image in the terminal, answers streamed.
+
+  infllava chat --checkpoint runs/synthetic --image cat.png
+  you> What is in the picture?
+  assistant> A cat on a sofa.
+  you> What colour is it?
+  assistant> ...
+
+Answers are printed piece by piece as their tokens are generated. Earlier questions and
+answers go into each new prompt; the image belongs to the first question, as in training.
+Commands:
+  /reset        start a new conversation about the same image
+  /image PATH   switch to another image (starts a new conversation)
+  /help         this list
+  /quit         leave (so does the end of input, Ctrl-D)
+
+`--checkpoint` is a training run folder (its latest step, or `--step`) or a converted
+checkpoint folder. Sampling uses temperature 0.2 by default, as the reference LLaVA CLI
+(`llava/serve/cli.py`) does; `--temperature 0` is greedy. Turn k (0, 1, ...) of a
+conversation samples with seed `--seed` + k, so a replayed conversation repeats itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from infllava_jax import generate
+from infllava_jax.data import images
+from infllava_jax.inference import Answer, Assistant
+
+HELP = """commands: /reset (new conversation), /image PATH (switch image, new conversation),
+/help, /quit (or Ctrl-D)"""
+
+
+class ChatSession:
+  """One conversation: an image, the (question, answer) turns so far, how to sample."""
+
+  def __init__(self, assistant: Assistant, image: Any, sampling: generate.Sampling,
+               seed: int = 0):
+    self.assistant, self.image, self.sampling, self.seed = assistant, image, sampling, seed
+    self.history: list[tuple[str, str]] = []
+
+  def reset(self) -> None:
+    self.history = []
+
+  def set_image(self, image: Any) -> None:
+    """Switches to `image` (anything `data.images.decode` reads) and resets."""
+    self.image = images.decode(image)
+    self.reset()
+
+  def prompt(self, question: str) -> list[int]:
+    """The prompt ids of `question` after the turns so far."""
+    return self.assistant.prompt(question, self.history, has_image=self.image is not None)
+
+  def ask(self, question: str, out: TextIO) -> Answer:
+    """Answers `question`, writing the answer to `out` as it is generated; keeps the turn.
+
+    Raises ValueError when prompt + `max_new_tokens` would not fit the model's positions.
+    """
+    length = len(self.prompt(question))
+    if length + self.sampling.max_new_tokens > self.assistant.context_length:
+      raise ValueError(f"the conversation is {length} tokens; with --max-new-tokens "
+                       f"{self.sampling.max_new_tokens} it exceeds the model's "
+                       f"{self.assistant.context_length} positions (/reset to start over)")
+
+    def write(piece: str) -> None:
+      out.write(piece)
+      out.flush()
+
+    answer = self.assistant.stream(self.image, question, write, history=self.history,
+                                   sampling=self.sampling, seed=self.seed + len(self.history))
+    self.history.append((question, answer.text))
+    return answer
+
+
+def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
+  """The read-answer loop: `lines` until /quit or their end."""
+  while True:
+    out.write("you> ")
+    out.flush()
+    line = lines.readline()
+    if not line:  # end of input
+      out.write("\n")
+      return
+    line = line.strip()
+    if not line:
+      continue
+    command, _, arg = line.partition(" ")
+    if command in ("/quit", "/exit"):
+      return
+    if command == "/reset":
+      session.reset()
+      out.write("(new conversation)\n")
+    elif command == "/image":
+      try:
+        session.set_image(arg.strip())
+        out.write(f"(image {arg.strip()}; new conversation)\n")
+      except images.ImageError as e:
+        out.write(f"(cannot use that image: {e})\n")
+    elif command in ("/help", "/?"):
+      out.write(HELP + "\n")
+    elif command.startswith("/") and command[1:].isalpha():
+      out.write(f"(unknown command {command}; /help lists them)\n")
+    else:
+      out.write("assistant> ")
+      out.flush()
+      try:
+        session.ask(line, out)
+      except ValueError as e:
+        out.write(f"({e})")
+      out.write("\n")
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="infllava chat", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+  parser.add_argument("--max-new-tokens", type=int, default=512, help="per answer")
+  parser.add_argument("--temperature", type=float, default=0.2, help="0: greedy")
+  parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--length-bucket", type=int, default=64,
+                      help="pad prompts to a multiple of this many tokens (fewer compiles)")
+  args = parser.parse_args(argv)
+  for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+    if not os.path.exists(path):
+      parser.error(f"{flag} {path!r} does not exist")
+  if args.max_new_tokens < 1 or args.length_bucket < 1:
+    parser.error("--max-new-tokens and --length-bucket must be >= 1")
+  if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+    parser.error("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+  try:
+    image = images.decode(args.image)
+  except images.ImageError as e:
+    parser.error(f"--image: {e}")
+
+  start = time.perf_counter()
+  assistant = Assistant.from_run(args.checkpoint, args.step, length_bucket=args.length_bucket)
+  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
+        f"{time.perf_counter() - start:.1f}s. {HELP}", file=sys.stderr)
+  sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+  try:
+    run(ChatSession(assistant, image, sampling, args.seed), sys.stdin, sys.stdout)
+  except KeyboardInterrupt:
+    print(file=sys.stdout)
+  return 0

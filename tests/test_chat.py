@@ -1,0 +1,82 @@
+"""`infllava chat`: streamed answers as printed equal the decoded answers, turns carry the
+history into the prompt, /reset and /image start over, the end of input ends the chat."""
+
+import io
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+from PIL import Image
+
+from infllava_jax import chat
+from infllava_jax.convert import checkpoint_io
+from infllava_jax.inference import Assistant
+from infllava_jax.model import infllava
+
+
+def random_params(model_cfg, seed=0):
+  """Random params of the model's shapes (faster than `model.init` on two shared cores)."""
+  model = infllava.build_model(model_cfg)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               *infllava.dummy_inputs(model_cfg)))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, a):
+    if "scale" in jax.tree_util.keystr(path[-1:]):
+      return np.ones(a.shape, a.dtype)
+    return (rng.normal(size=a.shape) * 0.02).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract["params"]))
+
+
+def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsys):
+  checkpoint = tmp_path / "tiny"
+  checkpoint_io.save_converted(str(checkpoint), tiny_config.model,
+                               random_params(tiny_config.model, seed=1))
+  rng = np.random.default_rng(0)
+  first, second = tmp_path / "first.png", tmp_path / "second.png"
+  Image.fromarray(rng.integers(0, 256, (50, 70, 3), np.uint8)).save(first)
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(second)
+
+  calls = []  # what each answered question was asked with, and its Answer
+  stream = Assistant.stream
+
+  def spy(self, image, question, on_text, history=(), **kwargs):
+    answer = stream(self, image, question, on_text, history=history, **kwargs)
+    calls.append(dict(assistant=self, image=np.asarray(image), question=question,
+                      history=list(history), seed=kwargs["seed"], answer=answer))
+    return answer
+
+  monkeypatch.setattr(Assistant, "stream", spy)
+  q1, q2 = "What is in the picture?", "And its colour?"
+  script = [q1, q2, "/reset", q1, "/bogus", f"/image {tmp_path / 'missing.png'}",
+            f"/image {second}", q1]
+  monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+  assert chat.main(["--checkpoint", str(checkpoint), "--image", str(first),
+                    "--max-new-tokens", "8", "--temperature", "0",
+                    "--length-bucket", "256"]) == 0
+  out = capsys.readouterr().out
+
+  answers = [c["answer"].text for c in calls]
+  assert [(c["question"], c["history"], c["seed"]) for c in calls] == [
+      (q1, [], 0), (q2, [(q1, answers[0])], 1), (q1, [], 0), (q1, [], 0)]
+  assert answers[2] == answers[0]  # after /reset: the first turn again
+  np.testing.assert_array_equal(calls[0]["image"], np.asarray(Image.open(first)))
+  np.testing.assert_array_equal(calls[3]["image"], np.asarray(Image.open(second)))
+
+  # What was streamed to the terminal is the answer decoded from the generated ids.
+  printed = [part[:part.index("\nyou> ")] for part in out.split("assistant> ")[1:]]
+  assert printed == answers, out
+  assert all(c["answer"].token_ids for c in calls)
+  assert "(new conversation)" in out and "unknown command /bogus" in out
+  assert "cannot use that image" in out and "not found" in out
+  assert out.endswith("you> \n")  # the end of input ends the chat
+
+  # The second turn's prompt: the first turn's prompt, its answer, then the new question.
+  assistant = calls[0]["assistant"]
+  p1, p2 = assistant.prompt(q1), assistant.prompt(q2, [(q1, answers[0])])
+  assert calls[1]["answer"].prompt_tokens == len(p2)
+  assert p2[:len(p1)] == p1
+  tail = assistant.tokenizer.decode(p2[len(p1):])
+  assert tail.startswith(answers[0]) and tail.index(q2) > len(answers[0])
