@@ -80,3 +80,23 @@ def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsy
   assert p2[:len(p1)] == p1
   tail = assistant.tokenizer.decode(p2[len(p1):])
   assert tail.startswith(answers[0]) and tail.index(q2) > len(answers[0])
+
+
+def test_text_stream_pieces_are_whole_characters():
+  from infllava_jax.data.tokenizer import load_tokenizer
+  from infllava_jax.inference import TextStream
+  tokenizer = load_tokenizer()
+  text = "  Grüße aus 東京 🙂, naïve café!  "
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  pieces_per_id = [tokenizer.decode([i]) for i in ids]
+  assert any("\ufffd" in p for p in pieces_per_id)  # some ids are parts of a character
+  eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+  pieces = []
+  stream = TextStream(tokenizer, [eot], pieces.append)
+  for i in [*ids, eot, ids[0]]:  # ids after the stop id are ignored
+    stream.push(i)
+  answer = tokenizer.decode(ids + [eot], skip_special_tokens=True).strip()
+  assert "".join(pieces) == answer  # whitespace at the ends held back...
+  stream.finish(answer)
+  assert "".join(pieces) == answer == text.strip()
+  assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)

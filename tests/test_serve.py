@@ -257,3 +257,8 @@ def test_stop_filter_matches_stop_cut(stops, pieces):
   sent = "".join(stream.push(p) for p in pieces) + stream.finish()
   assert sent == (text if cut is None else text[:cut])
   assert (stream.cut is not None) == (cut is not None)
+
+
+def test_loopback_hosts():
+  assert all(serve.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+  assert not any(serve.is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.4", "example.org"))
