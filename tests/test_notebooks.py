@@ -20,7 +20,8 @@ NOTEBOOKS = os.path.join(REPO, "notebooks")
 
 
 def run_notebook(name: str, monkeypatch) -> tuple[nbformat.NotebookNode, str]:
-  """Executes notebooks/<name>.ipynb; returns the executed notebook and its text output."""
+  """Executes notebooks/<name>.ipynb; returns the executed notebook and its stdout, joined
+  (a streamed answer arrives as many outputs)."""
   # The kernel inherits this environment: CPU only, one device (not the suite's 8 simulated
   # ones), matplotlib inline (no GUI), and the ipykernel of this interpreter.
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -32,8 +33,8 @@ def run_notebook(name: str, monkeypatch) -> tuple[nbformat.NotebookNode, str]:
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": REPO}})
   client.execute()  # raises CellExecutionError, naming the cell, on the first error
-  text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.outputs if out.output_type == "stream")
+  text = "".join(out.text for cell in nb.cells if cell.cell_type == "code"
+                 for out in cell.outputs if out.output_type == "stream" and out.name == "stdout")
   assert f"kernel python: {sys.executable}" in text
   return nb, text
 
@@ -86,7 +87,13 @@ def test_convert_and_chat_runs(monkeypatch):
   assert "vocabulary: 512 rows, 512 tokenizer entries" in text
   llm, clip = map(float, re.search(r"LLM logits (\S+), CLIP features (\S+)", text).groups())
   assert llm < 1e-4 and clip < 1e-4
-  answers = re.findall(r"^A[12]: (['\"])(.+)\1$", text, re.M)
-  assert len(answers) == 2, text  # a random model's words, but words
-  assert "Q2: What is in the picture?" in text
-  assert "ask and ask_batch give the same answer to Q1: True" in text
+  # Two chat turns, each streamed after its "assistant> " and then summed up.
+  turns = re.findall(r"^you> (.+)\nassistant> (.+)\n   \((stop|length) after (\d+) tokens; "
+                     r"prompt (\d+) tokens\)$", text, re.M)
+  assert len(turns) == 2, text
+  assert turns[1][0] == "How many dots are in the left cell? Answer with one digit."
+  assert int(turns[1][4]) > int(turns[0][4])  # the follow-up's prompt carries the first turn
+  assert "2 turns in the history" in text
+  batched = re.findall(r"^A: (['\"])(.+)\1$", text, re.M)
+  assert len(batched) == 2, text  # a random model's words, but words
+  assert "ask_batch gives the chat's first answer: True" in text
