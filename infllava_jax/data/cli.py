@@ -1,7 +1,7 @@
 """`infllava data ...`: data tools.
 
   infllava data synth --out DIR --num N [--split all|train|heldout] [--num-heldout K]
-                      [--seed S] [--image-size PX] [--max-turns T]
+                      [--seed S] [--image-size PX] [--max-turns T] [--kinds pattern,letter,count]
       Writes the synthetic fine-detail set as LLaVA JSON + PNGs (DIR/<split>.json,
       DIR/images/<split>/) and as a TFDS array_record dataset (DIR/tfds/...).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from infllava_jax.data.synthetic import DEFAULT_KINDS, KINDS, check_kinds
+
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
@@ -19,9 +21,10 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   synth = sub.add_parser(
       "synth", help="write the synthetic fine-detail VQA set",
-      description=("Writes the synthetic fine-detail set (3x3 grids of small letters or dot "
-                   "groups; questions name a cell) as LLaVA JSON + PNG images and as a TFDS "
-                   "array_record dataset. Records depend only on (split, seed, index)."))
+      description=("Writes the synthetic fine-detail set (1-px patterns over the image, or "
+                   "3x3 grids with a small letter or dot group in the cell a question names) "
+                   "as LLaVA JSON + PNG images and as a TFDS array_record dataset. Records "
+                   "depend only on (split, seed, index, kinds)."))
   synth.add_argument("--out", required=True, help="output folder")
   synth.add_argument("--num", type=int, required=True, help="records of the train split")
   synth.add_argument("--split", choices=("all", "train", "heldout"), default="all",
@@ -32,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
   synth.add_argument("--image-size", type=int, default=252,
                      help="image side in pixels (default: 252)")
   synth.add_argument("--max-turns", type=int, default=1,
-                     help="questions per image (default: 1)")
+                     help="questions per image of the letter and count kinds (default: 1)")
+  synth.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                     help=f"comma-separated question kinds out of {','.join(KINDS)} "
+                          "(default: %(default)s, the main job's)")
   return parser
 
 
@@ -43,11 +49,16 @@ def main(argv: list[str]) -> int:
     if args.num < 1:
       print("infllava data synth: --num must be >= 1", file=sys.stderr)
       return 2
+    try:
+      kinds = check_kinds(k.strip() for k in args.kinds.split(","))
+    except ValueError as e:
+      print(f"infllava data synth: --kinds: {e}", file=sys.stderr)
+      return 2
     num_heldout = args.num_heldout or max(1, args.num // 10)
     splits = {"train": args.num, "heldout": num_heldout}
     if args.split != "all":
       splits = {args.split: args.num if args.split == "train" else num_heldout}
-    written = write_synthetic(args.out, splits, args.seed, args.image_size, args.max_turns,
+    written = write_synthetic(args.out, splits, args.seed, args.image_size, args.max_turns, kinds,
                               progress=lambda msg: print(msg, flush=True))
     for what, path in written.items():
       print(f"wrote {what}: {path}")

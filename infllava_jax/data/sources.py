@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -124,24 +125,25 @@ def _has_bytes(image) -> bool:
 class SyntheticSource:
   """The synthetic fine-detail set (see synthetic.py), generated on access."""
 
-  def __init__(self, split: str, num: int, seed: int, image_size: int, max_turns: int = 1):
-    self._args = (split, seed, image_size, max_turns)
+  def __init__(self, split: str, num: int, seed: int, image_size: int, max_turns: int = 1,
+               kinds: Sequence[str] = synthetic.DEFAULT_KINDS):
+    self._args = (split, seed, image_size, max_turns, synthetic.check_kinds(kinds))
     self._num = num
 
   def __len__(self) -> int:
     return self._num
 
   def __repr__(self) -> str:
-    split, seed, image_size, max_turns = self._args
+    split, seed, image_size, max_turns, kinds = self._args
     return (f"SyntheticSource(split={split!r}, num={self._num}, seed={seed}, "
-            f"image_size={image_size}, max_turns={max_turns})")
+            f"image_size={image_size}, max_turns={max_turns}, kinds={kinds})")
 
   def has_image(self, index: int) -> bool:
     return True
 
   def __getitem__(self, index: int) -> dict:
-    split, seed, image_size, max_turns = self._args
-    record = synthetic.synthetic_example(split, seed, index, image_size, max_turns)
+    split, seed, image_size, max_turns, kinds = self._args
+    record = synthetic.synthetic_example(split, seed, index, image_size, max_turns, kinds)
     return {"id": record["id"], "conversations": record["conversations"],
             "image": record["image"], "origin": repr(self)}
 
@@ -152,7 +154,7 @@ def make_source(data_cfg, split: str = "train"):
   if kind == "synthetic":
     syn = data_cfg.synthetic
     num = syn.num_train if split == "train" else syn.num_heldout
-    return SyntheticSource(split, num, syn.seed, syn.image_size, syn.max_turns)
+    return SyntheticSource(split, num, syn.seed, syn.image_size, syn.max_turns, syn.kinds)
   if kind == "llava_json":
     return LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
   if kind == "tfds":
@@ -198,7 +200,8 @@ def _make_builder():
 
 
 def write_synthetic(out: str, splits: dict[str, int], seed: int, image_size: int,
-                    max_turns: int = 1, progress=print) -> dict[str, str]:
+                    max_turns: int = 1, kinds: Sequence[str] = synthetic.DEFAULT_KINDS,
+                    progress=print) -> dict[str, str]:
   """Writes the synthetic set as LLaVA JSON + PNGs and as a TFDS array_record dataset.
 
   Layout: OUT/<split>.json with image paths relative to OUT/images, OUT/images/<split>/*.png,
@@ -212,7 +215,7 @@ def write_synthetic(out: str, splits: dict[str, int], seed: int, image_size: int
     os.makedirs(folder, exist_ok=True)
     records = []
     for i, record in enumerate(synthetic.synthetic_examples(split, num, seed, image_size,
-                                                            max_turns)):
+                                                            max_turns, kinds)):
       rel = os.path.join(split, record["id"] + ".png")
       with open(os.path.join(out, "images", rel), "wb") as f:
         f.write(_png(record["image"]))
@@ -227,7 +230,7 @@ def write_synthetic(out: str, splits: dict[str, int], seed: int, image_size: int
   builder_cls = _make_builder()
   builder_cls.splits = {
       split: (lambda s=split, n=num: synthetic.synthetic_examples(s, n, seed, image_size,
-                                                                  max_turns))
+                                                                  max_turns, kinds))
       for split, num in splits.items()}
   builder = builder_cls(data_dir=os.path.join(out, "tfds"), file_format="array_record")
   builder.download_and_prepare()

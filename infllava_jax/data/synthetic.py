@@ -1,14 +1,19 @@
 """A synthetic fine-detail VQA set: answers need detail that one low-res view loses.
 
-Each image is a 3x3 grid of cells; each cell a question asks about holds a small mark: a
-5x7 bitmap letter or a group of 1-4 tiny dots, drawn at `image_size // 126` px per bitmap
-pixel at a random place in its cell. At 252 px a letter is 10x14 px with 2 px strokes; the
-LLaVA-1.5 baseline sees the image resized by 3 (84 px), where strokes fall below one pixel
-and the letters and dot counts blur into blobs. The question names the cell ("top-left",
-...); with several questions per image the model must also localise. Answers come from a
-small closed set (one letter or one digit): accuracy is an exact match.
+Three question kinds, each with a small closed answer set (accuracy is an exact match):
+- "pattern": a 1-px pattern over the whole image (horizontal or vertical lines, a
+  checkerboard, or none), drawn as +-AMPLITUDE around a flat colour. At 252 px each INF-LLaVA
+  view sees it; the LLaVA-1.5 baseline's 84 px resize averages it away, so the four images
+  differ only in the noise (tests/data/test_sources.py checks that the resized interiors are
+  equal). The tiny model learns it within a few hundred steps: the default (DEFAULT_KINDS).
+- "letter" / "count": a 3x3 grid of cells; a question names a cell ("top-left", ...) that
+  holds a 5x7 bitmap letter or 1-4 tiny dots, drawn at `image_size // 126` px per bitmap
+  pixel at a random place in its cell (at 252 px a letter is 10x14 px with 2 px strokes).
+  Finding one small mark among 36 visual tokens is much harder for a randomly initialised
+  tiny model: it stays at the answer prior for a 10-minute CPU run. With several questions
+  per image (`max_turns`) the model must also localise.
 
-Records are in LLaVA conversation form and depend only on (split, seed, index), so a
+Records are in LLaVA conversation form and depend only on (split, seed, index, kinds), so a
 held-out split is the same generator under another split name, and any prefix of a split
 is the same whatever `num` is.
 """
@@ -37,17 +42,32 @@ FONT = {
 }
 LETTERS = tuple(FONT)
 COUNTS = ("1", "2", "3", "4")
-KINDS = ("letter", "count")
+# Lines along rows, lines along columns, a checkerboard, none: sign patterns of pixel (r, c).
+PATTERNS = ("horizontal", "vertical", "checkered", "plain")
+AMPLITUDE = 40   # grey levels the pattern adds and subtracts
+NOISE = 12       # per-pixel uniform noise on every image
+KINDS = ("letter", "count", "pattern")
+DEFAULT_KINDS = ("pattern",)
 SPLITS = {"train": 0, "heldout": 1}
 QUESTIONS = {
     "letter": "What letter is in the {cell} cell? Answer with one letter.",
     "count": "How many dots are in the {cell} cell? Answer with one digit.",
+    "pattern": "What fine pattern covers the image? Answer with one word.",
 }
 
 
 def answer_set(kind: str) -> tuple[str, ...]:
   """The closed set of answers of a question kind."""
-  return LETTERS if kind == "letter" else COUNTS
+  return {"letter": LETTERS, "count": COUNTS, "pattern": PATTERNS}[kind]
+
+
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+  kinds = tuple(kinds)
+  unknown = [k for k in kinds if k not in KINDS]
+  if not kinds or unknown:
+    raise ValueError(f"synthetic data: kinds {list(kinds)} must be a non-empty subset of "
+                     f"{list(KINDS)}")
+  return kinds
 
 
 def _rng(split: str, seed: int, index: int) -> np.random.Generator:
@@ -83,7 +103,7 @@ def render(rng: np.random.Generator, kind: str, image_size: int,
   scale = max(1, image_size // 126)
   cell = image_size // GRID
   background = rng.integers(170, 256, size=3)
-  image = background + rng.integers(-12, 13, size=(image_size, image_size, 3))
+  image = background + rng.integers(-NOISE, NOISE + 1, size=(image_size, image_size, 3))
   image = np.clip(image, 0, 255).astype(np.uint8)
   answers: list[str | None] = [None] * (GRID * GRID)
   for k in range(GRID * GRID) if cells is None else cells:
@@ -108,16 +128,52 @@ def render(rng: np.random.Generator, kind: str, image_size: int,
   return image, answers
 
 
-def synthetic_example(split: str, seed: int, index: int, image_size: int,
-                      max_turns: int = 1) -> dict:
-  """Record `index` of a split: {"id", "image": uint8 [S, S, 3], "conversations"}.
+def pattern_image(answer: str, colour: np.ndarray, noise: np.ndarray,
+                  phase: tuple[int, int] = (0, 0)) -> np.ndarray:
+  """uint8 [S, S, 3]: `colour` [3] + `noise` [S, S, 3] + the +-AMPLITUDE pattern `answer`,
+  shifted by `phase` (rows, columns)."""
+  size = noise.shape[0]
+  r, c = np.mgrid[:size, :size] + np.asarray(phase)[:, None, None]
+  sign = {"horizontal": r % 2, "vertical": c % 2, "checkered": (r + c) % 2,
+          "plain": np.full(r.shape, 0.5)}[answer] * 2 - 1
+  image = colour + noise + np.rint(AMPLITUDE * sign).astype(int)[..., None]
+  if image.min() < 0 or image.max() > 255:
+    raise ValueError("pattern_image: colour +- (AMPLITUDE + noise) must stay within 0..255")
+  return image.astype(np.uint8)
 
-  The first human turn carries `<image>`; later turns (up to `max_turns`) ask about other
-  cells of the same image. Only the cells asked about hold a mark: with one question the
-  image has one small mark, and finding it is part of the task.
+
+def render_pattern(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, str]:
+  """Draws one "pattern" image: uint8 [S, S, 3] and its answer (one of PATTERNS).
+
+  The flat colour keeps colour +- (AMPLITUDE + NOISE) inside 0..255: clipping would change
+  the mean, which the low-res view could then see. The pattern's phase is random.
   """
+  answer = PATTERNS[rng.integers(len(PATTERNS))]
+  margin = AMPLITUDE + NOISE
+  colour = rng.integers(margin, 256 - margin, size=3)
+  phase = tuple(int(p) for p in rng.integers(0, 2, size=2))
+  noise = rng.integers(-NOISE, NOISE + 1, size=(image_size, image_size, 3))
+  return pattern_image(answer, colour, noise, phase), answer
+
+
+def synthetic_example(split: str, seed: int, index: int, image_size: int,
+                      max_turns: int = 1, kinds: Sequence[str] = DEFAULT_KINDS) -> dict:
+  """Record `index` of a split: {"id", "image": uint8 [S, S, 3], "conversations", "kind"}.
+
+  The kind is drawn from `kinds`. A "pattern" record asks one question about the whole
+  image. A letter or count record's first human turn carries `<image>`; later turns (up to
+  `max_turns`) ask about other cells of the same image. Only the cells asked about hold a
+  mark: with one question the image has one small mark, and finding it is part of the task.
+  """
+  kinds = check_kinds(kinds)
   rng = _rng(split, seed, index)
-  kind = KINDS[rng.integers(len(KINDS))]
+  kind = kinds[rng.integers(len(kinds))]
+  record_id = f"synth-{split}-{seed}-{index:07d}"
+  if kind == "pattern":
+    image, answer = render_pattern(rng, image_size)
+    conversations = [{"from": "human", "value": "<image>\n" + QUESTIONS[kind]},
+                     {"from": "gpt", "value": answer}]
+    return {"id": record_id, "image": image, "conversations": conversations, "kind": kind}
   turns = int(rng.integers(1, max_turns + 1))
   cells = rng.permutation(GRID * GRID)[:turns]
   image, answers = render(rng, kind, image_size, cells)
@@ -126,22 +182,22 @@ def synthetic_example(split: str, seed: int, index: int, image_size: int,
     question = QUESTIONS[kind].format(cell=CELL_NAMES[k])
     conversations.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + question})
     conversations.append({"from": "gpt", "value": answers[k]})
-  return {"id": f"synth-{split}-{seed}-{index:07d}", "image": image,
-          "conversations": conversations, "kind": kind}
+  return {"id": record_id, "image": image, "conversations": conversations, "kind": kind}
 
 
 def synthetic_examples(split: str, num: int, seed: int = 0, image_size: int = 252,
-                       max_turns: int = 1) -> Iterator[dict]:
+                       max_turns: int = 1, kinds: Sequence[str] = DEFAULT_KINDS
+                       ) -> Iterator[dict]:
   """The first `num` records of a split (see `synthetic_example`)."""
   for index in range(num):
-    yield synthetic_example(split, seed, index, image_size, max_turns)
+    yield synthetic_example(split, seed, index, image_size, max_turns, kinds)
 
 
 def corpus_lines() -> list[str]:
   """Every text the generator can emit, for training the shipped tokenizer."""
   lines = []
   for kind, question in QUESTIONS.items():
-    for cell in CELL_NAMES:
+    for cell in CELL_NAMES:  # a question without {cell} repeats: its words weigh more
       lines.append(question.format(cell=cell))
     lines.extend(answer_set(kind))
   return lines

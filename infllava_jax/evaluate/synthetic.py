@@ -36,10 +36,12 @@ def max_new_tokens(config: ConfigDict) -> int:
 def questions(config: ConfigDict, num: int) -> list[Question]:
   """The first `num` held-out records as exact-answer Questions."""
   syn = synthetic_config(config)
+  kinds = syn.get("kinds", synthetic.DEFAULT_KINDS)
   return [Question(id=r["id"], image=r["image"], prompt=_first_question(r),
                    answer=r["conversations"][1]["value"], category=r["kind"], kind="exact",
                    source=SOURCE)
-          for r in synthetic.synthetic_examples("heldout", num, syn.seed, syn.image_size)]
+          for r in synthetic.synthetic_examples("heldout", num, syn.seed, syn.image_size,
+                                                 kinds=kinds)]
 
 
 def heldout_accuracy(params: Any, config: ConfigDict, num: int | None = None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infllava_jax.data import cli, sources, synthetic
+from infllava_jax.data import cli, images, sources, synthetic
 
 
 def test_synthetic_is_deterministic_and_prefix_stable():
@@ -27,7 +27,8 @@ def test_heldout_split_differs_from_train():
 
 
 def test_answers_come_from_closed_sets_and_marks_are_small():
-  for r in synthetic.synthetic_examples("train", 30, 1, 252, max_turns=3):
+  for r in synthetic.synthetic_examples("train", 30, 1, 252, max_turns=3,
+                                        kinds=("letter", "count")):
     conv = r["conversations"]
     assert conv[0]["value"].startswith("<image>\n")
     assert sum("<image>" in m["value"] for m in conv) == 1
@@ -36,6 +37,45 @@ def test_answers_come_from_closed_sets_and_marks_are_small():
       assert any(cell in q["value"] for cell in synthetic.CELL_NAMES)
   # At 252 px a letter is 10x14 px: strokes are 2 px, below one pixel after a /3 resize.
   assert synthetic._letter_mask("E", 252 // 126).shape == (14, 10)
+
+
+def test_pattern_records_ask_one_question_about_the_whole_image():
+  records = list(synthetic.synthetic_examples("train", 40, 0, 252, max_turns=3))
+  assert {r["kind"] for r in records} == {"pattern"}  # the default kinds
+  assert {r["conversations"][1]["value"] for r in records} == set(synthetic.PATTERNS)
+  for r in records:
+    assert [m["value"] for m in r["conversations"]][0] == (
+        "<image>\n" + synthetic.QUESTIONS["pattern"])
+    assert len(r["conversations"]) == 2
+  mixed = [r["kind"] for r in synthetic.synthetic_examples("train", 40, 0, 126,
+                                                           kinds=synthetic.KINDS)]
+  assert set(mixed) == set(synthetic.KINDS)
+  with pytest.raises(ValueError, match="subset"):
+    synthetic.synthetic_example("train", 0, 0, 126, kinds=("shapes",))
+
+
+def test_patterns_differ_at_252_px_and_vanish_in_the_84_px_baseline_view():
+  flat, size = np.array([120, 90, 160]), 252
+  no_noise = np.zeros((size, size, 3), int)
+  drawn = {a: synthetic.pattern_image(a, flat, no_noise, (1, 0)) for a in synthetic.PATTERNS}
+  assert np.all(drawn["plain"] == flat)
+  for a in synthetic.PATTERNS[:3]:
+    # Full resolution: every pixel is +-AMPLITUDE away from the flat colour.
+    diff = drawn[a].astype(int) - flat
+    assert np.all(np.abs(diff) == synthetic.AMPLITUDE) and diff.sum() == 0
+    # The baseline's 84 px view (CLIPImageProcessor's bicubic resize, in float here to see
+    # below one grey level): inside a 2 px border, lines leave +-0.49 levels (1.2% of the
+    # amplitude; the per-pixel noise of the real images is +-NOISE) and checks nothing.
+    low = np.asarray(Image.fromarray(diff[..., 0].astype(np.float32), "F").resize(
+        (84, 84), Image.BICUBIC))
+    assert np.abs(low[2:-2, 2:-2]).max() < (0.5 if a != "checkered" else 0.01)
+  # Through the model's preprocessing (uint8 resize, CLIP normalisation): the plain and
+  # patterned low-res views agree to rounding, the 252 px ones differ everywhere.
+  pix = {a: images.preprocess(x, 84) for a, x in drawn.items()}
+  hi = {a: images.preprocess(x, 252) for a, x in drawn.items()}
+  for a in synthetic.PATTERNS[:3]:
+    assert np.abs(pix[a] - pix["plain"])[2:-2, 2:-2].max() < 0.02
+    assert np.abs(hi[a] - hi["plain"]).min() > 0.5
 
 
 def test_letter_is_drawn_in_its_cell():
