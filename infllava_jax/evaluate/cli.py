@@ -78,6 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                            "eval.max_new_tokens, else 8)")
   parser.add_argument("--no-circular", dest="circular", action="store_false",
                       help="MMBench: ask each question once (vanilla only)")
+  parser.add_argument("--length-bucket", type=int, default=64,
+                      help="pad prompts to a multiple of this many tokens, so batches of "
+                           "nearby prompt lengths share one compiled generation")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
   if not os.path.exists(args.checkpoint):
@@ -90,7 +93,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   if args.images and not os.path.isdir(args.images):
     parser.error(f"--images {args.images!r} is not a folder")
   for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
-                      ("--max-new-tokens", args.max_new_tokens)):
+                      ("--max-new-tokens", args.max_new_tokens),
+                      ("--length-bucket", args.length_bucket)):
     if value is not None and value < 1:
       parser.error(f"{flag} must be at least 1, got {value}")
   return args
@@ -101,7 +105,8 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
-    assistant = Assistant.from_run(args.checkpoint, args.step)
+    assistant = Assistant.from_run(args.checkpoint, args.step,
+                                   length_bucket=args.length_bucket)
     print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     if questions is None:
