@@ -1,8 +1,8 @@
 """The embedded default run: the tiny model on the synthetic fine-detail set.
 
-`get_config("infllava")` (high-res 3x3 DCM + DEM, 252 px input) or `get_config("llava")`
-(the LLaVA-1.5 baseline: one 84 px view of the same images). Both read the same records;
-the data pipeline resizes them to config.model.dcm.image_size.
+`get_config("infllava")` (high-res 3x3 DCM + DEM, 252 px input) or `get_config("baseline")`
+(alias "llava": the LLaVA-1.5 baseline, one 84 px view of the same images). Both read the
+same records; the data pipeline resizes them to config.model.dcm.image_size.
 """
 
 from ml_collections import ConfigDict
@@ -29,7 +29,11 @@ def data_config() -> ConfigDict:
           num_heldout=500,   # records of the held-out split (other seeds: never in train)
           seed=0,
           image_size=252,    # side the images are drawn at (resized to model.dcm.image_size)
-          max_turns=1,       # questions per image (later ones have no <image>)
+          max_turns=1,       # questions per letter/count image (later ones: no <image>)
+          # Question kinds drawn per record: "pattern" (a 1-px pattern the 84 px baseline
+          # cannot see; learnt in a few hundred steps), "letter", "count" (one small mark
+          # in a named cell: beyond a 10-minute CPU run of the random-init tiny model).
+          kinds=("pattern",),
       )),
       tokenizer_path=None,   # a local HF tokenizer folder; None: the shipped small BPE
       template="llama3",     # "llama3" (stage 2, inference) or "plain" (stage 1 captions)
@@ -68,7 +72,7 @@ def train_config() -> ConfigDict:
 
 def get_config(arg: str = "infllava") -> ConfigDict:
   config = ConfigDict()
-  config.model = tiny.model_config(arg or "infllava")
+  config.model = tiny.model_config({"baseline": "llava"}.get(arg, arg or "infllava"))
   config.model.llm.vocab_size = SHIPPED_VOCAB_SIZE
   config.data = data_config()
   config.train = train_config()
