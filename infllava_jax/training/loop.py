@@ -274,7 +274,9 @@ def main(argv: list[str]) -> int:
   initialize_distributed(args)
   config = load_config(args.config, overrides)
   trainer = Trainer(config, args.workdir, args.init_from)
-  trainer.run()
+  state = trainer.run()
+  if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
+    return 0
   if config.get("eval") and config.eval.get("heldout_examples"):
     from infllava_jax.evaluate import synthetic
     accuracy = synthetic.heldout_accuracy(trainer.state.params, config)
