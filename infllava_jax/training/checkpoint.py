@@ -50,6 +50,13 @@ def run_checkpoints(path: str | os.PathLike) -> str:
   return inner if os.path.isdir(inner) else os.fspath(path)
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """Orbax writes only to absolute paths: a local relative one is resolved against the
+  working directory; a URL (gs://...) stays as it is."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def default_checkpoint_config() -> ConfigDict:
   return ConfigDict(dict(
       every_steps=1000,
@@ -76,7 +83,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, ckpt_cfg: ConfigDict,
                config: ConfigDict | None = None):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self._config = None if config is None else json.loads(config.to_json())
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(

@@ -101,6 +101,21 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
     checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(params, opt_state, step=3)
 
 
+def test_relative_run_folder_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # `--workdir runs/x`, as the README's main command gives it
+  ckpt = checkpoint.Checkpointer("runs/x/checkpoints", checkpoint.default_checkpoint_config())
+  assert ckpt.save(3, {"w": jnp.arange(4.0)}, {"count": jnp.ones((), jnp.int32)}, force=True)
+  ckpt.close()
+  device = SingleDeviceSharding(jax.devices()[0])
+  restored = checkpoint.Checkpointer("runs/x/checkpoints",
+                                     checkpoint.default_checkpoint_config()).restore(
+      {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)},
+      {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)})
+  assert restored.step == 3 and os.path.isdir(tmp_path / "runs/x/checkpoints/3")
+  np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
+  assert str(checkpoint.absolute("gs://bucket/run")) == "gs://bucket/run"
+
+
 def test_restore_onto_other_meshes(tmp_path):
   devices = jax.devices()
   fsdp = sharding.make_mesh("fsdp", devices[:4])
