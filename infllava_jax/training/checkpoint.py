@@ -220,8 +220,7 @@ def restore_params_only(path: str | os.PathLike, target: Any,
   Only the selected arrays are read. A selected path missing from the checkpoint, or
   saved with another shape, raises ValueError naming it.
   """
-  path = epath.Path(path)
-  directory = _step_dir(path, step, "params") / "params"
+  directory = _step_dir(absolute(path), step, "params") / "params"
   flat = traverse_util.flatten_dict(target, sep="/")
   if include is None:
     selected = list(flat)
@@ -257,7 +256,7 @@ def restore_params_only(path: str | os.PathLike, target: Any,
 def read_config(path: str | os.PathLike, step: int | None = None) -> ConfigDict:
   """The run config saved by `Checkpointer` (run folder or step folder). Converted
   checkpoints keep `model_config.json` instead: `convert.checkpoint_io.read_model_config`."""
-  path = epath.Path(path)
+  path = absolute(path)
   if (path / "params").is_dir() and not (path / "config").is_dir():
     raise FileNotFoundError(f"{path}: no run config stored with these params (a converted "
                             "checkpoint has model_config.json instead)")

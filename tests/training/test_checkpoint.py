@@ -113,6 +113,10 @@ def test_relative_run_folder_saves_and_restores(tmp_path, monkeypatch):
       {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)})
   assert restored.step == 3 and os.path.isdir(tmp_path / "runs/x/checkpoints/3")
   np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
+  # `infllava generate --checkpoint runs/x` reads the params alone, also by a relative path.
+  params = checkpoint.restore_params_only(checkpoint.run_checkpoints("runs/x"),
+                                          {"w": jnp.zeros(4)})
+  np.testing.assert_array_equal(params["w"], np.arange(4.0))
   assert str(checkpoint.absolute("gs://bucket/run")) == "gs://bucket/run"
 
 
