@@ -11,25 +11,27 @@ from infllava_jax.inference import Assistant
 from infllava_jax.training import loop
 
 
-def test_run_folder_answers_through_api_and_cli(tmp_path, capsys):
+def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
   config = load_config("configs/synthetic.py", [
       "--config.train.steps=2", "--config.data.batch_size=2",
       "--config.data.synthetic.num_train=8", "--config.eval.heldout_examples=0"])
-  trainer = loop.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  monkeypatch.chdir(tmp_path)
+  run = "runs/synthetic"  # relative, as in the README's main command
+  trainer = loop.Trainer(config, run, devices=jax.devices()[:1])
   trainer.run()
   record = next(synthetic.synthetic_examples("heldout", 1, image_size=252))
   image = tmp_path / "q.png"
   Image.fromarray(record["image"]).save(image)
   question = record["conversations"][0]["value"].replace("<image>", "").strip()
 
-  assistant = Assistant.from_run(str(tmp_path))
+  assistant = Assistant.from_run(run)
   np.testing.assert_array_equal(  # the restored params are the trained ones
       assistant.params["projector"]["fc1"]["kernel"],
       np.asarray(trainer.state.params["projector"]["fc1"]["kernel"]))
   answer = assistant.ask(str(image), question)
   assert isinstance(answer, str)
 
-  assert generate_cli.main(["--checkpoint", str(tmp_path), "--image", str(image),
+  assert generate_cli.main(["--checkpoint", run, "--image", str(image),
                             "--prompt", question, "--max-new-tokens", "4"]) == 0
   out = capsys.readouterr().out
   assert f"Q: {question}" in out and f"A: {answer}" in out
