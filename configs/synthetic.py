@@ -61,7 +61,7 @@ def train_config() -> ConfigDict:
   train = optim.default_train_config(2)
   train.update(dict(
       lr=2e-3,
-      steps=800,            # optimiser steps (overrides num_epochs): ~7 min on 2 CPU cores
+      steps=800,            # optimiser steps (overrides num_epochs): ~3 min on 2 CPU cores
       trainable=(r"^vision/", r"^dem/", r"^projector/", r"^llm/"),
       log_every=50,
       seed=0,               # parameter init
