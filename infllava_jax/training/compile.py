@@ -2,6 +2,8 @@
 
   infllava compile --config configs/infllava_8b_stage2.py --mesh fsdp=8 \\
       [--batch 1] [--length 2048] [--grad-accum 1] [--device-memory 80GiB] [--config.a.b=v ...]
+  infllava compile --config configs/infllava_8b_stage1.py --topology v5p:2x2x2 \\
+      --device-memory 95GiB                    # for a TPU slice, on this machine (libtpu)
 
 Nothing of model size is ever allocated: params come from `jax.eval_shape(model.init)`, the
 AdamW state from `jax.eval_shape(tx.init)`, the batch is `ShapeDtypeStruct`s, and the step
@@ -10,6 +12,9 @@ the trainer runs (`training.step.make_train_step`, same shardings and donation a
 (`--xla_force_host_platform_device_count`, one per mesh position). XLA's SPMD partitioner
 works the same for any backend, so the per-device buffer sizes it reports are those of the
 partitioned program; temporaries differ somewhat on GPU/TPU (fusion and layout choices).
+With `--topology` (a TPU slice such as v5e:2x4, v5p:2x2x2 or v4:2x2x2) the step is compiled
+by the TPU compiler itself, through libtpu's compile-only client: no TPU is needed, only
+the libtpu package (`pip install 'infllava-jax[tpu]'`). Those figures are the TPU's own.
 
 Printed: per-device memory from XLA (arguments, outputs, donated aliasing, temporaries,
 generated code, total), an analytic lower bound per device (params + gradients + AdamW
@@ -60,6 +65,21 @@ def request_cpu_devices(count: int) -> None:
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                  os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU slice `name` (e.g. 'v5p:2x2x2'), from libtpu's compile-only client:
+  enough to lower and compile for them on a machine without TPUs."""
+  try:
+    import libtpu  # noqa: F401  (jax loads the TPU compiler from it)
+  except ImportError:
+    raise SystemExit("infllava compile: --topology needs libtpu, the TPU compiler: "
+                     "pip install 'infllava-jax[tpu]'") from None
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # libtpu's own message names the accepted forms
+    raise SystemExit(f"infllava compile: --topology {name!r}: {e}") from None
 
 
 def available_devices(count: int) -> list:
@@ -275,6 +295,7 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   bound += activation_bound(config, paths, rows_per_shard, length, mesh.shape["tensor"])
   return {
       "mesh": dict(mesh.shape), "devices": len(devices), "global_batch": global_batch,
+      "device_kind": devices[0].device_kind,
       "memory": memory, "bound": bound, "bound_total": sum(b for _, b in bound),
       "flops_xla": float(cost.get("flops", 0.0)),
       "flops_formula": flops.train_step_flops(
@@ -291,7 +312,8 @@ def format_bytes(size: float) -> str:
 def report(figures: dict, limit: int | None) -> str:
   """The printed summary of `compile_train_step`'s figures."""
   mem = figures["memory"]
-  lines = [f"per-device memory (XLA memory_analysis; mesh {figures['mesh']}):",
+  lines = [f"per-device memory (XLA memory_analysis; mesh {figures['mesh']} of "
+           f"{figures['device_kind']}):",
            f"  arguments       {format_bytes(mem['arguments'])}",
            f"  outputs         {format_bytes(mem['outputs'])}",
            f"  aliased         {format_bytes(-mem['alias'])}  (donated state reused as output)",
@@ -320,6 +342,11 @@ def main(argv: list[str]) -> int:
                       help="mesh to compile for, 'fsdp=8' or 'data=2,fsdp=2,tensor=2' (one "
                            "simulated CPU device per position); default: the config's mesh "
                            "on --devices devices")
+  parser.add_argument("--topology", default=None,
+                      help="compile for a TPU slice with the TPU compiler instead of "
+                           "simulated CPU devices, e.g. v5e:2x4, v5p:2x2x2, v4:2x2x2 "
+                           "(needs the libtpu package; no TPU); --mesh defaults to fsdp over "
+                           "all its chips")
   parser.add_argument("--devices", type=int, default=8,
                       help="device count for a preset mesh name or a -1 axis (default 8)")
   parser.add_argument("--batch", type=int, default=1,
@@ -338,14 +365,25 @@ def main(argv: list[str]) -> int:
   if bad:
     parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
                  "--config.model.remat_policy=dots_saveable)")
-  count = mesh_device_count(args.mesh, args.devices) if args.mesh else args.devices
-  request_cpu_devices(count)  # before anything imports jax (configs import it)
+  if args.topology:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: open no TPU
+    devices = topology_devices(args.topology)
+    args.mesh = args.mesh or f"fsdp={len(devices)}"
+    count = mesh_device_count(args.mesh, len(devices))
+    if count > len(devices):
+      parser.error(f"--mesh {args.mesh} needs {count} devices; {args.topology} has "
+                   f"{len(devices)}")
+    devices = devices[:count]
+  else:
+    count = mesh_device_count(args.mesh, args.devices) if args.mesh else args.devices
+    request_cpu_devices(count)  # before anything imports jax (configs import it)
   from infllava_jax.config import load_config
   config = load_config(args.config, overrides)
   if args.mesh:
     config.mesh = args.mesh
   config.train.grad_accum_steps = args.grad_accum
-  devices = available_devices(count)
+  if not args.topology:
+    devices = available_devices(count)
   log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
   figures = compile_train_step(config, devices, args.batch,
                                args.length or config.data.max_length, log)

@@ -73,6 +73,26 @@ def test_main_rejects_a_mesh_larger_than_the_devices():
     compile_cli.main(["--config", "configs/synthetic.py", "--mesh", "fsdp=16"])
 
 
+def test_topology_compiles_for_a_tpu_slice_without_a_tpu(capsys):
+  """libtpu's compile-only client: the tiny run compiled by the TPU compiler for a v5e:2x2
+  slice. libtpu is the `tpu` extra, not a test dependency (its 200 MB and its TPU probing
+  stay out of CI): without it this test skips, and the flag must say what to install."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    with pytest.raises(SystemExit, match=r"pip install 'infllava-jax\[tpu\]'"):
+      compile_cli.main(["--config", "configs/synthetic.py", "--topology", "v5e:2x2"])
+    pytest.skip("libtpu is not installed")
+  assert compile_cli.main(["--config", "configs/synthetic.py", "--topology", "v5e:2x2",
+                           "--mesh", "fsdp=2,tensor=2"]) == 0
+  out = capsys.readouterr().out
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2} of TPU v5 lite" in out
+  assert "compiled / bound:" in out
+  with pytest.raises(SystemExit):
+    compile_cli.main(["--config", "configs/synthetic.py", "--topology", "v5e:2x2",
+                      "--mesh", "fsdp=8"])  # more than the slice's 4 chips
+
+
 @pytest.mark.parametrize("text, size", [("80GiB", 80 * 2 ** 30), ("1.5GB", 1_500_000_000),
                                         ("512 MiB", 2 ** 29), ("4096", 4096)])
 def test_parse_size(text, size):
