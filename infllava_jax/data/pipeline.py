@@ -72,23 +72,36 @@ class SampleDecoder(grain.transforms.Map):
 
 
 class _ScreenIterator(grain.DatasetIterator):
-  """Counts samples; skips bad/overlong ones (or raises); counts are part of the state."""
+  """Counts samples; skips bad/overlong ones (or raises); counts are part of the state.
 
-  def __init__(self, parent, skip_bad: bool):
+  `epoch_size` consecutive skips (a whole pass over this host's share without one usable
+  sample) raise instead of looping forever on a repeated dataset.
+  """
+
+  def __init__(self, parent, skip_bad: bool, epoch_size: int):
     super().__init__(parent)
     self._skip_bad = skip_bad
+    self._epoch_size = epoch_size
     self.counts = collections.Counter()
 
   def __next__(self):
+    skipped = 0
     while True:
+      if skipped >= self._epoch_size:
+        raise BadSampleError(
+            f"{skipped} samples in a row were dropped or skipped, a whole epoch of this "
+            f"host's share (counts so far: {dict(self.counts)}): no sample fits. Raise "
+            "data.max_length (the image slots count too) or check the data")
       sample = next(self._parent)
       if "overlong" in sample:
         self.counts["overlong_dropped"] += 1
+        skipped += 1
         continue
       if "error" in sample:
         if not self._skip_bad:
           raise BadSampleError(sample["error"] + " (set data.skip_bad_samples=True to skip)")
         self.counts["bad_skipped"] += 1
+        skipped += 1
         continue
       self.counts["samples"] += 1
       self.counts["truncated"] += int(sample.pop("truncated"))
@@ -104,12 +117,13 @@ class _ScreenIterator(grain.DatasetIterator):
 
 class _Screen(grain.IterDataset):
 
-  def __init__(self, parent, skip_bad: bool):
+  def __init__(self, parent, skip_bad: bool, epoch_size: int):
     super().__init__(parent)
     self._skip_bad = skip_bad
+    self._epoch_size = epoch_size
 
   def __iter__(self):
-    return _ScreenIterator(self._parent.__iter__(), self._skip_bad)
+    return _ScreenIterator(self._parent.__iter__(), self._skip_bad, self._epoch_size)
 
 
 class _ModalityGroupedOrder(grain.MapDataset):
@@ -232,7 +246,9 @@ def make_dataset(config, source, *, process_index: int | None = None,
     ds = _ModalityGroupedOrder(ds, is_image, data.batch_size * process_count, data.seed)
   elif shuffle:
     ds = ds.shuffle(seed=data.seed)
-  ds = ds[process_index::process_count].repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  epoch_size = max(1, len(ds))
+  ds = ds.repeat(num_epochs)
   ds = ds.map(SampleDecoder(
       template=data.template, image_token_id=model.image_token_id,
       num_image_tokens=num_image_tokens(model), image_size=model.dcm.image_size,
@@ -243,7 +259,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
   if data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
-  it = _Screen(it, data.skip_bad_samples)
+  it = _Screen(it, data.skip_bad_samples, epoch_size)
   length = data.max_length
   if data.packing:
     it = grain.experimental.FirstFitPackIterDataset(

@@ -202,6 +202,18 @@ def test_bad_input_skipped_and_counted(tmp_path):
                        "overlong_dropped": 0}
 
 
+def test_a_dataset_where_every_sample_is_dropped_raises_instead_of_looping(tmp_path):
+  long = {"id": "long", "conversations": [
+      {"from": "human", "value": "Describe the picture. " * 40},
+      {"from": "gpt", "value": "A cat."}]}
+  cfg = _config(batch_size=1, shuffle=False, max_length=128, overlong="drop")
+  it = pipeline.make_iterator(cfg, _bad_source(tmp_path, [long, long, long]),
+                              process_index=0, process_count=1, num_epochs=None)
+  with pytest.raises(pipeline.BadSampleError,
+                     match=r"3 samples in a row were dropped.*'overlong_dropped': 3.*max_length"):
+    next(it)
+
+
 def test_overlong_samples_are_counted(tmp_path):
   long = {"id": "long", "conversations": [
       {"from": "human", "value": "Describe the picture. " * 40},
