@@ -1,12 +1,16 @@
 """Stage 1 (alignment) of the released INF-LLaVA-8B: DEM + projector trained on LAION/CC/SBU captions.
 
+  infllava convert from-pytorch --llama Meta-Llama-3-8B-Instruct/ \\
+      --clip clip-vit-large-patch14-336/ --out ckpt/base
   infllava train --config configs/infllava_8b_stage1.py --workdir runs/stage1 \\
-      --init_from CONVERTED --config.data.json_path=... --config.data.image_folder=... \\
+      --init_base ckpt/base --config.data.json_path=... --config.data.image_folder=... \\
       --config.data.tokenizer_path=...
 
-CONVERTED is `infllava convert` of Meta-Llama-3-8B-Instruct (+ <pad> row) and
-CLIP-ViT-L/14-336: `train.init_include` takes CLIP and the LLM from it; the DEM and the
-projector keep their fresh PyTorch-default init (spec 10). Memory check without a GPU:
+ckpt/base (base = converted LLaMA-3-8B-Instruct, + <pad> row, and CLIP-ViT-L/14-336) also
+holds a DEM and projector initialised as PyTorch's defaults (spec 5.7); `--init_base`
+takes every param it holds, so the run starts as the reference's does (spec 10) and
+trains the DEM and projector. Stage 2 starts from ckpt/base again plus this run's DEM +
+projector. Memory check without a GPU:
 `infllava compile --config configs/infllava_8b_stage1.py --mesh fsdp=8`.
 """
 
@@ -68,7 +72,9 @@ def train_config() -> ConfigDict:
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~2,180 steps)
       log_every=10,
       seed=0,
-      # With --init_from a converted LLaMA-3 + CLIP checkpoint: take those two towers only.
+      # Used only with --init_from (the command above uses --init_base, which takes all
+      # ckpt/base holds): from a converted checkpoint, take CLIP and the LLM only, the DEM
+      # and projector keeping this model's random init (train.seed).
       init_include=(r"^vision/", r"^llm/"),
   ))
   return train

@@ -1,11 +1,14 @@
 """Stage 2 (instruction tuning) of the released INF-LLaVA-8B: DEM + projector + the whole LLM.
 
   infllava train --config configs/infllava_8b_stage2.py --workdir runs/stage2 \\
-      --init_from runs/stage1 --config.data.json_path=... --config.data.image_folder=... \\
-      --config.data.tokenizer_path=...
+      --init_base ckpt/base --init_from runs/stage1 --config.data.json_path=... \\
+      --config.data.image_folder=... --config.data.tokenizer_path=...
 
-`train.init_include` takes the DEM and the projector from the stage-1 run (the reference's
-`--pretrain_mm_mlp_adapter mm_projector.bin`, spec 10). Memory check without a GPU:
+ckpt/base is stage 1's converted LLaMA-3-8B-Instruct + CLIP (see infllava_8b_stage1.py):
+every param comes from it first (the LLM fresh again, as the reference's, read in float32
+since it trains here); then `train.init_include` takes the DEM and the projector from the
+stage-1 run's latest step (the reference's `--pretrain_mm_mlp_adapter mm_projector.bin`,
+spec 10). The run prints which module came from where. Memory check without a GPU:
 `infllava compile --config configs/infllava_8b_stage2.py --mesh fsdp=8`.
 """
 
@@ -66,8 +69,8 @@ def train_config() -> ConfigDict:
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~5,198 steps)
       log_every=10,
       seed=0,
-      # With --init_from the stage-1 run: only its trained modules. (Its LLM and CLIP are
-      # the converted weights unchanged, frozen in stage 1.)
+      # With --init_from the stage-1 run: only its trained modules (its LLM and CLIP are
+      # ckpt/base's unchanged, frozen in stage 1, and stored in bf16).
       init_include=(r"^dem/", r"^projector/"),
   ))
   return train

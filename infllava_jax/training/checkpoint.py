@@ -19,6 +19,10 @@ The `checkpoint` ConfigDict section (`default_checkpoint_config()`):
   max_to_keep   keep the newest N steps (None: all).
   async_save    write in a background thread; the train step may go on (and donate its
                 buffers: by default Orbax copies arrays to host before `save` returns).
+
+A new run's params may come from several `InitSource`s applied in order (`plan_init`
+checks them from metadata, `read_init` reads each param once, from the last source that
+gives it): e.g. a converted LLaMA-3 + CLIP checkpoint, then a stage-1 run's DEM + projector.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
+
+from infllava_jax.convert import checkpoint_io
 
 
 RUN_CHECKPOINTS = "checkpoints"  # a training run's steps live in WORKDIR/checkpoints
@@ -182,21 +188,32 @@ def abstract_tree(tree: Any, shardings: Any) -> Any:
 
 
 def _step_dir(path: epath.Path, step: int | None, item: str) -> epath.Path:
-  """`path` itself when it holds `item`, else a step of the run folder `path`."""
+  """`path` itself when it holds `item`, else a step of the run folder `path` (a run's
+  workdir or its checkpoints/ folder)."""
   if (path / item).is_dir():
     if step is not None:
       raise ValueError(f"{path} is a single checkpoint step; step={step} cannot apply")
     return path
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = manager.all_steps()
+  if (path / RUN_CHECKPOINTS).is_dir():
+    path = path / RUN_CHECKPOINTS
+  steps = _complete_steps(path)
   if step is None:
-    step = manager.latest_step()
-  manager.close()
+    step = max(steps, default=None)
   if step is None or step not in steps:
     wanted = "a complete checkpoint step" if step is None else f"checkpoint step {step}"
     raise FileNotFoundError(f"{path}: no {item!r} item and no {wanted} "
                             f"(steps: {list(steps)})")
   return path / str(step)
+
+
+def _complete_steps(path: epath.Path) -> list[int]:
+  """The complete steps Orbax finds in a run's checkpoint folder (none if it is missing)."""
+  if not path.is_dir():
+    return []
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = list(manager.all_steps())
+  manager.close()
+  return steps
 
 
 def _replicated() -> NamedSharding:
@@ -206,7 +223,8 @@ def _replicated() -> NamedSharding:
 def restore_params_only(path: str | os.PathLike, target: Any,
                         include: Sequence[str] | None = None,
                         step: int | None = None) -> Any:
-  """Params from a checkpoint for `--init_from`, optionally only a subset.
+  """Params from a checkpoint, optionally only a subset (one source; `Trainer` combines
+  several with `plan_init` / `read_init`).
 
   Args:
     path: a run folder (its latest step, or `step`), one step folder, or any folder with an
@@ -217,40 +235,187 @@ def restore_params_only(path: str | os.PathLike, target: Any,
       in the target's sharding; the others are returned from `target` unchanged (e.g.
       fresh init, or weights converted from Hugging Face).
 
-  Only the selected arrays are read. A selected path missing from the checkpoint, or
-  saved with another shape, raises ValueError naming it.
+  Only the selected arrays are read. A regex selecting nothing, a selected path missing
+  from the checkpoint, or one saved with another shape raises ValueError naming it.
   """
   directory = _step_dir(absolute(path), step, "params") / "params"
   flat = traverse_util.flatten_dict(target, sep="/")
-  if include is None:
-    selected = list(flat)
-  else:
-    selected = [k for k in flat if any(re.search(p, k) for p in include)]
-    if not selected:
-      raise ValueError(f"restore_params_only: include={tuple(include)} matches no param of "
-                       "the target")
+  selected = list(flat) if include is None else _select(flat, include, str(path))
+  saved = _saved_params(directory)
+  missing = [k for k in selected if k not in saved]
+  if missing:
+    raise ValueError(f"{directory}: params {missing[:5]} (of {len(missing)}) missing from "
+                     "the checkpoint")
+  _check_shapes(saved, flat, selected, str(directory))
+  flat.update(_read(directory, {k: flat[k] for k in selected}))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _select(flat: dict, include: Sequence[str], where: str) -> list[str]:
+  """The paths of `flat` some `include` regex matches; a regex matching none raises (a typo
+  must not silently leave a module at its random init)."""
+  unmatched = [p for p in include if not any(re.search(p, k) for k in flat)]
+  if unmatched:
+    raise ValueError(f"{where}: include regex {', '.join(map(repr, unmatched))} matches no "
+                     f"param of the model; its top-level names are "
+                     f"{sorted({k.split('/')[0] for k in flat})}")
+  return [k for k in flat if any(re.search(p, k) for p in include)]
+
+
+def _saved_params(directory: epath.Path) -> dict[str, Any]:
+  """{'/'-joined path: metadata with .shape} of the Orbax param tree in `directory`."""
   with ocp.PyTreeCheckpointer() as checkpointer:
-    saved = traverse_util.flatten_dict(checkpointer.metadata(directory).item_metadata.tree,
-                                         sep="/")
-    missing = [k for k in selected if k not in saved]
-    if missing:
-      raise ValueError(f"{directory}: params {missing[:5]} (of {len(missing)}) missing from "
-                       "the checkpoint")
-    wrong = [f"{k}: saved {tuple(saved[k].shape)}, target {tuple(flat[k].shape)}"
-             for k in selected if tuple(saved[k].shape) != tuple(flat[k].shape)]
-    if wrong:
-      raise ValueError(f"{directory}: shape mismatch: {wrong[:5]}")
+    tree = checkpointer.metadata(directory).item_metadata.tree
+  return traverse_util.flatten_dict(tree, sep="/")
 
-    def abstract(x):
-      sharding = getattr(x, "sharding", None) or _replicated()
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    subset = traverse_util.unflatten_dict({k: abstract(flat[k]) for k in selected}, sep="/")
+def _check_shapes(saved: dict, flat: dict, selected: Sequence[str], where: str) -> None:
+  wrong = [f"{k}: saved {tuple(saved[k].shape)}, target {tuple(flat[k].shape)}"
+           for k in selected if tuple(saved[k].shape) != tuple(flat[k].shape)]
+  if wrong:
+    raise ValueError(f"{where}: shape mismatch with the config's model ({len(wrong)} "
+                     f"params): {wrong[:5]}")
+
+
+def _read(directory: epath.Path, wanted: dict[str, Any]) -> dict[str, Any]:
+  """Reads only the `wanted` {path: array or ShapeDtypeStruct} leaves, each cast to its
+  dtype and laid out in its sharding (replicated where it has none)."""
+  if not wanted:
+    return {}
+
+  def abstract(x):
+    sharding = getattr(x, "sharding", None) or _replicated()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  subset = traverse_util.unflatten_dict({k: abstract(x) for k, x in wanted.items()}, sep="/")
+  with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
         item=subset, restore_args=ocp.checkpoint_utils.construct_restore_args(subset),
         partial_restore=True))
-  flat.update(traverse_util.flatten_dict(restored, sep="/"))
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return traverse_util.flatten_dict(restored, sep="/")
+
+
+class InitSource(NamedTuple):
+  """Where a new run's params come from (`infllava train --init_base / --init_from`).
+
+  path: a converted checkpoint (DIR/params + DIR/model_config.json), a run's workdir or
+    checkpoints/ folder (its latest complete step), or one step folder.
+  include: regexes over '/'-joined param paths: exactly those params are taken and all
+    must be in the checkpoint. None: every param of the model the checkpoint holds.
+  """
+  path: str
+  include: tuple[str, ...] | None = None
+
+
+class InitPlan(NamedTuple):
+  """One source, resolved: its param folder, what it is ('converted', 'step 2000'), the
+  params it provides once later sources have taken theirs, and (include None) the params
+  it holds that the model lacks."""
+  source: InitSource
+  directory: epath.Path
+  kind: str
+  paths: tuple[str, ...]
+  ignored: tuple[str, ...] = ()
+
+
+def locate_params(path: str | os.PathLike) -> tuple[epath.Path, str]:
+  """(folder of the Orbax param tree, what it is) for an `--init_*` path; a path that is
+  neither a run folder nor a converted checkpoint raises FileNotFoundError."""
+  root = absolute(path)
+  if (root / "params").is_dir():
+    if (root / checkpoint_io.CONFIG_FILE).is_file():
+      return root / "params", "converted"
+    return root / "params", f"step {root.name}" if root.name.isdigit() else "params"
+  runs = root / RUN_CHECKPOINTS if (root / RUN_CHECKPOINTS).is_dir() else root
+  steps = _complete_steps(runs)
+  if not steps:
+    why = "does not exist" if not root.exists() else (
+        f"holds no complete checkpoint step (looked in {runs}) and no params/ folder")
+    raise FileNotFoundError(
+        f"init source {os.fspath(path)}: {why}; expected a run folder (WORKDIR with "
+        f"{RUN_CHECKPOINTS}/<step>/params) or a converted checkpoint (params/ + "
+        f"{checkpoint_io.CONFIG_FILE}, from `infllava convert from-pytorch`)")
+  return runs / str(max(steps)) / "params", f"step {max(steps)}"
+
+
+def plan_init(target: Any, sources: Sequence[InitSource]) -> list[InitPlan]:
+  """Which source gives each param, checked from metadata alone (nothing is read yet).
+
+  Sources apply in order, a later one overriding an earlier one where both give a param;
+  params no source gives keep their fresh init. Raises, naming the path, regex or param:
+  a source that is not a checkpoint; an include regex matching no param of the model; a
+  selected param missing from its source; shapes that disagree with `target` (the
+  config's model); a source (include None) holding none of the model's params.
+
+  target: the model's param tree (arrays or ShapeDtypeStructs).
+  """
+  flat = traverse_util.flatten_dict(target, sep="/")
+  chosen = []
+  for source in sources:
+    directory, kind = locate_params(source.path)
+    where = f"init source {source.path} ({kind})"
+    saved = _saved_params(directory)
+    ignored = ()
+    if source.include is None:
+      selected = [k for k in flat if k in saved]
+      ignored = tuple(k for k in saved if k not in flat)
+      if not selected:
+        raise ValueError(f"{where}: holds none of the model's params (its top-level names: "
+                         f"{sorted({k.split('/')[0] for k in saved})}; the model's: "
+                         f"{sorted({k.split('/')[0] for k in flat})})")
+    else:
+      selected = _select(flat, source.include, where)
+      missing = [k for k in selected if k not in saved]
+      if missing:
+        raise ValueError(f"{where}: params {missing[:5]} (of {len(missing)}) selected by "
+                         f"include {tuple(source.include)} are not in it")
+    _check_shapes(saved, flat, selected, where)
+    chosen.append((source, directory, kind, selected, ignored))
+  last = {k: i for i, c in enumerate(chosen) for k in c[3]}
+  return [InitPlan(source, directory, kind, tuple(k for k in selected if last[k] == i), ignored)
+          for i, (source, directory, kind, selected, ignored) in enumerate(chosen)]
+
+
+def read_init(plans: Sequence[InitPlan], target: Any) -> dict[str, Any]:
+  """{path: array} of every planned param, cast to the target's dtype, in its sharding
+  (each param is read from the one source that finally gives it)."""
+  flat = traverse_util.flatten_dict(target, sep="/")
+  out: dict[str, Any] = {}
+  for plan in plans:
+    out.update(_read(plan.directory, {k: flat[k] for k in plan.paths}))
+  return out
+
+
+def describe_init(plans: Sequence[InitPlan], paths: Sequence[str]) -> str:
+  """One line naming where each top-level group of params comes from, e.g.
+  "init: llm, vision from ckpt/base (converted); dem, projector from runs/stage1 (step
+  2000)". A group split between places shows its share: "llm (2 of 9 params)". A source
+  left with nothing to give, or holding params the model lacks, says so: either may be a
+  mistake in the command or the config."""
+  sizes: dict[str, int] = {}
+  for p in paths:
+    sizes[p.split("/")[0]] = sizes.get(p.split("/")[0], 0) + 1
+  given = {k for plan in plans for k in plan.paths}
+  places = [(f"from {os.fspath(plan.source.path)} ({plan.kind})", plan.paths)
+            for plan in plans]
+  places.append(("random init", [p for p in paths if p not in given]))
+  parts = []
+  for where, taken in places:
+    counts: dict[str, int] = {}
+    for p in taken:
+      counts[p.split("/")[0]] = counts.get(p.split("/")[0], 0) + 1
+    if counts:
+      groups = [g if n == sizes[g] else f"{g} ({n} of {sizes[g]} params)"
+                for g, n in sorted(counts.items())]
+      parts.append(f"{', '.join(groups)} {where}")
+  for plan in plans:
+    name = f"{os.fspath(plan.source.path)} ({plan.kind})"
+    if not plan.paths:
+      parts.append(f"nothing from {name}: later sources give all it would")
+    if plan.ignored:
+      parts.append(f"{len(plan.ignored)} params of {name} not in the model, ignored "
+                   f"(e.g. {plan.ignored[0]})")
+  return "init: " + "; ".join(parts)
 
 
 def read_config(path: str | os.PathLike, step: int | None = None) -> ConfigDict:

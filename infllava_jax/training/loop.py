@@ -1,11 +1,14 @@
 """`infllava train`: the training loop around the jitted step.
 
   infllava train --config configs/synthetic.py[:arg] --workdir DIR [--config.a.b=value ...]
+      [--init_base CONVERTED] [--init_from RUN]
 
 One process per host (TPU VM worker, SLURM task or local process); `jax.distributed`
 joins them, the mesh spans all devices, each host feeds its share of the global batch.
 Progress lines every `train.log_every` steps; TensorBoard scalars in DIR/tensorboard;
-checkpoints in DIR/checkpoints (resumed automatically).
+checkpoints in DIR/checkpoints (resumed automatically). A new run starts from random
+params, or from --init_base (all a checkpoint holds) and then --init_from (the
+`train.init_include` params) on top; a line says which module came from where.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -84,12 +89,66 @@ def check_divisible(global_batch: int, mesh, accum: int) -> None:
         f"= {shards} batch shards")
 
 
+def init_sources(init_base: str | None, init_from: str | None,
+                 init_include: Sequence[str] | None) -> list[checkpoint.InitSource]:
+  """The command line's sources, in the order they apply: `--init_base` (every param it
+  holds, e.g. a converted LLaMA-3 + CLIP), then `--init_from` (the `train.init_include`
+  params, e.g. a stage-1 run's DEM + projector, or all it holds when that is None)."""
+  out = []
+  if init_base:
+    out.append(checkpoint.InitSource(init_base))
+  if init_from:
+    out.append(checkpoint.InitSource(init_from,
+                                     None if init_include is None else tuple(init_include)))
+  return out
+
+
+def initial_params(init_fn, init_args: tuple, target: Any, mesh,
+                   init: Sequence[checkpoint.InitSource]) -> Any:
+  """A new run's params: each read from the last `init` source that gives it, the rest
+  from `init_fn(*init_args)`, all laid out as `target` (ShapeDtypeStructs with shardings).
+
+  The sources are checked (metadata only) before anything is computed or read, and the
+  random init computes only the params no source gives (XLA drops the rest): an 8B run
+  from a converted checkpoint never builds, nor compiles, a random LLM it would discard.
+  """
+  plans = checkpoint.plan_init(target, init)
+  flat = traverse_util.flatten_dict(target, sep="/")
+  given = {k for plan in plans for k in plan.paths}
+  fresh = [k for k in flat if k not in given]
+  if init:
+    log(checkpoint.describe_init(plans, list(flat)))
+  out = checkpoint.read_init(plans, target)
+  if fresh:
+    def init_fresh(*args):
+      params = traverse_util.flatten_dict(nn.meta.unbox(init_fn(*args))["params"], sep="/")
+      return {k: params[k] for k in fresh}
+
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      out.update(jax.jit(init_fresh, out_shardings={k: flat[k].sharding for k in fresh})(
+          *init_args))
+  return traverse_util.unflatten_dict({k: out[k] for k in flat}, sep="/")
+
+
+def zeros_like_sharded(target: Any) -> Any:
+  """Zeros shaped, typed and sharded as `target`'s ShapeDtypeStructs (placeholders)."""
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), target),
+                 out_shardings=shardings)()
+
+
 class Trainer:
   """Everything a run holds: mesh, model, optimiser, compiled step, data, checkpoints."""
 
-  def __init__(self, config: ConfigDict, workdir: str, init_from: str | None = None,
+  def __init__(self, config: ConfigDict, workdir: str, *,
+               init: Sequence[checkpoint.InitSource] = (),
                devices: Sequence[jax.Device] | None = None):
-    """devices: what `config.mesh` spans (default: all of them, every process's)."""
+    """init: where a new run's params come from (`init_sources`), applied in order; params
+    no source gives keep their random init (train.seed). Ignored when `workdir` already
+    has checkpoints: the run resumes from them.
+    devices: what `config.mesh` spans (default: all of them, every process's)."""
+    if isinstance(init, (str, os.PathLike)):
+      raise TypeError("Trainer(init=...) takes a list of checkpoint.InitSource, not a path")
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -100,17 +159,21 @@ class Trainer:
     self.global_batch = config.data.batch_size * jax.process_count()
     check_divisible(self.global_batch, self.mesh, train.grad_accum_steps)
     self.total_steps = total_steps(config, len(self.source), self.global_batch)
+    self.checkpointer = checkpoint.Checkpointer(
+        os.path.join(workdir, checkpoint.RUN_CHECKPOINTS), config.checkpoint, config=config)
+    resuming = self.checkpointer.latest_step() is not None
 
-    rng = jax.random.key(train.seed)
-    variables, self.param_shardings = sharding.init_sharded(
-        self.model.init, self.mesh, rng, *infllava.dummy_inputs(config.model))
-    params = variables["params"]
-    self.param_shardings = self.param_shardings["params"]
-    if init_from:
-      target = checkpoint.abstract_tree(params, self.param_shardings)
-      loaded = checkpoint.restore_params_only(init_from, target, train.get("init_include"))
-      params = jax.tree.map(lambda new, old: old if isinstance(new, jax.ShapeDtypeStruct) else new,
-                            loaded, params)
+    init_args = (jax.random.key(train.seed), *infllava.dummy_inputs(config.model))
+    abstract = jax.eval_shape(self.model.init, *init_args)
+    self.param_shardings = sharding.param_shardings(abstract, self.mesh)["params"]
+    target = checkpoint.abstract_tree(nn.meta.unbox(abstract["params"]), self.param_shardings)
+    if resuming:
+      if init:
+        log(f"{workdir} has checkpoints: resuming it, --init_* ignored "
+            f"({', '.join(os.fspath(s.path) for s in init)})")
+      params = zeros_like_sharded(target)  # overwritten by the restore below
+    else:
+      params = initial_params(self.model.init, init_args, target, self.mesh, init)
     self.mask = optim.trainable_mask(params, train)
     self.schedule = optim.learning_rate_schedule(train, self.total_steps)
     self.tx = optim.make_optimizer(train, self.total_steps, params)
@@ -127,14 +190,11 @@ class Trainer:
         out_shardings=(state_shardings, None), donate_argnums=0)
     self.data = pipeline.make_iterator(config, self.source, "train",
                                        num_epochs=None)
-    self.checkpointer = checkpoint.Checkpointer(
-        os.path.join(workdir, checkpoint.RUN_CHECKPOINTS), config.checkpoint, config=config)
     self.start_step = 0
-    if self.checkpointer.latest_step() is not None:
-      abstract = checkpoint.abstract_tree(self.state.params, self.param_shardings)
+    if resuming:
       abstract_opt = checkpoint.abstract_tree(self.state.opt_state,
                                               jax.tree.map(lambda x: x.sharding, self.state.opt_state))
-      restored = self.checkpointer.restore(abstract, abstract_opt, self.data.grain_iterator)
+      restored = self.checkpointer.restore(target, abstract_opt, self.data.grain_iterator)
       self.state = TrainState(on_mesh(jnp.asarray(restored.step, jnp.int32), self.mesh),
                               restored.params, restored.opt_state)
       self.start_step = restored.step
@@ -259,9 +319,15 @@ def main(argv: list[str]) -> int:
                       help="config file[:arg], e.g. configs/synthetic.py:llava")
   parser.add_argument("--workdir", required=True,
                       help="run folder: checkpoints, TensorBoard logs (resumes if present)")
-  parser.add_argument("--init_from", "--init-from", default=None,
-                      help="params to start from: a converted checkpoint or another run's "
-                           "folder (train.init_include selects a subset, e.g. DEM + projector)")
+  parser.add_argument("--init_base", "--init-base", default=None, metavar="PATH",
+                      help="params to start from: every param of the model that PATH holds "
+                           "(a converted checkpoint, e.g. LLaMA-3 + CLIP from `infllava "
+                           "convert from-pytorch`, or a run folder)")
+  parser.add_argument("--init_from", "--init-from", default=None, metavar="PATH",
+                      help="params applied after --init_base: those train.init_include "
+                           "selects (e.g. a stage-1 run's DEM + projector; None: all PATH "
+                           "holds). Params no source gives keep their random init. Both are "
+                           "ignored when WORKDIR has checkpoints (the run resumes)")
   parser.add_argument("--coordinator", default=None,
                       help="host:port of process 0 for a multi-process run")
   parser.add_argument("--num-processes", type=int, default=None)
@@ -273,7 +339,8 @@ def main(argv: list[str]) -> int:
                  "--config.train.lr=1e-4)")
   initialize_distributed(args)
   config = load_config(args.config, overrides)
-  trainer = Trainer(config, args.workdir, args.init_from)
+  trainer = Trainer(config, args.workdir, init=init_sources(
+      args.init_base, args.init_from, config.train.get("init_include")))
   state = trainer.run()
   if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
     return 0
