@@ -5,7 +5,7 @@
 same records; the data pipeline resizes them to config.model.dcm.image_size.
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from configs import tiny
 from infllava_jax.training import checkpoint, optim
@@ -65,7 +65,8 @@ def train_config() -> ConfigDict:
       trainable=(r"^vision/", r"^dem/", r"^projector/", r"^llm/"),
       log_every=50,
       seed=0,               # parameter init
-      init_include=None,    # with --init_from: regexes of params to take (None: all)
+      # With --init_from: regexes of the params to take (None: all it holds).
+      init_include=config_dict.placeholder(tuple),
   ))
   return train
 
