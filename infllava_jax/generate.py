@@ -78,12 +78,41 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
     (generated [B, N] int32 with `pad_id` after a row stops, lengths [B] int32), where a
     row's length counts its tokens up to and including its stop id.
   """
+  def forward(step_tokens, positions, segment_ids, cache, prefill):
+    return model.apply({"params": params}, step_tokens, pixels if prefill else None, positions,
+                       segment_ids, cache)
+
+  return decode(forward, model.cfg.llm, layers.dtype_of(model.cfg.dtype), tokens, mask, rng,
+                sampling, pad_id, on_token)
+
+
+def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.Array,
+                         rng: jax.Array, sampling: Sampling, pad_id: int,
+                         on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+  """`generate_tokens` for the language model alone (`llama.Llama` params, no image slots)."""
+  def forward(step_tokens, positions, segment_ids, cache, prefill):
+    del prefill
+    return llm.apply({"params": params}, step_tokens, positions, segment_ids, cache,
+                     method="tokens_to_logits")
+
+  return decode(forward, llm.cfg, layers.dtype_of(llm.dtype), tokens, mask, rng, sampling,
+                pad_id, on_token)
+
+
+def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax.Array,
+           rng: jax.Array, sampling: Sampling, pad_id: int,
+           on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+  """The prefill and the decode loop shared by `generate_tokens` and `generate_text_tokens`.
+
+  `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
+  (logits [B, T, V], cache); it is called once on the prompts (prefill=True), then on one
+  token per row per step. Returns what `generate_tokens` does.
+  """
   batch, length = tokens.shape
   steps = sampling.max_new_tokens
-  cache = llama.init_cache(model.cfg.llm, batch, length + steps, layers.dtype_of(model.cfg.dtype))
+  cache = llama.init_cache(llm_cfg, batch, length + steps, cache_dtype)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  logits, cache = model.apply({"params": params}, tokens, pixels, positions,
-                              mask.astype(jnp.int32), cache)
+  logits, cache = forward(tokens, positions, mask.astype(jnp.int32), cache, True)
   stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
   next_pos = positions[:, -1] + 1
 
@@ -105,9 +134,8 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
   def body(state):
     step, out, cache, done, lengths, rng = state
     prev = out[:, step - 1]
-    logits, cache = model.apply({"params": params}, prev[:, None], None,
-                                (next_pos + step - 1)[:, None],
-                                jnp.ones((batch, 1), jnp.int32), cache)
+    logits, cache = forward(prev[:, None], (next_pos + step - 1)[:, None],
+                            jnp.ones((batch, 1), jnp.int32), cache, False)
     rng, step_rng = jax.random.split(rng)
     tok = jnp.where(done, pad_id, choose_next(logits[:, -1], step_rng, sampling))
     if on_token is not None:
