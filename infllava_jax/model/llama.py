@@ -326,6 +326,11 @@ class Llama(nn.Module):
       GPU where jax picks (cuDNN flash attention where it applies).
     attention_chunk: query block of `causal_chunked_attention` when attention_impl is None
       and no cache is used; 0 disables it.
+    scan_layers: True (the default, and the checkpoint layout) scans one compiled layer
+      body over stacked params `layers/...` with a leading layer axis. False builds `depth`
+      separate layers with params `layers_0/...`, `layers_1/...` (no leading axis; the
+      conversion tables do not read this layout): the same function, for tools that need
+      every layer in the HLO, e.g. XLA's `cost_analysis`, which counts a scan body once.
   """
 
   cfg: ConfigDict
@@ -333,6 +338,7 @@ class Llama(nn.Module):
   remat_policy: str = "none"
   attention_impl: str | None = None
   attention_chunk: int = 128
+  scan_layers: bool = True
 
   def setup(self):
     cfg = self.cfg
@@ -344,11 +350,19 @@ class Llama(nn.Module):
     self.inv_freq = rope_inverse_frequencies(cfg)
     # `self.llm.embed(tokens)` is this submodule's call; its params live at embed/embedding.
     self.embed = Embedder(cfg.vocab_size, cfg.width, dtype, param_dtype)
-    scanned = layers.scan_layers(
-        DecoderLayer, length=cfg.depth, remat=self.remat_policy,
-        # cos, sin, mask and the write index are shared; the cache is split by layer.
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
-    self.layers = scanned(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk)
+    if self.scan_layers:
+      scanned = layers.scan_layers(
+          DecoderLayer, length=cfg.depth, remat=self.remat_policy,
+          # cos, sin, mask and the write index are shared; the cache is split by layer.
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
+      self.layers = scanned(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk)
+    else:
+      block = DecoderLayer
+      if self.remat_policy != "none":
+        block = nn.remat(DecoderLayer, policy=layers.remat_policy(self.remat_policy),
+                         prevent_cse=False)
+      self.layers = [block(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk,
+                           name=f"layers_{i}") for i in range(cfg.depth)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.lm_head = LMHead(cfg.vocab_size, dtype, param_dtype)
 
@@ -386,7 +400,16 @@ class Llama(nn.Module):
       mask = attention_mask(segment_ids, cache_segments, index + jnp.arange(t),
                             jnp.arange(slots))
       kv = (cache.k, cache.v)
-    x, new_kv = self.layers(x, cos, sin, mask, kv, index)
+    if self.scan_layers:
+      x, new_kv = self.layers(x, cos, sin, mask, kv, index)
+    else:
+      per_layer = []
+      for i, layer in enumerate(self.layers):
+        x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]),
+                            index)
+        per_layer.append(layer_kv)
+      new_kv = None if kv is None else tuple(
+          jnp.stack([layer_kv[j] for layer_kv in per_layer]) for j in range(2))
     logits = self.lm_head(self.final_norm(x))
     chex.assert_shape(logits, (b, t, cfg.vocab_size))
     new_cache = None
