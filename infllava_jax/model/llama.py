@@ -18,6 +18,7 @@ decode are one jit-compiled function each with fixed shapes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -129,32 +130,90 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Ar
   return (same & causal)[:, None]
 
 
+def _attend_forward(q, k, v, mask, scale):
+  """Shared by `softmax_attention` and its VJP: (out, unnormalised probs e, row sums l)."""
+  b, n, g, t, d = q.shape
+  logits = jnp.einsum("bnqd,bnsd->bnqs", q.reshape(b, n, g * t, d), k,
+                      preferred_element_type=jnp.float32).reshape(b, n, g, t, -1)
+  logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  # Normalised after the second product: a [.., T, K] division instead of [.., T, S].
+  out = jnp.einsum("bnqs,bnsd->bnqd", e.astype(v.dtype).reshape(b, n, g * t, -1), v,
+                   preferred_element_type=jnp.float32).reshape(b, n, g, t, d)
+  return (out / l).astype(v.dtype), e, l
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      scale: float) -> jax.Array:
+  """softmax(q k^T * scale, masked) v for the G query heads of each KV head: [B, N, G, T, K].
+
+  q [B, N, G, T, K]; k, v [B, N, S, K]; mask bool, broadcastable to [B, N, G, T, S], with at
+  least one key per query row. The G heads are folded into the query length, so every
+  product is one batched matmul over (B, N) with contiguous operands. Logits, softmax and
+  accumulation are float32; the probabilities enter the second product in the compute dtype.
+
+  The VJP is written out (the standard attention backward): it keeps the float32
+  unnormalised probabilities and row sums, and gets softmax's row term from
+  rowsum(dout * out) over K instead of rowsum(dp * p) over S, so the backward makes one
+  element-wise pass over the [T, S] scores (dS = p * (dp - delta)) where autodiff of the
+  where/softmax/cast chain makes several and keeps more [T, S] residuals.
+  """
+  return _attend_forward(q, k, v, mask, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, scale):
+  out, e, l = _attend_forward(q, k, v, mask, scale)
+  return out, (q, k, v, mask, out, e, l)
+
+
+def _softmax_attention_bwd(scale, residuals, d_out):
+  q, k, v, mask, out, e, l = residuals
+  b, n, g, t, d = q.shape
+  s = k.shape[2]
+  p = e / l
+  d_out2 = d_out.reshape(b, n, g * t, d)
+  dv = jnp.einsum("bnqs,bnqd->bnsd", p.astype(v.dtype).reshape(b, n, g * t, s), d_out2,
+                  preferred_element_type=jnp.float32)
+  dp = jnp.einsum("bnqd,bnsd->bnqs", d_out2, v,
+                  preferred_element_type=jnp.float32).reshape(b, n, g, t, s)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p * (dp - delta) * scale).astype(q.dtype).reshape(b, n, g * t, s)
+  dq = jnp.einsum("bnqs,bnsd->bnqd", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bnqs,bnqd->bnsd", ds, q.reshape(b, n, g * t, d),
+                  preferred_element_type=jnp.float32)
+  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _to_groups(q: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, T, H, K] -> [B, KVH, G, T, K]: query head h = n * G + j reads KV head n."""
+  b, t, h, d = q.shape
+  return q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _from_groups(out: jax.Array) -> jax.Array:
+  """[B, KVH, G, T, K] -> [B, T, H, K]."""
+  b, n, g, t, d = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * g, d)
+
+
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                       scale: float) -> jax.Array:
   """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path.
 
   q [B, T, H, K]; k, v [B, S, KVH, K]; mask [B, 1, T, S] bool or None (causal, T == S).
-  Returns [B, T, H, K]. The H // KVH query heads sharing a KV head are folded into the
-  query length, so both products are single batched matmuls over (B, KVH) with contiguous
-  operands: on CPU about 2x faster than jax's vmap over the group (same numbers). Logits and
-  softmax are float32; the probabilities return to the compute dtype for the second matmul.
+  Returns [B, T, H, K], through `softmax_attention` (on CPU about 2x faster than jax's
+  vmap over the group, same numbers).
   """
-  b, t, h, d = q.shape
-  s, kvh = k.shape[1], k.shape[2]
-  g = h // kvh
-  q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
-  k = k.transpose(0, 2, 1, 3)
-  v = v.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bnqd,bnsd->bnqs", q, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, kvh, g, t, s) * scale
-  if mask is None:
-    mask = jnp.tril(jnp.ones((t, s), bool))
-  else:
-    mask = mask[:, :, None]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, s)
-  out = jnp.einsum("bnqs,bnsd->bnqd", probs, v)
-  return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+  t, s = q.shape[1], k.shape[1]
+  mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask[:, :, None]
+  out = softmax_attention(_to_groups(q, k.shape[2]), k.transpose(0, 2, 1, 3),
+                          v.transpose(0, 2, 1, 3), mask, scale)
+  return _from_groups(out)
 
 
 def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -164,21 +223,25 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
   Query chunk [s, e) only meets keys [0, e): for T = 4 chunks of 128 that is 10/16 of the
   logits, and of their softmax and gradients, which dominate attention on CPU. Exact: the
-  skipped keys are masked for these queries. q [B, T, H, K]; k, v [B, T, KVH, K];
-  mask [B, 1, T, T] (causal by construction) or None (plain causal). Returns [B, T, H, K].
+  skipped keys are masked for these queries. The head-major transposes are made once, not
+  per chunk. q [B, T, H, K]; k, v [B, T, KVH, K]; mask [B, 1, T, T] (causal by construction)
+  or None (plain causal). Returns [B, T, H, K].
   """
   t = q.shape[1]
   if chunk <= 0 or t <= chunk:
     return grouped_attention(q, k, v, mask, scale)
+  q = _to_groups(q, k.shape[2])
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
     if mask is None:
-      block = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+      block = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
     else:
-      block = mask[:, :, start:end, :end]
-    outs.append(grouped_attention(q[:, start:end], k[:, :end], v[:, :end], block, scale))
-  return jnp.concatenate(outs, axis=1)
+      block = mask[:, :, None, start:end, :end]
+    outs.append(softmax_attention(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], block,
+                                  scale))
+  return _from_groups(jnp.concatenate(outs, axis=3))
 
 
 class Attention(nn.Module):
@@ -236,8 +299,29 @@ class Attention(nn.Module):
     return out.reshape(b, t, d), new_kv
 
 
+class Kernel(nn.Module):
+  """The kernel `layers.Dense` would create (same name, init and logical axes), returned
+  instead of applied: for a product inside a `jax.checkpoint`, where params can't be made."""
+
+  shape: tuple[int, int]
+  axes: tuple[str, str]
+  param_dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             self.axes),
+                      self.shape, self.param_dtype)
+
+
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)), no biases. [B, T, D] -> [B, T, D]."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases. [B, T, D] -> [B, T, D].
+
+  silu(gate) * up and the `down` product sit in a checkpoint that saves nothing inside: the
+  backward recomputes the element-wise product from gate and up (one fused pass; the
+  forward product of `down` is not redone), so a layer keeps 2 [B*T, mlp] residuals
+  instead of 5 (gate, up, sigmoid, silu, product).
+  """
 
   cfg: ConfigDict
   dtype: layers.Dtype
@@ -252,8 +336,15 @@ class MLP(nn.Module):
     x = x.reshape(b * t, d)  # 2-D matmuls, as in Attention
     gate = dense(self.cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
     up = dense(self.cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "act_mlp"))
-    return dense(d, ("mlp", "embed"), "down")(hidden).reshape(b, t, d)
+    down = Kernel((self.cfg.mlp_dim, d), ("mlp", "embed"), self.param_dtype, name="down")()
+
+    def gated_down(gate, up, kernel):
+      hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "act_mlp"))
+      return jnp.dot(hidden, kernel.astype(self.dtype), preferred_element_type=self.dtype)
+
+    out = jax.checkpoint(gated_down, policy=jax.checkpoint_policies.nothing_saveable,
+                         prevent_cse=False)(gate, up, down)
+    return out.reshape(b, t, d)
 
 
 class DecoderLayer(nn.Module):

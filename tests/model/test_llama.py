@@ -325,3 +325,25 @@ def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   for policy in ("none", "nothing_saveable"):
     errs = jax.tree_util.tree_map(max_err, grads(policy, False), want)
     assert max(jax.tree_util.tree_leaves(errs)) <= 1e-6
+
+
+def test_attention_gradients_match_autodiff(llm_cfg, params, tokens):
+  """The written-out VJP of `softmax_attention` (chunked, plain causal and packed) gives
+  the gradients that autodiff of `jax.nn.dot_product_attention`'s XLA path gives."""
+
+  def grads(impl, chunk, positions, segments, rows):
+    model = llama.Llama(llm_cfg, attention_impl=impl, attention_chunk=chunk)
+
+    def loss(p):
+      logits, _ = model.apply({"params": p}, tokens[:rows], positions, segments,
+                              method="tokens_to_logits")
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1)) + jnp.mean(logits[..., :7] ** 2)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  packed = packed_inputs((10, 10), T)
+  for positions, segments, rows in ((arange_positions(2, T), None, 2), (*packed, 1)):
+    want = grads("xla", 0, positions, segments, rows)
+    for chunk in (0, 10):
+      errs = jax.tree_util.tree_map(max_err, grads(None, chunk, positions, segments, rows), want)
+      assert max(jax.tree_util.tree_leaves(errs)) <= 1e-5, (chunk, segments is None)
