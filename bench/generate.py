@@ -10,7 +10,8 @@ id on either side (HF: `eos_token_id=None`; ours: `Sampling(stop_ids=())`), so b
 generate exactly 128 tokens, which must be identical (exit status 1 if not).
 
 Ours: `generate.generate_text_tokens` under `jax.jit` (one prefill, then a `lax.while_loop`
-of cached decode steps over a fixed-size KV cache), compiled before timing, timed to
+of cached decode steps over a fixed-size KV cache; layers unrolled by
+`generate.for_decoding`, as `inference.Assistant` runs them), compiled before timing, timed to
 `block_until_ready`. HF: `LlamaForCausalLM.generate(do_sample=False)` (sdpa, its default
 dynamic cache) under `torch.inference_mode`.
 
@@ -105,7 +106,7 @@ def main() -> None:
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = 0
   hf_state = [(k, v.detach().numpy().copy()) for k, v in hf.state_dict().items()]
-  model, params = our_llm(hf_state)
+  model, params = generate.for_decoding(*our_llm(hf_state))
   weight_bytes = sum(leaf.nbytes for path, leaf in mapping.flatten(params).items()
                      if not path.startswith("embed/"))
 

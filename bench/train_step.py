@@ -71,14 +71,6 @@ def attention_overcount(cfg: ConfigDict, chunk: int) -> float:
   return 3 * 2 * 2 * cfg.depth * BATCH * cfg.heads * cfg.head_dim * (scores - LENGTH ** 2 / 2)
 
 
-def unstack_layers(params, depth: int):
-  """Scanned params (`layers/...` with a leading layer axis) -> the `scan_layers=False` tree."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(depth):
-    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-  return out
-
-
 def our_step(cfg: ConfigDict, dtype: str, remat: str, hf_state, scan_layers: bool = True):
   """(jitted step, params, opt_state) with the HF model's weights."""
   model = llama.Llama(cfg, dtype=jnp.dtype(dtype), remat_policy=remat)
@@ -91,7 +83,7 @@ def our_step(cfg: ConfigDict, dtype: str, remat: str, hf_state, scan_layers: boo
   params = jax.tree.map(jnp.asarray, params)
   if not scan_layers:  # the same weights, one module per layer
     model = model.clone(scan_layers=False)
-    params = unstack_layers(params, cfg.depth)
+    params = llama.unstack_layers(params, cfg.depth)
   tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
   def loss_fn(p, batch):

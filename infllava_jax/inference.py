@@ -146,7 +146,9 @@ class Assistant:
 
   `length_bucket` > 1 left-pads prompts to a multiple of it, so prompts of nearby lengths
   share one compiled generation (a chat or a server would otherwise compile per length);
-  padding slots are masked, so answers are the same up to float rounding.
+  padding slots are masked, so answers are the same up to float rounding. `params` are
+  held with the LLM's layers unrolled (`generate.for_decoding`); `Assistant(config,
+  assistant.params)` accepts them back.
   """
 
   def __init__(self, config: ConfigDict, params: Any, tokenizer=None, length_bucket: int = 1):
@@ -154,8 +156,8 @@ class Assistant:
       raise ValueError(f"Assistant: length_bucket must be >= 1, got {length_bucket}")
     self.config = config
     self.length_bucket = length_bucket
-    self.model = infllava.build_model(config.model)
-    self.params = params
+    # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
+    self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params)
     data = config.get("data", ConfigDict())
     self.tokenizer = tokenizer or load_tokenizer(data.get("tokenizer_path"))
     self.aspect = data.get("image_aspect", "pad")

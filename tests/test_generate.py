@@ -55,6 +55,30 @@ def test_greedy_batch_equals_single_rows_and_uncached_loop(tiny):
     assert batched[row].tolist() == _argmax_loop(model, params, prompt, pixels[row:row + 1], 6)
 
 
+def test_for_decoding_unrolls_the_llm_and_generates_the_same(tiny):
+  cfg, model, params = tiny
+  unrolled, flat = generate.for_decoding(model, params)
+  assert "layers" not in flat["llm"] and f"layers_{cfg.llm.depth - 1}" in flat["llm"]
+  assert flat["projector"] is params["projector"]
+  again, same = generate.for_decoding(unrolled, flat)
+  assert same is flat and not again.llm_scan_layers
+  rng = np.random.default_rng(2)
+  prompts = _prompts(cfg, rng, [2, 7])
+  side = cfg.dcm.image_size
+  pixels = jnp.asarray(rng.normal(size=(2, 1, side, side, 3)), jnp.float32)
+  tokens, mask = generate.left_pad(prompts, pad_id=0)
+  args = (jnp.asarray(tokens), jnp.asarray(mask), pixels)
+  want, _ = model.apply({"params": params}, *args[:1], pixels)
+  got, _ = unrolled.apply({"params": flat}, *args[:1], pixels)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  sampling = generate.Sampling(max_new_tokens=5)
+  scanned_out, _ = generate.compiled_generate(model, sampling, pad_id=0)(
+      params, *args, jax.random.key(0))
+  unrolled_out, _ = generate.compiled_generate(unrolled, sampling, pad_id=0)(
+      flat, *args, jax.random.key(0))
+  np.testing.assert_array_equal(unrolled_out, scanned_out)
+
+
 def test_stop_ids_end_rows_and_pad_after(tiny):
   cfg, model, params = tiny
   rng = np.random.default_rng(1)

@@ -56,9 +56,12 @@ class InfLlava(nn.Module):
 
   Attributes:
     cfg: the `config.model` section (see configs/infllava_8b.py), frozen.
+    llm_scan_layers: the language model's `scan_layers` (True: the checkpoint layout; False:
+      unrolled layers over `llama.unstack_layers` params, for decoding).
   """
 
   cfg: FrozenConfigDict
+  llm_scan_layers: bool = True
 
   def setup(self):
     cfg = self.cfg
@@ -71,9 +74,7 @@ class InfLlava(nn.Module):
     if cfg.variant == "infllava":
       self.dem = dem.DualPerspectiveEnhancement.from_config(cfg)
     self.projector = Projector(cfg.llm.width, cfg.projector.kind, dtype=dtype)
-    self.llm = llama.Llama(cfg.llm, dtype=dtype, remat_policy=cfg.remat_policy,
-                           attention_impl=cfg.attention_impl,
-                           attention_chunk=cfg.attention_chunk)
+    self.llm = language_model(cfg, self.llm_scan_layers)
 
   def encode_images(self, pixels: jax.Array) -> jax.Array:
     """[B, H, W, 3] CLIP-normalised images at `dcm.image_size` -> [B, N_img, D] visual tokens."""
@@ -119,6 +120,15 @@ class InfLlava(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     return self.llm(embeds, positions, segment_ids, cache)
+
+
+def language_model(model_cfg: ConfigDict, scan_layers: bool = True) -> llama.Llama:
+  """The `llm` submodule of `InfLlava(model_cfg)` (params at `llm/...`); `scan_layers=False`
+  gives the same function over `llama.unstack_layers` params."""
+  return llama.Llama(model_cfg.llm, dtype=layers.dtype_of(model_cfg.dtype),
+                     remat_policy=model_cfg.remat_policy,
+                     attention_impl=model_cfg.attention_impl,
+                     attention_chunk=model_cfg.attention_chunk, scan_layers=scan_layers)
 
 
 def build_model(model_cfg: ConfigDict) -> InfLlava:

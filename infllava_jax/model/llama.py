@@ -403,6 +403,15 @@ class LMHead(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
 
+def unstack_layers(params, depth: int):
+  """Scanned params (`layers/...`, a leading layer axis) -> the `scan_layers=False` tree
+  (`layers_0/...` ... `layers_{depth-1}/...`); the other params are shared, not copied."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(depth):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
+
+
 class Llama(nn.Module):
   """LLaMA-3 decoder. `embed(tokens)` and `__call__(embeddings, ...)`; see the module docstring.
 

@@ -289,19 +289,11 @@ def test_remat_policies_give_equal_gradients(llm_cfg, params, tokens):
   assert float(jnp.max(jnp.abs(plain["layers"]["attn"]["q"]["kernel"]))) > 1e-3
 
 
-def unstack_layers(params, depth):
-  """Scanned params (`layers/...`, leading layer axis) -> the `scan_layers=False` layout."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(depth):
-    out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
-  return out
-
-
 def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   """`scan_layers=False` (every layer in the HLO) computes what the scan does: logits,
   the KV cache, and gradients (under remat too); its param tree is the unstacked one."""
   model = llama.Llama(llm_cfg, scan_layers=False)
-  flat = unstack_layers(params, llm_cfg.depth)
+  flat = llama.unstack_layers(params, llm_cfg.depth)
   shapes = nn.meta.unbox(init_shapes(model)["params"])
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(flat)
   other = jax.jit(lambda *args: model.apply({"params": flat}, *args, method="tokens_to_logits"))
@@ -321,7 +313,7 @@ def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
 
     return jax.jit(jax.grad(loss))(params if scan else flat)
 
-  want = unstack_layers(grads("none", True), llm_cfg.depth)
+  want = llama.unstack_layers(grads("none", True), llm_cfg.depth)
   for policy in ("none", "nothing_saveable"):
     errs = jax.tree_util.tree_map(max_err, grads(policy, False), want)
     assert max(jax.tree_util.tree_leaves(errs)) <= 1e-6
