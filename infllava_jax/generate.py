@@ -102,7 +102,7 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
                        segment_ids, cache)
 
   return decode(forward, model.cfg.llm, layers.dtype_of(model.cfg.dtype), tokens, mask, rng,
-                sampling, pad_id, on_token)
+                sampling, pad_id, on_token, per_layer_cache=not model.llm_scan_layers)
 
 
 def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.Array,
@@ -115,21 +115,23 @@ def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.
                      method="tokens_to_logits")
 
   return decode(forward, llm.cfg, layers.dtype_of(llm.dtype), tokens, mask, rng, sampling,
-                pad_id, on_token)
+                pad_id, on_token, per_layer_cache=not llm.scan_layers)
 
 
 def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax.Array,
            rng: jax.Array, sampling: Sampling, pad_id: int,
-           on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+           on_token: Callable | None = None,
+           per_layer_cache: bool = False) -> tuple[jax.Array, jax.Array]:
   """The prefill and the decode loop shared by `generate_tokens` and `generate_text_tokens`.
 
   `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
   (logits [B, T, V], cache); it is called once on the prompts (prefill=True), then on one
-  token per row per step. Returns what `generate_tokens` does.
+  token per row per step; `per_layer_cache` is `llama.init_cache`'s (for unrolled layers).
+  Returns what `generate_tokens` does.
   """
   batch, length = tokens.shape
   steps = sampling.max_new_tokens
-  cache = llama.init_cache(llm_cfg, batch, length + steps, cache_dtype)
+  cache = llama.init_cache(llm_cfg, batch, length + steps, cache_dtype, per_layer_cache)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   logits, cache = forward(tokens, positions, mask.astype(jnp.int32), cache, True)
   stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)

@@ -41,7 +41,10 @@ ROPE_TYPES = ("llama3",)
 class KVCache:
   """Keys and values of every layer for `S` slots, and what each slot holds.
 
-  k, v: [L, B, S, KVH, K] (RoPE already applied to k).
+  k, v: [L, B, S, KVH, K] (RoPE already applied to k), or, for unrolled layers
+    (`Llama(scan_layers=False)`), a tuple of L arrays [B, S, KVH, K]: each layer then updates
+    its own buffer in place, where slicing layers out of a stack and re-stacking them copies
+    the whole cache at every decode step.
   segment_ids: [B, S] int32, the segment of the token in each slot; 0 = padding or unwritten.
   index: [] int32, the next slot to write (the same for every row).
   """
@@ -51,15 +54,22 @@ class KVCache:
   index: jax.Array
 
 
-def init_cache(cfg: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
-  """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated).
+def init_cache(cfg: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.bfloat16,
+               per_layer: bool = False) -> KVCache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated);
+  `per_layer` gives the tuple form (see `KVCache`), for unrolled layers only.
 
   Writing past `max_len` is not detected on device (`dynamic_update_slice` clamps the start),
   so callers size it for the longest prompt plus the tokens to generate.
   """
-  shape = (cfg.depth, batch, max_len, cfg.kv_heads, cfg.head_dim)
+  shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
   dtype = layers.dtype_of(dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  if per_layer:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.depth))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.depth))
+  else:
+    k = v = jnp.zeros((cfg.depth, *shape), dtype)
+  return KVCache(k=k, v=v,
                  segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                  index=jnp.zeros((), jnp.int32))
 
@@ -490,7 +500,16 @@ class Llama(nn.Module):
       mask = None if segment_ids is None else attention_mask(
           segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
     else:
-      chex.assert_shape(cache.k, (cfg.depth, b, None, cfg.kv_heads, cfg.head_dim))
+      per_layer = isinstance(cache.k, tuple)
+      if per_layer and self.scan_layers:
+        raise ValueError("a per-layer KV cache (init_cache(per_layer=True)) needs "
+                         "Llama(scan_layers=False); scanned layers read the stacked one")
+      layer_shape = (b, None, cfg.kv_heads, cfg.head_dim)
+      if per_layer:
+        chex.assert_equal(len(cache.k), cfg.depth)
+        chex.assert_shape(cache.k, layer_shape)
+      else:
+        chex.assert_shape(cache.k, (cfg.depth, *layer_shape))
       if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
       index = cache.index
@@ -503,13 +522,16 @@ class Llama(nn.Module):
     if self.scan_layers:
       x, new_kv = self.layers(x, cos, sin, mask, kv, index)
     else:
-      per_layer = []
+      layer_kvs = []
       for i, layer in enumerate(self.layers):
         x, layer_kv = layer(x, cos, sin, mask, None if kv is None else (kv[0][i], kv[1][i]),
                             index)
-        per_layer.append(layer_kv)
-      new_kv = None if kv is None else tuple(
-          jnp.stack([layer_kv[j] for layer_kv in per_layer]) for j in range(2))
+        layer_kvs.append(layer_kv)
+      new_kv = None
+      if kv is not None:
+        new_kv = tuple(tuple(layer_kv[j] for layer_kv in layer_kvs) for j in range(2))
+        if not per_layer:
+          new_kv = tuple(jnp.stack(arrays) for arrays in new_kv)
     logits = self.lm_head(self.final_norm(x))
     chex.assert_shape(logits, (b, t, cfg.vocab_size))
     new_cache = None

@@ -122,10 +122,10 @@ def test_logits_match_hf_at_far_positions(run, hf_model, tokens):
   assert max_err(got, want) <= HF_TOL
 
 
-def decode(run, llm_cfg, tokens, positions, segments, prefill, max_len=32):
+def decode(run, llm_cfg, tokens, positions, segments, prefill, max_len=32, per_layer=False):
   """Prefill `prefill` tokens, then feed the rest one at a time: logits of every step [B, T, V]."""
   b, t = tokens.shape
-  cache = llama.init_cache(llm_cfg, b, max_len, jnp.float32)
+  cache = llama.init_cache(llm_cfg, b, max_len, jnp.float32, per_layer)
   out, cache = run(tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill], cache)
   steps = [out]
   for i in range(prefill, t):
@@ -301,8 +301,11 @@ def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   assert max_err(other(tokens, positions)[0], run(tokens, positions)[0]) <= TOL
   segments = np.ones_like(tokens)
   want = decode(run, llm_cfg, tokens, positions, segments, prefill=T - 4)
-  assert max_err(decode(other, llm_cfg, tokens, positions, segments, prefill=T - 4),
-                 want) <= TOL
+  for per_layer in (False, True):  # the stacked cache and the tuple of per-layer buffers
+    assert max_err(decode(other, llm_cfg, tokens, positions, segments, prefill=T - 4,
+                          per_layer=per_layer), want) <= TOL
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    decode(run, llm_cfg, tokens, positions, segments, prefill=T - 4, per_layer=True)
 
   def grads(policy, scan):
     m = llama.Llama(llm_cfg, remat_policy=policy, scan_layers=scan)
