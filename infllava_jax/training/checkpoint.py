@@ -210,10 +210,8 @@ def _complete_steps(path: epath.Path) -> list[int]:
   """The complete steps Orbax finds in a run's checkpoint folder (none if it is missing)."""
   if not path.is_dir():
     return []
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = list(manager.all_steps())
-  manager.close()
-  return steps
+  # Finalized steps only: a save cut short leaves a temporary folder, never a step.
+  return sorted(ocp.utils.checkpoint_steps(path))
 
 
 def _replicated() -> NamedSharding:
