@@ -67,7 +67,7 @@ def train_config() -> ConfigDict:
   # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (spec 10)
   train.update(dict(
       # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at
-      # once, whose float32 logits (4 x 1 GiB, plus their gradient) dominate activations.
+      # once (the loss holds their float32 logits train.loss_chunk tokens at a time).
       grad_accum_steps=8,
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~2,180 steps)
       log_every=10,

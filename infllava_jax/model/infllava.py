@@ -95,7 +95,7 @@ class InfLlava(nn.Module):
 
   def __call__(self, tokens: jax.Array, pixels: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               cache: llama.KVCache | None = None):
+               cache: llama.KVCache | None = None, head: bool = True):
     """Logits for a batch of rows, images written into their slots.
 
     Args:
@@ -105,6 +105,8 @@ class InfLlava(nn.Module):
       positions: [B, T] int32 (default 0..T-1); restart per packed sample.
       segment_ids: [B, T] int32, 1.. per packed sample and 0 for padding (default all 1).
       cache: a `llama.KVCache` for prefill / decode, or None.
+      head: False returns the LLM's final-norm hidden states [B, T, D] instead of logits
+        (see `llama.Llama.__call__`).
     Returns:
       (logits [B, T, V] float32, updated cache or None)
     """
@@ -119,7 +121,7 @@ class InfLlava(nn.Module):
       embeds = write_image_tokens(embeds, is_slot, visual)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    return self.llm(embeds, positions, segment_ids, cache)
+    return self.llm(embeds, positions, segment_ids, cache, head)
 
 
 def language_model(model_cfg: ConfigDict, scan_layers: bool = True) -> llama.Llama:

@@ -395,6 +395,15 @@ class Embedder(nn.Module):
     return nn.with_logical_constraint(x, ACT_AXES)
 
 
+def project_to_vocab(x: jax.Array, kernel: jax.Array, dtype: layers.Dtype) -> jax.Array:
+  """[B, T, D] @ lm_head kernel [D, V] -> [B, T, V] float32 logits (inputs cast to `dtype`,
+  float32 accumulation); `LMHead` and the chunked loss (`optim.chunked_cross_entropy`)."""
+  b, t, d = x.shape
+  logits = jnp.dot(x.reshape(b * t, d).astype(dtype), kernel.astype(dtype),
+                   preferred_element_type=jnp.float32).reshape(b, t, kernel.shape[1])
+  return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
 class LMHead(nn.Module):
   """Untied output projection [B, T, D] -> [B, T, V] float32 logits (float32 accumulation)."""
 
@@ -404,13 +413,10 @@ class LMHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                ("embed", "vocab")),
-                        (d, self.vocab_size), self.param_dtype)
-    logits = jnp.dot(x.reshape(b * t, d).astype(self.dtype), kernel.astype(self.dtype),
-                     preferred_element_type=jnp.float32).reshape(b, t, self.vocab_size)
-    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+                        (x.shape[-1], self.vocab_size), self.param_dtype)
+    return project_to_vocab(x, kernel, self.dtype)
 
 
 def unstack_layers(params, depth: int):
@@ -478,13 +484,16 @@ class Llama(nn.Module):
 
   def __call__(self, embeddings: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None,
+               head: bool = True) -> tuple[jax.Array, KVCache | None]:
     """embeddings [B, T, D], positions [B, T] int32, segment_ids [B, T] int32 or None.
 
     segment_ids None means one segment per row with no padding (plain causal attention).
     With `cache`, the T tokens are written at slots [index, index + T) and attend to every
     cached slot before them; the returned cache has index + T.
-    Returns (logits [B, T, V] float32, the updated cache or None).
+    Returns (logits [B, T, V] float32, the updated cache or None); with head=False the
+    final-norm hidden states [B, T, D] instead of logits (the lm_head kernel is then applied
+    by the loss, a chunk of tokens at a time: `optim.chunked_cross_entropy`).
     """
     cfg = self.cfg
     b, t = positions.shape
@@ -532,12 +541,14 @@ class Llama(nn.Module):
         new_kv = tuple(tuple(layer_kv[j] for layer_kv in layer_kvs) for j in range(2))
         if not per_layer:
           new_kv = tuple(jnp.stack(arrays) for arrays in new_kv)
-    logits = self.lm_head(self.final_norm(x))
-    chex.assert_shape(logits, (b, t, cfg.vocab_size))
+    out = self.final_norm(x)
+    if head:
+      out = self.lm_head(out)
+      chex.assert_shape(out, (b, t, cfg.vocab_size))
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_segments, index=index + t)
-    return logits, new_cache
+    return out, new_cache
 
   def tokens_to_logits(self, tokens: jax.Array, positions: jax.Array,
                        segment_ids: jax.Array | None = None,

@@ -19,7 +19,7 @@ the libtpu package (`pip install 'infllava-jax[tpu]'`). Those figures are the TP
 Printed: per-device memory from XLA (arguments, outputs, donated aliasing, temporaries,
 generated code, total), an analytic lower bound per device (params + gradients + AdamW
 state as the shardings place them, the batch, the activations the remat policy must keep,
-the float32 logits the loss reads) and compiled / bound, and FLOPs per step from XLA beside
+the float32 logits of one `train.loss_chunk` the loss holds) and compiled / bound, and FLOPs per step from XLA beside
 `training/flops.py`'s formula. Exits 1 when the total exceeds --device-memory.
 """
 
@@ -163,8 +163,9 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
   Under remat each scanned layer keeps at least its input carry for the backward pass (all
   that "nothing_saveable" keeps; other policies keep more). Only towers that gradients flow
   through keep anything: the LLM always (the projector's gradient passes through it, frozen
-  or not), CLIP only when one of its params trains. The loss reads whole float32 logits
-  [B, T, V], vocab split over `tensor` (LMHead's `act_vocab`).
+  or not), CLIP only when one of its params trains. The loss holds float32 logits for
+  `train.loss_chunk` tokens of each row at a time (all T when 0), vocab split over `tensor`
+  (`act_vocab`).
   """
   import jax.numpy as jnp
   from infllava_jax.model import clip, dcm
@@ -181,8 +182,10 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
     terms.append((f"carry: {used} CLIP layers x [{images}, {tokens}, {v.width}] {compute.name}",
                   used * images * tokens * v.width * compute.itemsize))
   vocab = -(-llm.vocab_size // tensor)
-  terms.append((f"logits [{rows_per_device}, {length}, {vocab}] float32",
-                rows_per_device * length * vocab * 4))
+  chunk = config.train.get("loss_chunk", 0)
+  tokens = min(chunk, length) if chunk > 0 else length
+  terms.append((f"logits [{rows_per_device}, {tokens}, {vocab}] float32",
+                rows_per_device * tokens * vocab * 4))
   return terms
 
 

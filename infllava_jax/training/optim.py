@@ -24,6 +24,9 @@ the reference's values):
                       "micro_batch_mean" (the reference's HF/DeepSpeed behaviour: mean over
                       each group of `loss_group_size` rows, then the mean of those means).
   loss_group_size     rows per reference micro-batch (per-GPU batch: 16 stage 1, 8 stage 2).
+  loss_chunk          tokens per chunk of the cross-entropy (`chunked_cross_entropy`): the
+                      [B, T, V] float32 logits and their gradient exist one chunk at a time;
+                      0 computes them whole.
   global_batch_size, num_epochs  read by the train loop (256 / 128 sequences, 1 epoch).
 
 Frozen params get no optimiser state: `optax.multi_transform` routes them to
@@ -40,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict, config_dict
+
+from infllava_jax.model import llama
 
 FROZEN = "frozen"
 LOSS_MODES = ("global_token_mean", "micro_batch_mean")
@@ -63,6 +68,7 @@ def default_train_config(stage: int = 2) -> ConfigDict:
       param_groups=(),
       loss_normalisation="global_token_mean",
       loss_group_size=16 if stage == 1 else 8,
+      loss_chunk=512,
       global_batch_size=256 if stage == 1 else 128,
       num_epochs=1,
   ))
@@ -195,6 +201,32 @@ def stop_frozen_gradients(params: Any, mask: Any) -> Any:
 def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T]."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                          chunk: int, dtype: Any) -> jax.Array:
+  """`per_token_cross_entropy` of the logits `hidden @ kernel`, `chunk` tokens at a time.
+
+  hidden [B, T, D] (the LLM's final-norm output), kernel [D, V] (lm_head), targets [B, T]
+  int32 -> [B, T] float32. The logits of one chunk, [B, chunk, V], are made, reduced and
+  dropped in a `lax.map`; the backward recomputes them per chunk (`jax.checkpoint`) and sums
+  the kernel's gradient over chunks. Whole float32 logits and their gradient would be 1 GiB
+  each per row of 2048 tokens at LLaMA-3's V = 128256. T need not divide by `chunk` (the
+  last chunk is padded and its padding dropped); chunk <= 0 or >= T computes them whole.
+  """
+  b, t, d = hidden.shape
+
+  def chunk_loss(h, y):
+    return per_token_cross_entropy(llama.project_to_vocab(h, kernel, dtype), y)
+
+  if chunk <= 0 or t <= chunk:
+    return chunk_loss(hidden, targets)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+  ce = jax.lax.map(jax.checkpoint(lambda hy: chunk_loss(*hy)), (h, y))  # [n, B, chunk]
+  return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def loss_weights(loss_mask: jax.Array, mode: str = "global_token_mean",

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from infllava_jax.model import layers
 from infllava_jax.model.infllava import InfLlava
 from infllava_jax.training import optim
 
@@ -57,9 +58,11 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
 
   def loss_fn(trainable, frozen, micro):
     params = merge_trainable(treedef, mask_leaves, trainable, frozen)
-    logits, _ = model.apply({"params": params}, micro["tokens"], micro["pixels"],
-                            micro["positions"], micro["segment_ids"])
-    ce = optim.per_token_cross_entropy(logits, micro["targets"])
+    hidden, _ = model.apply({"params": params}, micro["tokens"], micro["pixels"],
+                            micro["positions"], micro["segment_ids"], head=False)
+    ce = optim.chunked_cross_entropy(hidden, params["llm"]["lm_head"]["kernel"],
+                                     micro["targets"], train_cfg.get("loss_chunk", 0),
+                                     layers.dtype_of(model.cfg.dtype))
     return jnp.sum(ce * micro["weights"]), {"tokens": jnp.sum(micro["loss_mask"])}
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

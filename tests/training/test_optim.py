@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from infllava_jax import sharding
+from infllava_jax.model import llama
 from infllava_jax.training import optim
 
 
@@ -246,3 +247,46 @@ def test_split_micro_batches_is_strided():
   np.testing.assert_array_equal(micro[1], [[2, 3], [8, 9]])
   with pytest.raises(ValueError, match="6 rows"):
     optim.split_micro_batches(x, 4)
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 5, 12])
+def test_chunked_cross_entropy_and_its_gradients_equal_whole_logits(chunk):
+  """Chunks that divide T (4), that do not (5: a padded last chunk), and T itself / 0 (whole)."""
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, 33)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 33, size=(2, 12)), jnp.int32)
+  weights = jnp.asarray(rng.random(size=(2, 12)), jnp.float32)
+
+  def whole(h, k):
+    return optim.per_token_cross_entropy(llama.project_to_vocab(h, k, jnp.float32), targets)
+
+  def chunked(h, k):
+    return optim.chunked_cross_entropy(h, k, targets, chunk, jnp.float32)
+
+  np.testing.assert_allclose(chunked(hidden, kernel), whole(hidden, kernel), rtol=1e-6,
+                             atol=1e-6)
+  grads = [jax.grad(lambda h, k, f=f: jnp.sum(f(h, k) * weights), argnums=(0, 1))(hidden, kernel)
+           for f in (chunked, whole)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(grads[1][1]))) > 1e-3
+
+
+def test_chunked_cross_entropy_never_holds_whole_logits():
+  """XLA's temporaries for loss + gradients: whole [B, T, V] float32 logits (and their
+  gradient) vs one [B, chunk, V] chunk at a time."""
+  b, t, d, v, chunk = 1, 512, 64, 8192, 64
+  hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  targets = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def temp_bytes(c):
+    loss = lambda h, k, y: jnp.sum(optim.chunked_cross_entropy(h, k, y, c, jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return grad.lower(hidden, kernel, targets).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes, chunk_bytes, kernel_bytes = b * t * v * 4, b * chunk * v * 4, d * v * 4
+  assert temp_bytes(0) >= 2 * logits_bytes  # the logits and their gradient
+  # One chunk's logits and their gradient, and the kernel gradient summed over chunks.
+  assert temp_bytes(chunk) <= 2 * chunk_bytes + kernel_bytes
