@@ -26,6 +26,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # The training loss is vocabulary-parallel over every param-sharding axis: each device
+    # multiplies the whole (data-shard) batch's hidden states by its slice of lm_head's
+    # vocabulary, instead of FSDP gathering all of lm_head (1 GiB bf16 at LLaMA-3 size).
+    ("loss_batch", "data"),
+    ("loss_vocab", ("fsdp", "tensor")),
     # parameters
     ("layers", None),
     ("embed", "fsdp"),

@@ -395,13 +395,15 @@ class Embedder(nn.Module):
     return nn.with_logical_constraint(x, ACT_AXES)
 
 
-def project_to_vocab(x: jax.Array, kernel: jax.Array, dtype: layers.Dtype) -> jax.Array:
+def project_to_vocab(x: jax.Array, kernel: jax.Array, dtype: layers.Dtype,
+                     axes: tuple[str, ...] = ("batch", "length", "act_vocab")) -> jax.Array:
   """[B, T, D] @ lm_head kernel [D, V] -> [B, T, V] float32 logits (inputs cast to `dtype`,
-  float32 accumulation); `LMHead` and the chunked loss (`optim.chunked_cross_entropy`)."""
+  float32 accumulation), laid out as the logical `axes` say; `LMHead` and the chunked loss
+  (`optim.chunked_cross_entropy`)."""
   b, t, d = x.shape
   logits = jnp.dot(x.reshape(b * t, d).astype(dtype), kernel.astype(dtype),
                    preferred_element_type=jnp.float32).reshape(b, t, kernel.shape[1])
-  return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+  return nn.with_logical_constraint(logits, axes)
 
 
 class LMHead(nn.Module):

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from ml_collections import ConfigDict, config_dict
 
 from infllava_jax.model import llama
@@ -199,8 +200,15 @@ def stop_frozen_gradients(params: Any, mask: Any) -> Any:
 
 
 def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T].
+
+  The target's logit is picked by a masked sum, not a gather: with the vocabulary split
+  over devices (`loss_vocab`), a sum partitions into local sums and one all-reduce.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  target_logits = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - target_logits
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
@@ -213,11 +221,18 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   the kernel's gradient over chunks. Whole float32 logits and their gradient would be 1 GiB
   each per row of 2048 tokens at LLaMA-3's V = 128256. T need not divide by `chunk` (the
   last chunk is padded and its padding dropped); chunk <= 0 or >= T computes them whole.
+
+  On a mesh the loss is vocabulary-parallel (`sharding.py`, `loss_*` axes): the hidden
+  states are gathered over `fsdp` and lm_head is re-split by vocabulary once, so no device
+  ever holds the whole lm_head, only [B, chunk, V / (fsdp * tensor)] of each chunk's logits.
   """
   b, t, d = hidden.shape
+  hidden = nn.with_logical_constraint(hidden, ("loss_batch", "length", "act_embed"))
+  kernel = nn.with_logical_constraint(kernel, ("act_embed", "loss_vocab"))
 
   def chunk_loss(h, y):
-    return per_token_cross_entropy(llama.project_to_vocab(h, kernel, dtype), y)
+    logits = llama.project_to_vocab(h, kernel, dtype, ("loss_batch", "length", "loss_vocab"))
+    return per_token_cross_entropy(logits, y)
 
   if chunk <= 0 or t <= chunk:
     return chunk_loss(hidden, targets)

@@ -290,3 +290,30 @@ def test_chunked_cross_entropy_never_holds_whole_logits():
   assert temp_bytes(0) >= 2 * logits_bytes  # the logits and their gradient
   # One chunk's logits and their gradient, and the kernel gradient summed over chunks.
   assert temp_bytes(chunk) <= 2 * chunk_bytes + kernel_bytes
+
+
+def test_chunked_cross_entropy_is_vocabulary_parallel_over_fsdp():
+  """On fsdp=8 with lm_head split by rows (its param sharding), no device gathers the whole
+  kernel: XLA's temporaries for the gradients stay under half of it (a gathered kernel, as
+  before the `loss_*` axes, measured 10-17 MiB here against 3.1 MiB). Values equal one device."""
+  b, t, d, v, chunk = 8, 64, 64, 32768, 8
+  mesh = sharding.make_mesh("fsdp")
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+  kernel = rng.normal(size=(d, v)).astype(np.float32) * 0.1
+  targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+
+  def loss(h, k, y):
+    return jnp.sum(optim.chunked_cross_entropy(h, k, y, chunk, jnp.float32))
+
+  want = jax.grad(loss, argnums=(0, 1))(hidden, kernel, targets)
+  for argnums in [(0,), (0, 1)]:  # stage 1 (lm_head frozen) and stage 2
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      grad = jax.jit(jax.grad(loss, argnums=argnums))
+      args = [jax.device_put(x, rows) for x in (hidden, kernel, targets)]
+      temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+      got = grad(*args)
+    assert temp < kernel.nbytes / 2, (argnums, temp)
+    for i, g in zip(argnums, got):
+      np.testing.assert_allclose(g, want[i], rtol=1e-5, atol=1e-6)
