@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
 from infllava_jax.model import layers
@@ -254,6 +256,69 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
   return _from_groups(jnp.concatenate(outs, axis=3))
 
 
+SPLASH_BLOCK = 512
+
+
+def compute_platform() -> str:
+  """"cpu", "gpu" or "tpu": the platform of the mesh in context (`jax.set_mesh`), else the
+  default backend. A TPU compile from a CPU host (`infllava compile --topology`) sets a TPU
+  mesh while the default backend stays CPU."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def uses_splash(attention_impl: str | None, length: int) -> bool:
+  """Whether uncached self-attention over `length` tokens runs the TPU splash kernel: by
+  default on TPU when the block size divides the length (always, at the recipe's 2048)."""
+  return (attention_impl is None and compute_platform() == "tpu"
+          and length % min(SPLASH_BLOCK, length) == 0 and length % 128 == 0)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     scale: float, interpret: bool = False) -> jax.Array:
+  """Causal self-attention through Pallas' TPU splash kernel (flash attention: the [T, T]
+  scores live one block at a time in VMEM, never in HBM, forwards or backwards).
+
+  q [B, T, H, K]; k, v [B, T, KVH, K]; segment_ids [B, T] int32 (a token sees earlier tokens
+  of its own segment, as `attention_mask`). Returns [B, T, H, K]. GQA: the kernel's
+  one-KV-head (MQA) form, mapped over KV heads and rows. Under a mesh it runs per device in a
+  `shard_map` (rows over the batch axes, heads over `tensor`), since XLA cannot partition a
+  Pallas call. `interpret` runs the kernel in the Pallas interpreter (tests on CPU).
+  """
+  b, t, h, d = q.shape
+  n = k.shape[2]
+  block = min(SPLASH_BLOCK, t)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mqa_single_device(
+      splash.MultiHeadMask([splash.CausalMask((t, t))] * (h // n)), block_sizes=sizes,
+      interpret=interpret)
+
+  def local(q, k, v, segment_ids):
+    rows, _, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    qg = (q * scale).reshape(rows, t, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, N, T, K]
+
+    def one_row(q, k, v, seg):
+      ids = splash.SegmentIds(q=seg, kv=seg)
+      return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+
+    out = jax.vmap(one_row)(qg, kg, vg, segment_ids)              # [B, N, G, T, K]
+    return out.transpose(0, 3, 1, 2, 4).reshape(rows, t, heads, d)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, segment_ids)
+  heads_spec = PartitionSpec(*nn.logical_to_mesh_axes(("batch", "length", "act_heads", None)))
+  rows_spec = PartitionSpec(*nn.logical_to_mesh_axes(("batch", "length")))
+  return jax.shard_map(local, in_specs=(heads_spec,) * 3 + (rows_spec,), out_specs=heads_spec,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
 class Attention(nn.Module):
   """GQA self-attention with RoPE, through an optional per-layer KV cache: [B, T, D] -> same."""
 
@@ -265,7 +330,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv, index):
-    """x [B, T, D]; mask [B, 1, T, S] or None (plain causal); kv: (k, v) [B, S, KVH, K] or None.
+    """x [B, T, D]; mask [B, 1, T, S] or None (plain causal), or segment ids [B, T] where
+    `uses_splash`; kv: (k, v) [B, S, KVH, K] or None.
 
     Returns (out [B, T, D], updated (k, v) or None).
     """
@@ -295,12 +361,14 @@ class Attention(nn.Module):
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
     # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere.
     if self.attention_impl in ("xla", "cudnn") or (
-        self.attention_impl is None and jax.default_backend() == "gpu"):
+        self.attention_impl is None and compute_platform() == "gpu"):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,
                                          implementation=self.attention_impl)
     elif self.attention_impl not in (None, "einsum"):
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; expected None, "
                        "'einsum', 'xla' or 'cudnn'")
+    elif kv is None and uses_splash(self.attention_impl, t):
+      out = splash_attention(q, k, v, mask, scale)  # mask: segment ids [B, T] (`Llama`)
     elif kv is None:
       out = causal_chunked_attention(q, k, v, mask, scale, self.attention_chunk)
     else:
@@ -441,7 +509,8 @@ class Llama(nn.Module):
     attention_impl: "einsum" computes attention with `grouped_attention` (the XLA math in a
       layout that runs ~2x faster on CPU); "xla" or "cudnn" call
       `jax.nn.dot_product_attention` with that implementation; None is "einsum", except on
-      GPU where jax picks (cuDNN flash attention where it applies).
+      GPU where jax picks (cuDNN flash attention where it applies) and on TPU, where
+      uncached self-attention runs `splash_attention` when `uses_splash` says it fits.
     attention_chunk: query block of `causal_chunked_attention` when attention_impl is None
       and no cache is used; 0 disables it.
     scan_layers: True (the default, and the checkpoint layout) scans one compiled layer
@@ -507,9 +576,13 @@ class Llama(nn.Module):
       chex.assert_shape(segment_ids, (b, t))
     if cache is None:
       kv = index = None
-      # Without packing or padding the causal mask is implied, never materialised.
-      mask = None if segment_ids is None else attention_mask(
-          segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+      if uses_splash(self.attention_impl, t):
+        # The splash kernel takes segment ids and builds its mask block by block.
+        mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+      else:
+        # Without packing or padding the causal mask is implied, never materialised.
+        mask = None if segment_ids is None else attention_mask(
+            segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
     else:
       per_layer = isinstance(cache.k, tuple)
       if per_layer and self.scan_layers:

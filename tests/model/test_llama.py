@@ -342,3 +342,39 @@ def test_attention_gradients_match_autodiff(llm_cfg, params, tokens):
     for chunk in (0, 10):
       errs = jax.tree_util.tree_map(max_err, grads(None, chunk, positions, segments, rows), want)
       assert max(jax.tree_util.tree_leaves(errs)) <= 1e-5, (chunk, segments is None)
+
+
+def test_splash_attention_equals_grouped_attention():
+  """The TPU splash kernel (run in the Pallas interpreter) against our einsum attention:
+  GQA, a row of two packed segments and a left-padded row; values and gradients, on one
+  device and under a (data=2, fsdp=2, tensor=2) mesh through its shard_map."""
+  from infllava_jax import sharding
+  b, t, h, n, d = 4, 256, 4, 2, 64
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
+             for heads in (h, n, n))
+  segments = np.ones((b, t), np.int32)
+  segments[0, 100:] = 2   # packed
+  segments[1, :30] = 0    # left padding
+  segments = jnp.asarray(segments)
+  mask = llama.attention_mask(segments, segments, jnp.arange(t), jnp.arange(t))
+  scale = d ** -0.5
+  weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+
+  def with_grads(attend):
+    out = attend(q, k, v)
+    grads = jax.grad(lambda *a: jnp.sum(attend(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    return out, grads
+
+  want = with_grads(lambda q, k, v: llama.grouped_attention(q, k, v, mask, scale))
+  splash = lambda q, k, v: llama.splash_attention(q, k, v, segments, scale, interpret=True)
+  got = with_grads(splash)
+  with jax.set_mesh(sharding.make_mesh("data=2,fsdp=2,tensor=2")), sharding.axis_rules():
+    got_sharded = jax.jit(lambda: with_grads(splash))()
+  for result in (got, got_sharded):
+    errs = jax.tree_util.tree_map(max_err, result, want)
+    assert max(jax.tree_util.tree_leaves(errs)) <= 1e-5
+  # The segments matter: one segment per row gives other values.
+  assert max_err(llama.splash_attention(q, k, v, jnp.ones_like(segments), scale,
+                                        interpret=True), want[0]) > 0.1
+  assert not llama.uses_splash(None, t)  # the default off TPU: our einsum path
