@@ -69,6 +69,9 @@ def train_config() -> ConfigDict:
       # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at
       # once (the loss holds their float32 logits train.loss_chunk tokens at a time).
       grad_accum_steps=8,
+      # Tokens per row in each loss chunk: 4 rows x 128 = 512 tokens of logits per device
+      # at a time (TPU v5p at fsdp=8: 10.53 -> 8.32 GiB per device against a chunk of 512).
+      loss_chunk=128,
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~2,180 steps)
       log_every=10,
       seed=0,
