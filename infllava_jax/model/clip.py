@@ -93,7 +93,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax
   than jax's XLA attention: heads-first operands make both batched dots plain [P, K] x [K, P]
   GEMMs, and normalising after the PV product divides a [P, K] tile instead of [P, P].
   """
-  if impl in ("xla", "cudnn") or (impl is None and jax.default_backend() == "gpu"):
+  if impl in ("xla", "cudnn") or (impl is None and layers.compute_platform() == "gpu"):
     return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
                                         implementation=impl)
   if impl not in (None, "einsum"):

@@ -32,6 +32,16 @@ def dtype_of(name: str | Dtype) -> Dtype:
   return jnp.dtype(name) if isinstance(name, str) else name
 
 
+def compute_platform() -> str:
+  """"cpu", "gpu" or "tpu": the platform of the mesh in context (`jax.set_mesh`), else the
+  default backend. A TPU compile from a CPU host (`infllava compile --topology`) sets a TPU
+  mesh while the default backend stays CPU."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def torch_linear_init(fan_in: int) -> Initializer:
   """PyTorch's default `nn.Linear` init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias.
 

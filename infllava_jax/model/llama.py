@@ -259,20 +259,10 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 SPLASH_BLOCK = 512
 
 
-def compute_platform() -> str:
-  """"cpu", "gpu" or "tpu": the platform of the mesh in context (`jax.set_mesh`), else the
-  default backend. A TPU compile from a CPU host (`infllava compile --topology`) sets a TPU
-  mesh while the default backend stays CPU."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 def uses_splash(attention_impl: str | None, length: int) -> bool:
   """Whether uncached self-attention over `length` tokens runs the TPU splash kernel: by
   default on TPU when the block size divides the length (always, at the recipe's 2048)."""
-  return (attention_impl is None and compute_platform() == "tpu"
+  return (attention_impl is None and layers.compute_platform() == "tpu"
           and length % min(SPLASH_BLOCK, length) == 0 and length % 128 == 0)
 
 
@@ -361,7 +351,7 @@ class Attention(nn.Module):
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
     # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere.
     if self.attention_impl in ("xla", "cudnn") or (
-        self.attention_impl is None and compute_platform() == "gpu"):
+        self.attention_impl is None and layers.compute_platform() == "gpu"):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,
                                          implementation=self.attention_impl)
     elif self.attention_impl not in (None, "einsum"):

@@ -378,3 +378,21 @@ def test_splash_attention_equals_grouped_attention():
   assert max_err(llama.splash_attention(q, k, v, jnp.ones_like(segments), scale,
                                         interpret=True), want[0]) > 0.1
   assert not llama.uses_splash(None, t)  # the default off TPU: our einsum path
+
+
+def test_attention_dispatch_follows_the_mesh_platform():
+  """A TPU compile from a CPU host (`infllava compile --topology`) sets a TPU mesh while
+  jax's default backend stays CPU: the TPU paths must follow the mesh, not the backend."""
+  from jax._src.mesh import AbstractDevice  # no public constructor for a foreign device
+  from infllava_jax.model import layers
+  tpu = jax.sharding.AbstractMesh(
+      (2,), ("fsdp",),
+      abstract_device=AbstractDevice(device_kind="TPU v5p", num_cores=None, platform="tpu"))
+  assert layers.compute_platform() == jax.default_backend() == "cpu"
+  assert not llama.uses_splash(None, 2048)
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert layers.compute_platform() == "tpu"
+    assert llama.uses_splash(None, 2048) and llama.uses_splash(None, 256)
+    assert not llama.uses_splash(None, 100)        # no 128-multiple block divides it
+    assert not llama.uses_splash(None, 640 + 128)  # 512 does not divide 768
+    assert not llama.uses_splash("einsum", 2048)   # an explicit choice wins
