@@ -103,6 +103,17 @@ def param_shardings(abstract_variables: Any, mesh: Mesh,
   return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
 
 
+def logical_axis_size(name: str) -> int:
+  """How many devices the logical axis `name` is split over, under the mesh and rules in
+  context (`jax.set_mesh`, `axis_rules`); 1 outside them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([mesh.shape[a] for a in names if a in mesh.shape]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Batch arrays split on their leading axis over (data, fsdp)."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

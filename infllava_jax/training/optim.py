@@ -45,6 +45,7 @@ import optax
 from flax import linen as nn
 from ml_collections import ConfigDict, config_dict
 
+from infllava_jax import sharding
 from infllava_jax.model import llama
 
 FROZEN = "frozen"
@@ -199,13 +200,17 @@ def stop_frozen_gradients(params: Any, mask: Any) -> Any:
   return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
 
 
-def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def per_token_cross_entropy(logits: jax.Array, targets: jax.Array,
+                            vocab_split: bool = False) -> jax.Array:
   """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T].
 
-  The target's logit is picked by a masked sum, not a gather: with the vocabulary split
-  over devices (`loss_vocab`), a sum partitions into local sums and one all-reduce.
+  vocab_split: the vocabulary axis is split over devices (`loss_vocab`). The target's logit
+  is then picked by a masked sum, which partitions into local sums and one all-reduce where
+  a gather does not; otherwise by optax's gather, which skips a pass over the logits.
   """
   logits = logits.astype(jnp.float32)
+  if not vocab_split:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   target_logits = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
   return jax.nn.logsumexp(logits, axis=-1) - target_logits
@@ -229,10 +234,11 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   b, t, d = hidden.shape
   hidden = nn.with_logical_constraint(hidden, ("loss_batch", "length", "act_embed"))
   kernel = nn.with_logical_constraint(kernel, ("act_embed", "loss_vocab"))
+  vocab_split = sharding.logical_axis_size("loss_vocab") > 1
 
   def chunk_loss(h, y):
     logits = llama.project_to_vocab(h, kernel, dtype, ("loss_batch", "length", "loss_vocab"))
-    return per_token_cross_entropy(logits, y)
+    return per_token_cross_entropy(logits, y, vocab_split)
 
   if chunk <= 0 or t <= chunk:
     return chunk_loss(hidden, targets)

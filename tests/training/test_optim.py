@@ -308,6 +308,9 @@ def test_chunked_cross_entropy_is_vocabulary_parallel_over_fsdp():
     return jnp.sum(optim.chunked_cross_entropy(h, k, y, chunk, jnp.float32))
 
   want = jax.grad(loss, argnums=(0, 1))(hidden, kernel, targets)
+  assert sharding.logical_axis_size("loss_vocab") == 1
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    assert sharding.logical_axis_size("loss_vocab") == 8  # the masked-sum target logit
   for argnums in [(0,), (0, 1)]:  # stage 1 (lm_head frozen) and stage 2
     with jax.set_mesh(mesh), sharding.axis_rules():
       grad = jax.jit(jax.grad(loss, argnums=argnums))
@@ -317,3 +320,16 @@ def test_chunked_cross_entropy_is_vocabulary_parallel_over_fsdp():
     assert temp < kernel.nbytes / 2, (argnums, temp)
     for i, g in zip(argnums, got):
       np.testing.assert_allclose(g, want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_cross_entropy_gather_and_masked_sum_agree():
+  """The two ways of picking the target logit (gather on one device, masked sum when the
+  vocabulary is split): the same losses and gradients."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 33)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 33, size=(2, 5)), jnp.int32)
+  results = [jax.value_and_grad(lambda x, s=split: jnp.sum(
+      optim.per_token_cross_entropy(x, targets, s) * jnp.arange(5.0)))(logits)
+             for split in (False, True)]
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-6)
