@@ -233,7 +233,11 @@ def write_synthetic(out: str, splits: dict[str, int], seed: int, image_size: int
                                                                   max_turns, kinds))
       for split, num in splits.items()}
   builder = builder_cls(data_dir=os.path.join(out, "tfds"), file_format="array_record")
-  builder.download_and_prepare()
+  # Rewrite, as the JSON above is: tfds would otherwise keep a set an earlier call prepared
+  # here (other kinds, seed or counts) and the two formats would disagree.
+  import tensorflow_datasets as tfds
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
   written["tfds"] = builder.data_dir
   progress(f"array_record dataset: {builder.data_dir}")
   return written

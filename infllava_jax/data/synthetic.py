@@ -15,7 +15,8 @@ Three question kinds, each with a small closed answer set (accuracy is an exact 
 
 Records are in LLaVA conversation form and depend only on (split, seed, index, kinds), so a
 held-out split is the same generator under another split name, and any prefix of a split
-is the same whatever `num` is.
+is the same whatever `num` is. Their ids name all four (`record_id`), so sets written with
+other kinds never share an id.
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ def render_pattern(rng: np.random.Generator, image_size: int) -> tuple[np.ndarra
   return pattern_image(answer, colour, noise, phase), answer
 
 
+def synthetic_id(split: str, seed: int, index: int, kinds: Sequence[str]) -> str:
+  """The id of record `index`: 'synth-<kinds joined by +>-<split>-<seed>-<index, 7 digits>',
+  e.g. 'synth-pattern-heldout-0-0000000'. The kinds are part of it because the same
+  (split, seed, index) draws a different record under other kinds."""
+  return f"synth-{'+'.join(kinds)}-{split}-{seed}-{index:07d}"
+
+
 def synthetic_example(split: str, seed: int, index: int, image_size: int,
                       max_turns: int = 1, kinds: Sequence[str] = DEFAULT_KINDS) -> dict:
   """Record `index` of a split: {"id", "image": uint8 [S, S, 3], "conversations", "kind"}.
@@ -168,7 +176,7 @@ def synthetic_example(split: str, seed: int, index: int, image_size: int,
   kinds = check_kinds(kinds)
   rng = _rng(split, seed, index)
   kind = kinds[rng.integers(len(kinds))]
-  record_id = f"synth-{split}-{seed}-{index:07d}"
+  record_id = synthetic_id(split, seed, index, kinds)
   if kind == "pattern":
     image, answer = render_pattern(rng, image_size)
     conversations = [{"from": "human", "value": "<image>\n" + QUESTIONS[kind]},

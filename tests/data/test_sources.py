@@ -113,6 +113,24 @@ def test_cli_writes_json_pngs_and_array_record(tmp_path, capsys):
                                              "train"))
 
 
+def test_ids_name_the_kinds_and_a_rewrite_replaces_both_formats(tmp_path):
+  pattern = synthetic.synthetic_example("train", 0, 0, 126)
+  letters = synthetic.synthetic_example("train", 0, 0, 126, kinds=("letter", "count"))
+  assert pattern["id"] == "synth-pattern-train-0-0000000"
+  assert letters["id"] == "synth-letter+count-train-0-0000000"
+  # Writing another set into the same folder replaces the TFDS copy as well as the JSON
+  # (tfds reuses a prepared dataset unless told otherwise).
+  for kinds in ("pattern", "letter,count"):
+    assert cli.main(["synth", "--out", str(tmp_path), "--num", "2", "--num-heldout", "1",
+                     "--image-size", "126", "--kinds", kinds]) == 0
+  expected = [r["id"] for r in synthetic.synthetic_examples("train", 2, 0, 126,
+                                                            kinds=("letter", "count"))]
+  js = sources.LlavaJsonSource(str(tmp_path / "train.json"), str(tmp_path / "images"))
+  tf = sources.TfdsSource(str(tmp_path / "tfds" / "synthetic_detail" / "1.0.0"), "train")
+  assert sorted(js[i]["id"] for i in range(2)) == sorted(tf[i]["id"] for i in range(2)) \
+      == sorted(expected)
+
+
 def test_llava_json_file_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.json"):
     sources.LlavaJsonSource(str(tmp_path / "missing.json"), "")

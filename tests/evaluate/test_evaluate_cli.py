@@ -82,7 +82,7 @@ def test_synthetic_through_the_cli_matches_heldout_accuracy(checkpoint, tmp_path
   assert cli.main(["--checkpoint", checkpoint, "--benchmark", "synthetic", "--limit", "3",
                    "--batch-size", "2", "--max-new-tokens", "2", "--out", out]) == 0
   lines, summary = _outputs(out)
-  assert [l["id"] for l in lines] == [f"synth-heldout-0-{i:07d}" for i in range(3)]
+  assert [l["id"] for l in lines] == [f"synth-pattern-heldout-0-{i:07d}" for i in range(3)]
   assert summary["records"] == 3 and set(summary["by_category"]) <= set(synthetic_data.KINDS)
   # The training loop's entry point gives the same numbers from the same answers.
   assistant = Assistant.from_run(checkpoint)
