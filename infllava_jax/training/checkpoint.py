@@ -261,9 +261,17 @@ def _select(flat: dict, include: Sequence[str], where: str) -> list[str]:
 
 
 def _saved_params(directory: epath.Path) -> dict[str, Any]:
-  """{'/'-joined path: metadata with .shape} of the Orbax param tree in `directory`."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(directory).item_metadata.tree
+  """{'/'-joined path: metadata with .shape} of the Orbax param tree in `directory`.
+
+  Asks the handler, not a `PyTreeCheckpointer`: the checkpointer also looks for step
+  metadata inside the item folder, where `CheckpointManager` never writes it (it lives one
+  level up), and logged "Metadata file does not exist" on every load of a run.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(directory).tree
+  finally:
+    handler.close()
   return traverse_util.flatten_dict(tree, sep="/")
 
 

@@ -1,5 +1,6 @@
 """Orbax checkpoints: round trips, resharding restores, params-only init, crash safety, SIGTERM."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -184,6 +185,16 @@ def test_restore_params_only_subset(tmp_path):
   extra = dict(fresh, dem=dict(fresh["dem"], gate=jnp.zeros(3)))
   with pytest.raises(ValueError, match="dem/gate"):
     checkpoint.restore_params_only(tmp_path / "stage1", extra)
+
+
+def test_loading_a_run_logs_no_warnings(tmp_path, caplog):
+  params = toy_params()
+  with checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+    ckpt.save(2, params, {"count": jnp.zeros((), jnp.int32)})
+  with caplog.at_level(logging.WARNING):
+    out = checkpoint.restore_params_only(tmp_path / "run", jax.tree.map(jnp.zeros_like, params))
+  np.testing.assert_array_equal(out["dem"]["fuse"]["kernel"], params["dem"]["fuse"]["kernel"])
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_restore_params_only_from_converted_folder(tmp_path):
