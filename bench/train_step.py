@@ -157,7 +157,8 @@ def main() -> None:
                            "without native bfloat16 (AVX2 only) torch's autocast step takes "
                            "~40x its float32 one, so a smaller number saves minutes")
   args = parser.parse_args()
-  if min(args.repeats, args.repeats if args.bf16_repeats is None else args.bf16_repeats) < 1:
+  bf16_repeats = args.repeats if args.bf16_repeats is None else args.bf16_repeats
+  if min(args.repeats, bf16_repeats) < 1:
     parser.error("--repeats and --bf16-repeats must be >= 1")
 
   hf = build_hf()
@@ -201,7 +202,6 @@ def main() -> None:
 
   samples = {k: [] for k in ("ours_f32", "torch_f32", "ours_bf16", "torch_bf16", "matmul",
                              "torch_matmul", "gemms_xla", "gemms_torch")}
-  bf16_repeats = args.repeats if args.bf16_repeats is None else args.bf16_repeats
   for repeat in range(max(args.repeats, bf16_repeats)):
     for name, fn in (("ours_f32", runs["float32"]), ("torch_f32", lambda: torch_step(False)),
                      ("ours_bf16", runs["bfloat16"]), ("torch_bf16", lambda: torch_step(True)),

@@ -15,7 +15,7 @@ Three question kinds, each with a small closed answer set (accuracy is an exact 
 
 Records are in LLaVA conversation form and depend only on (split, seed, index, kinds), so a
 held-out split is the same generator under another split name, and any prefix of a split
-is the same whatever `num` is. Their ids name all four (`record_id`), so sets written with
+is the same whatever `num` is. Their ids name all four (`synthetic_id`), so sets written with
 other kinds never share an id.
 """
 
