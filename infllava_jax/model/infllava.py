@@ -130,7 +130,9 @@ def language_model(model_cfg: ConfigDict, scan_layers: bool = True) -> llama.Lla
   return llama.Llama(model_cfg.llm, dtype=layers.dtype_of(model_cfg.dtype),
                      remat_policy=model_cfg.remat_policy,
                      attention_impl=model_cfg.attention_impl,
-                     attention_chunk=model_cfg.attention_chunk, scan_layers=scan_layers)
+                     attention_chunk=model_cfg.attention_chunk,
+                     # A memory layout, not the model: configs saved before it run unchunked.
+                     mlp_chunks=model_cfg.get("mlp_chunks", 1), scan_layers=scan_layers)
 
 
 def build_model(model_cfg: ConfigDict) -> InfLlava:

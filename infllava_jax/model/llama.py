@@ -33,6 +33,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 from ml_collections import ConfigDict
 
+from infllava_jax import sharding
 from infllava_jax.model import layers
 
 ACT_AXES = ("batch", "length", "act_embed")
@@ -382,36 +383,93 @@ class Kernel(nn.Module):
                       self.shape, self.param_dtype)
 
 
-class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)), no biases. [B, T, D] -> [B, T, D].
+def _gated_down(gate_out: jax.Array, up_out: jax.Array, down: jax.Array,
+                out_dtype: layers.Dtype) -> jax.Array:
+  """silu(gate_out) * up_out @ down: [N, F] x2, [F, D] -> [N, D] in `out_dtype` (down cast to
+  the activations' dtype here, inside the callers' checkpoints)."""
+  hidden = nn.with_logical_constraint(jax.nn.silu(gate_out) * up_out, ("batch", "act_mlp"))
+  return jnp.dot(hidden, down.astype(hidden.dtype), preferred_element_type=out_dtype)
 
-  silu(gate) * up and the `down` product sit in a checkpoint that saves nothing inside: the
-  backward recomputes the element-wise product from gate and up (one fused pass; the
-  forward product of `down` is not redone), so a layer keeps 2 [B*T, mlp] residuals
-  instead of 5 (gate, up, sigmoid, silu, product).
+
+def mlp_column_set(kernel: jax.Array, index: jax.Array, sets: int, shards: int,
+                   axis: int) -> jax.Array:
+  """Column set `index` of `sets` along `kernel`'s MLP axis (`axis`, length F), as
+  `swiglu` splits it: [D, F] (axis 1) -> [D, F / sets], or [F, D] (axis 0) -> [F / sets, D].
+
+  F is seen as `shards` contiguous blocks (its `tensor` sharding) and set c takes the c-th
+  of `sets` equal slices of every block, so each set is spread over the devices that hold
+  F rather than held by a few of them. A slice, not a re-layout of the whole kernel (a
+  transposed copy of every layer's weights, which XLA hoists out of the layer loop).
   """
+  f = kernel.shape[axis]
+  width = f // shards // sets
+  blocks = kernel.reshape(*kernel.shape[:axis], shards, f // shards, *kernel.shape[axis + 1:])
+  part = lax.dynamic_slice_in_dim(blocks, index * width, width, axis=axis + 1)
+  return part.reshape(*kernel.shape[:axis], f // sets, *kernel.shape[axis + 1:])
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+           dtype: layers.Dtype, chunks: int = 1) -> jax.Array:
+  """down(silu(x gate) * (x up)): x [N, D]; gate, up [D, F]; down [F, D] -> [N, D] in `dtype`
+  (matmul inputs in `dtype`).
+
+  chunks == 1: gate and up are computed whole; silu(gate) * up and the `down` product sit
+  in a checkpoint that saves nothing inside, so the backward recomputes the element-wise
+  product (one fused pass) and a layer keeps 2 [N, F] residuals instead of 5 (gate, up,
+  sigmoid, silu, product).
+
+  chunks > 1: F is cut into `chunks` column sets (`mlp_column_set`) and a scan over them
+  adds each set's share of the output (float32 accumulation). The scan body saves
+  nothing, so no [N, F] activation is ever whole, forwards or backwards (the backward
+  recomputes a set's gate and up: 2 of its 3 forward products, which a layer under remat
+  recomputes anyway), and under FSDP XLA gathers one set's weights at a time instead of
+  the layer's whole MLP. The same FLOPs as chunks == 1 under a remat'ed layer; smaller
+  matmuls. For the 8B model's training configs (`model.mlp_chunks`).
+  """
+  x = x.astype(dtype)
+  if chunks == 1:
+    gated_down = jax.checkpoint(_gated_down, policy=jax.checkpoint_policies.nothing_saveable,
+                                prevent_cse=False, static_argnums=(3,))
+    return gated_down(jnp.dot(x, gate.astype(dtype), preferred_element_type=dtype),
+                      jnp.dot(x, up.astype(dtype), preferred_element_type=dtype), down, dtype)
+  f = gate.shape[1]
+  shards = sharding.logical_axis_size("mlp")
+  if f % (chunks * shards):
+    raise ValueError(f"model.mlp_chunks={chunks} x {shards} shards of the MLP width does not "
+                     f"divide it ({f})")
+  # x enters the scan in float32 so that its gradient, summed over the sets in the scan's
+  # carry, is accumulated in float32 as one whole product would be.
+  x32 = x.astype(jnp.float32)
+
+  def add_set(out, index):
+    cut = lambda kernel, axis: mlp_column_set(kernel, index, chunks, shards, axis)
+    product = lambda kernel: jnp.dot(x32.astype(dtype), cut(kernel, 1).astype(dtype),
+                                     preferred_element_type=dtype)
+    return out + _gated_down(product(gate), product(up), cut(down, 0), jnp.float32), None
+
+  add_set = jax.checkpoint(add_set, policy=jax.checkpoint_policies.nothing_saveable,
+                           prevent_cse=False)
+  out, _ = lax.scan(add_set, jnp.zeros((x.shape[0], down.shape[1]), jnp.float32),
+                    jnp.arange(chunks))
+  return out.astype(dtype)
+
+
+class MLP(nn.Module):
+  """SwiGLU, no biases (`swiglu`; `chunks` column sets of the MLP width). [B, T, D] -> same."""
 
   cfg: ConfigDict
   dtype: layers.Dtype
   param_dtype: layers.Dtype
+  chunks: int = 1
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda features, axes, name: layers.Dense(
-        features, axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
     b, t, d = x.shape
-    x = x.reshape(b * t, d)  # 2-D matmuls, as in Attention
-    gate = dense(self.cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
-    up = dense(self.cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-    down = Kernel((self.cfg.mlp_dim, d), ("mlp", "embed"), self.param_dtype, name="down")()
-
-    def gated_down(gate, up, kernel):
-      hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "act_mlp"))
-      return jnp.dot(hidden, kernel.astype(self.dtype), preferred_element_type=self.dtype)
-
-    out = jax.checkpoint(gated_down, policy=jax.checkpoint_policies.nothing_saveable,
-                         prevent_cse=False)(gate, up, down)
+    f = self.cfg.mlp_dim
+    kernel = lambda shape, axes, name: Kernel(shape, axes, self.param_dtype, name=name)()
+    out = swiglu(x.reshape(b * t, d),  # 2-D matmuls, as in Attention
+                 kernel((d, f), ("embed", "mlp"), "gate"), kernel((d, f), ("embed", "mlp"), "up"),
+                 kernel((f, d), ("mlp", "embed"), "down"), self.dtype, self.chunks)
     return out.reshape(b, t, d)
 
 
@@ -423,6 +481,7 @@ class DecoderLayer(nn.Module):
   param_dtype: layers.Dtype
   attention_impl: str | None = None
   attention_chunk: int = 0
+  mlp_chunks: int = 1
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv, index):
@@ -432,7 +491,11 @@ class DecoderLayer(nn.Module):
                      self.attention_chunk, name="attn")
     attn_out, new_kv = attn(norm("attn_norm")(x), cos, sin, mask, kv, index)
     x = nn.with_logical_constraint(x + attn_out, ACT_AXES)
-    x = x + MLP(self.cfg, self.dtype, self.param_dtype, name="mlp")(norm("mlp_norm")(x))
+    # Column sets are for training: with a cache (prefill, decoding) there is no backward
+    # to save memory for, only a loop of smaller products at every token.
+    chunks = self.mlp_chunks if kv is None else 1
+    mlp = MLP(self.cfg, self.dtype, self.param_dtype, chunks, name="mlp")
+    x = x + mlp(norm("mlp_norm")(x))
     return nn.with_logical_constraint(x, ACT_AXES), new_kv
 
 
@@ -503,6 +566,8 @@ class Llama(nn.Module):
       uncached self-attention runs `splash_attention` when `uses_splash` says it fits.
     attention_chunk: query block of `causal_chunked_attention` when attention_impl is None
       and no cache is used; 0 disables it.
+    mlp_chunks: column sets of the MLP width computed one at a time (`swiglu`); 1 computes
+      the MLP whole.
     scan_layers: True (the default, and the checkpoint layout) scans one compiled layer
       body over stacked params `layers/...` with a leading layer axis. False builds `depth`
       separate layers with params `layers_0/...`, `layers_1/...` (no leading axis; the
@@ -515,6 +580,7 @@ class Llama(nn.Module):
   remat_policy: str = "none"
   attention_impl: str | None = None
   attention_chunk: int = 128
+  mlp_chunks: int = 1
   scan_layers: bool = True
 
   def setup(self):
@@ -532,14 +598,15 @@ class Llama(nn.Module):
           DecoderLayer, length=cfg.depth, remat=self.remat_policy,
           # cos, sin, mask and the write index are shared; the cache is split by layer.
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
-      self.layers = scanned(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk)
+      self.layers = scanned(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk,
+                            self.mlp_chunks)
     else:
       block = DecoderLayer
       if self.remat_policy != "none":
         block = nn.remat(DecoderLayer, policy=layers.remat_policy(self.remat_policy),
                          prevent_cse=False)
       self.layers = [block(cfg, dtype, param_dtype, self.attention_impl, self.attention_chunk,
-                           name=f"layers_{i}") for i in range(cfg.depth)]
+                           self.mlp_chunks, name=f"layers_{i}") for i in range(cfg.depth)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.lm_head = LMHead(cfg.vocab_size, dtype, param_dtype)
 

@@ -289,6 +289,49 @@ def test_remat_policies_give_equal_gradients(llm_cfg, params, tokens):
   assert float(jnp.max(jnp.abs(plain["layers"]["attn"]["q"]["kernel"]))) > 1e-3
 
 
+def test_mlp_column_sets_equal_the_whole_mlp(llm_cfg, params, run, tokens):
+  """`mlp_chunks` (the MLP width in column sets, one at a time) computes the same logits
+  and gradients, with and without remat; with a cache (decoding) the MLP runs whole."""
+  positions = arange_positions(2, T)
+  chunked = llama.Llama(llm_cfg, mlp_chunks=4)
+  logits, _ = chunked.apply({"params": params}, tokens, positions, method="tokens_to_logits")
+  assert max_err(logits, run(tokens, positions)[0]) <= TOL
+  cache = llama.init_cache(llm_cfg, 2, T, jnp.float32)
+  with_cache = lambda model: str(jax.make_jaxpr(
+      lambda: model.apply({"params": params}, tokens, positions, np.ones_like(tokens), cache,
+                          method="tokens_to_logits"))())
+  assert with_cache(chunked) == with_cache(llama.Llama(llm_cfg))
+
+  def grads(policy, chunks):
+    model = llama.Llama(llm_cfg, remat_policy=policy, mlp_chunks=chunks)
+
+    def loss(p):
+      logits, _ = model.apply({"params": p}, tokens, positions, method="tokens_to_logits")
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    return jax.jit(jax.grad(loss))(params)
+
+  want = grads("none", 1)
+  assert float(jnp.max(jnp.abs(want["layers"]["mlp"]["gate"]["kernel"]))) > 1e-4
+  for policy in ("none", "nothing_saveable"):
+    errs = jax.tree_util.tree_map(max_err, grads(policy, 4), want)
+    assert max(jax.tree_util.tree_leaves(errs)) <= 1e-6
+  with pytest.raises(ValueError, match=r"mlp_chunks=3 x 1 shards of the MLP width does not "
+                     r"divide it \(128\)"):
+    llama.Llama(llm_cfg, mlp_chunks=3).apply({"params": params}, tokens, positions,
+                                             method="tokens_to_logits")
+
+
+def test_mlp_column_sets_take_a_slice_of_every_shard_block():
+  """Set c of 2 takes the c-th half of each of the 2 shard blocks of F = 8: columns of a
+  [D, F] kernel, rows of an [F, D] one."""
+  kernel = np.arange(2 * 8).reshape(2, 8)
+  got = llama.mlp_column_set(jnp.asarray(kernel), 1, sets=2, shards=2, axis=1)
+  np.testing.assert_array_equal(np.asarray(got), kernel[:, [2, 3, 6, 7]])
+  got = llama.mlp_column_set(jnp.asarray(kernel.T), 1, sets=2, shards=2, axis=0)
+  np.testing.assert_array_equal(np.asarray(got), kernel.T[[2, 3, 6, 7]])
+
+
 def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   """`scan_layers=False` (every layer in the HLO) computes what the scan does: logits,
   the KV cache, and gradients (under remat too); its param tree is the unstacked one."""
