@@ -33,6 +33,10 @@ def model_config() -> ConfigDict:
   # matmul outputs ("dots_with_no_batch_dims_saveable") would cost ~5.5 GiB per row, too
   # much at the reference's 4+ rows per device.
   model.remat_policy = "nothing_saveable"
+  # The MLP in 8 column sets of 1792, one at a time (llama.swiglu): no whole [2048, 14336]
+  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time (figures in
+  # the README, "Fitting the 8B model").
+  model.mlp_chunks = 8
   return model
 
 
@@ -66,11 +70,14 @@ def train_config() -> ConfigDict:
   train = optim.default_train_config(1)  # DEM + projector, lr 1e-3, AdamW 0.9/0.999/1e-8,
   # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (spec 10)
   train.update(dict(
-      # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at
-      # once (the loss holds their float32 logits train.loss_chunk tokens at a time).
+      # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at once.
       grad_accum_steps=8,
-      # Tokens per row in each loss chunk: 4 rows x 128 = 512 tokens of logits per device
-      # at a time (TPU v5p at fsdp=8: 10.53 -> 8.32 GiB per device against a chunk of 512).
+      # The loss on each device's own rows, lm_head gathered 2048 vocabulary columns at a
+      # time (optim.blockwise_cross_entropy): float32 logits [4, 2048, 2048] per device, and
+      # no re-split copy of lm_head (its all-to-all was the stage-1 peak on TPU v5p).
+      loss_vocab_block=2048,
+      # Used instead on a mesh with tensor > 1 (vocabulary-parallel): tokens per row in each
+      # loss chunk, 4 rows x 128 = 512 tokens of logits per device at a time.
       loss_chunk=128,
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~2,180 steps)
       log_every=10,

@@ -17,9 +17,11 @@ by the TPU compiler itself, through libtpu's compile-only client: no TPU is need
 the libtpu package (`pip install 'infllava-jax[tpu]'`). Those figures are the TPU's own.
 
 Printed: per-device memory from XLA (arguments, outputs, donated aliasing, temporaries,
-generated code, total), an analytic lower bound per device (params + gradients + AdamW
-state as the shardings place them, the batch, the activations the remat policy must keep,
-the float32 logits of one `train.loss_chunk` the loss holds) and compiled / bound, and FLOPs per step from XLA beside
+generated code, total; and XLA's peak of the buffers live at once, which the total exceeds
+by what packing them into one temporary allocation leaves unused), an analytic lower bound
+per device (params + gradients + AdamW state as the shardings place them, the batch, the
+activations the remat policy must keep, the float32 logits of the loss chunk or vocabulary
+block the loss holds) and compiled / bound, and FLOPs per step from XLA beside
 `training/flops.py`'s formula. Exits 1 when the total exceeds --device-memory.
 """
 
@@ -165,7 +167,8 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
   through keep anything: the LLM always (the projector's gradient passes through it, frozen
   or not), CLIP only when one of its params trains. The loss holds float32 logits for
   `train.loss_chunk` tokens of each row at a time (all T when 0), vocab split over `tensor`
-  (`act_vocab`).
+  (`act_vocab`); or, with `train.loss_vocab_block` on a mesh without `tensor`, for every
+  token of the device's rows and one block of the vocabulary.
   """
   import jax.numpy as jnp
   from infllava_jax.model import clip, dcm
@@ -181,9 +184,12 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
     used, tokens = clip.num_used_layers(v), clip.num_patches(v) + 1
     terms.append((f"carry: {used} CLIP layers x [{images}, {tokens}, {v.width}] {compute.name}",
                   used * images * tokens * v.width * compute.itemsize))
-  vocab = -(-llm.vocab_size // tensor)
-  chunk = config.train.get("loss_chunk", 0)
-  tokens = min(chunk, length) if chunk > 0 else length
+  block = config.train.get("loss_vocab_block", 0)
+  if block > 0 and tensor == 1:  # `optim.blockwise_cross_entropy`
+    tokens, vocab = length, min(block, llm.vocab_size)
+  else:
+    chunk = config.train.get("loss_chunk", 0)
+    tokens, vocab = (min(chunk, length) if chunk > 0 else length), -(-llm.vocab_size // tensor)
   terms.append((f"logits [{rows_per_device}, {tokens}, {vocab}] float32",
                 rows_per_device * tokens * vocab * 4))
   return terms
@@ -233,8 +239,9 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   rows_per_shard: rows of each micro-batch per batch shard (data x fsdp position), so the
   global batch is rows_per_shard x shards x train.grad_accum_steps.
   Returns a dict: mesh, devices, global_batch, memory (XLA's per-device bytes: arguments,
-  outputs, alias, temporaries, generated_code, total), bound (list of (label, bytes per
-  device)), bound_total, flops_xla (per device), flops_formula (whole step, all devices).
+  outputs, alias, temporaries, generated_code, total, and peak: XLA's peak of live buffers),
+  bound (list of (label, bytes per device)), bound_total, flops_xla (per device),
+  flops_formula (whole step, all devices).
   """
   import jax
   from infllava_jax import sharding
@@ -283,6 +290,9 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   # Donated state buffers are reused for the new state: count them once.
   memory["total"] = (memory["arguments"] + memory["outputs"] - memory["alias"]
                      + memory["temporaries"] + memory["generated_code"])
+  # XLA's own peak of the buffers live at once (0 where the backend does not report it):
+  # below the total by what packing them into one temporary allocation leaves unused.
+  memory["peak"] = getattr(stats, "peak_memory_in_bytes", 0) or 0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -323,7 +333,11 @@ def report(figures: dict, limit: int | None) -> str:
            f"  temporaries     {format_bytes(mem['temporaries'])}",
            f"  generated code  {format_bytes(mem['generated_code'])}",
            f"  total           {format_bytes(mem['total'])}" +
-           (f"  (limit {format_bytes(limit).strip()})" if limit else ""),
+           (f"  (limit {format_bytes(limit).strip()})" if limit else "")]
+  if mem.get("peak"):
+    lines.append(f"  (XLA's peak of live buffers {format_bytes(mem['peak']).strip()}: the "
+                 "temporaries are those buffers packed into one allocation)")
+  lines += [
            "analytic lower bound per device:"]
   lines += [f"  {format_bytes(b)}  {label}" for label, b in figures["bound"]]
   lines += [f"  {format_bytes(figures['bound_total'])}  total",

@@ -27,6 +27,10 @@ the reference's values):
   loss_chunk          tokens per chunk of the cross-entropy (`chunked_cross_entropy`): the
                       [B, T, V] float32 logits and their gradient exist one chunk at a time;
                       0 computes them whole.
+  loss_vocab_block    0 (default): the loss above, vocabulary-parallel on a mesh. > 0: each
+                      device keeps its own rows and gathers lm_head this many vocabulary
+                      columns at a time (`blockwise_cross_entropy`; the 8B configs). Needs
+                      lm_head's vocabulary unsplit (mesh tensor=1); otherwise the loss above.
   global_batch_size, num_epochs  read by the train loop (256 / 128 sequences, 1 epoch).
 
 Frozen params get no optimiser state: `optax.multi_transform` routes them to
@@ -71,6 +75,7 @@ def default_train_config(stage: int = 2) -> ConfigDict:
       loss_normalisation="global_token_mean",
       loss_group_size=16 if stage == 1 else 8,
       loss_chunk=512,
+      loss_vocab_block=0,
       global_batch_size=256 if stage == 1 else 128,
       num_epochs=1,
   ))
@@ -227,16 +232,18 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   each per row of 2048 tokens at LLaMA-3's V = 128256. T need not divide by `chunk` (the
   last chunk is padded and its padding dropped); chunk <= 0 or >= T computes them whole.
 
-  On a mesh the loss is vocabulary-parallel (`sharding.py`, `loss_*` axes): the hidden
-  states are gathered over `fsdp` and lm_head is re-split by vocabulary once, so no device
-  ever holds the whole lm_head, only [B, chunk, V / (fsdp * tensor)] of each chunk's logits.
+  On a mesh the loss is vocabulary-parallel (`sharding.py`, `loss_*` axes): each chunk's
+  hidden states are gathered over `fsdp` inside the loop (never the whole batch's at once)
+  and lm_head is re-split by vocabulary once, so no device ever holds the whole lm_head,
+  only [B, chunk, V / (fsdp * tensor)] of each chunk's logits.
   """
   b, t, d = hidden.shape
-  hidden = nn.with_logical_constraint(hidden, ("loss_batch", "length", "act_embed"))
-  kernel = nn.with_logical_constraint(kernel, ("act_embed", "loss_vocab"))
+  # Cast before the re-split: float32 params (stage 2) move and hold half the bytes.
+  kernel = nn.with_logical_constraint(kernel.astype(dtype), ("act_embed", "loss_vocab"))
   vocab_split = sharding.logical_axis_size("loss_vocab") > 1
 
   def chunk_loss(h, y):
+    h = nn.with_logical_constraint(h, ("loss_batch", "length", "act_embed"))
     logits = llama.project_to_vocab(h, kernel, dtype, ("loss_batch", "length", "loss_vocab"))
     return per_token_cross_entropy(logits, y, vocab_split)
 
@@ -245,9 +252,69 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
   n = -(-t // chunk)
   pad = n * chunk - t
   h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  h = nn.with_logical_constraint(h, (None, "batch", "length", "act_embed"))  # still per device
   y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
   ce = jax.lax.map(jax.checkpoint(lambda hy: chunk_loss(*hy)), (h, y))  # [n, B, chunk]
   return ce.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def blockwise_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                            block: int, dtype: Any) -> jax.Array:
+  """`per_token_cross_entropy` of the logits `hidden @ kernel`, `block` vocabulary columns
+  at a time, each device on its own rows.
+
+  hidden [B, T, D] (the LLM's final-norm output), kernel [D, V] (lm_head, rows split over
+  `fsdp` as stored), targets [B, T] int32 -> [B, T] float32. A scan over the column blocks
+  keeps a running max, sum of exponentials and target logit per token (online
+  log-sum-exp); its body is checkpointed, so the backward recomputes one block's
+  [B, T, block] float32 logits at a time. On a mesh each block of lm_head is gathered over
+  `fsdp` inside the loop ([D, block], never the whole kernel) while the hidden states stay
+  where they are: unlike `chunked_cross_entropy`'s vocabulary-parallel form, no re-split
+  copy of lm_head is made (on TPU v5p its all-to-all held three at once, the stage-1 peak),
+  at the price of gathering every device's share of lm_head once forwards and once in the
+  backward. When `block` does not divide V the last block overlaps the one before; the
+  columns already counted are masked there.
+  """
+  v = kernel.shape[1]
+  block = min(block, v)
+  h = nn.with_logical_constraint(hidden.astype(dtype), ("batch", "length", "act_embed"))
+
+  def add_block(carry, i):
+    top, total, picked = carry
+    start = jnp.minimum(i * block, v - block)
+    # No constraint on the block itself: one there makes XLA gather the whole kernel
+    # before the loop and slice it inside. Keeping the logits on the rows' devices makes
+    # the product gather the block instead.
+    w = jax.lax.dynamic_slice_in_dim(kernel, start, block, axis=1).astype(dtype)
+    logits = nn.with_logical_constraint(
+        jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32),
+        ("batch", "length", "act_vocab"))
+    ids = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+    fresh = ids >= i * block
+    logits = jnp.where(fresh, logits, -jnp.inf)
+    new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+    total = (total * jnp.exp(top - new_top)
+             + jnp.sum(jnp.exp(logits - new_top[..., None]), axis=-1))
+    hit = fresh & (ids == targets[..., None])
+    picked = picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    return (new_top, total, picked), None
+
+  shape = targets.shape
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape, jnp.float32))
+  (top, total, picked), _ = jax.lax.scan(jax.checkpoint(add_block), init,
+                                         jnp.arange(-(-v // block)))
+  return top + jnp.log(total) - picked
+
+
+def token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                        train_cfg: ConfigDict, dtype: Any) -> jax.Array:
+  """[B, T] float32 CE of `hidden @ kernel` by the form `train_cfg` picks (`loss_chunk`,
+  `loss_vocab_block`; see the module docstring) for the mesh in context."""
+  block = train_cfg.get("loss_vocab_block", 0)
+  if block > 0 and sharding.logical_axis_size("vocab") == 1:
+    return blockwise_cross_entropy(hidden, kernel, targets, block, dtype)
+  return chunked_cross_entropy(hidden, kernel, targets, train_cfg.get("loss_chunk", 0), dtype)
 
 
 def loss_weights(loss_mask: jax.Array, mode: str = "global_token_mean",

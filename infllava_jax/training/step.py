@@ -60,9 +60,8 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
     params = merge_trainable(treedef, mask_leaves, trainable, frozen)
     hidden, _ = model.apply({"params": params}, micro["tokens"], micro["pixels"],
                             micro["positions"], micro["segment_ids"], head=False)
-    ce = optim.chunked_cross_entropy(hidden, params["llm"]["lm_head"]["kernel"],
-                                     micro["targets"], train_cfg.get("loss_chunk", 0),
-                                     layers.dtype_of(model.cfg.dtype))
+    ce = optim.token_cross_entropy(hidden, params["llm"]["lm_head"]["kernel"],
+                                   micro["targets"], train_cfg, layers.dtype_of(model.cfg.dtype))
     return jnp.sum(ce * micro["weights"]), {"tokens": jnp.sum(micro["loss_mask"])}
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -322,6 +322,81 @@ def test_chunked_cross_entropy_is_vocabulary_parallel_over_fsdp():
       np.testing.assert_allclose(g, want[i], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [8, 33, 64])
+def test_blockwise_cross_entropy_and_its_gradients_equal_whole_logits(block):
+  """Vocabulary blocks that do not divide V (8: the last block overlaps its neighbour, and a
+  target sits in the overlap), V itself, and more than V."""
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, 33)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 33, size=(2, 12)), jnp.int32).at[0, 3].set(30)
+  weights = jnp.asarray(rng.random(size=(2, 12)), jnp.float32)
+
+  def whole(h, k):
+    return optim.per_token_cross_entropy(llama.project_to_vocab(h, k, jnp.float32), targets)
+
+  def blocks(h, k):
+    return optim.blockwise_cross_entropy(h, k, targets, block, jnp.float32)
+
+  np.testing.assert_allclose(blocks(hidden, kernel), whole(hidden, kernel), rtol=1e-6,
+                             atol=1e-6)
+  grads = [jax.grad(lambda h, k, f=f: jnp.sum(f(h, k) * weights), argnums=(0, 1))(hidden, kernel)
+           for f in (blocks, whole)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_blockwise_cross_entropy_gathers_blocks_not_the_kernel_over_fsdp():
+  """On fsdp=8 with lm_head split by rows, each device keeps its rows and gathers one
+  [D, block] block at a time: XLA's temporaries for the gradients stay under half the
+  kernel, with and without its gradient. Values equal one device."""
+  b, t, d, v, block = 8, 64, 64, 32768, 1024
+  mesh = sharding.make_mesh("fsdp")
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+  kernel = rng.normal(size=(d, v)).astype(np.float32) * 0.1
+  targets = rng.integers(0, v, size=(b, t)).astype(np.int32)
+
+  def loss(h, k, y):
+    return jnp.sum(optim.blockwise_cross_entropy(h, k, y, block, jnp.float32))
+
+  want = jax.grad(loss, argnums=(0, 1))(hidden, kernel, targets)
+  for argnums in [(0,), (0, 1)]:  # stage 1 (lm_head frozen) and stage 2
+    with jax.set_mesh(mesh), sharding.axis_rules():
+      grad = jax.jit(jax.grad(loss, argnums=argnums))
+      args = [jax.device_put(x, rows) for x in (hidden, kernel, targets)]
+      temp = grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+      got = grad(*args)
+    assert temp < kernel.nbytes / 2, (argnums, temp)
+    for i, g in zip(argnums, got):
+      np.testing.assert_allclose(g, want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_token_cross_entropy_takes_blocks_only_where_the_vocabulary_is_whole(monkeypatch):
+  """train.loss_vocab_block > 0 picks the blockwise form, except on a mesh that splits
+  lm_head's vocabulary (tensor > 1), where the vocabulary-parallel form runs instead."""
+  called = []
+  real = optim.blockwise_cross_entropy
+  monkeypatch.setattr(optim, "blockwise_cross_entropy",
+                      lambda *args: called.append(1) or real(*args))
+  train = optim.default_train_config(2)
+  train.loss_vocab_block = 16
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(8, 4, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(8, 40)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 40, size=(8, 4)), jnp.int32)
+  want = optim.per_token_cross_entropy(llama.project_to_vocab(hidden, kernel, jnp.float32),
+                                       targets)
+  for mesh, blockwise in (("fsdp=8", True), ("fsdp=4,tensor=2", False)):
+    called.clear()
+    with jax.set_mesh(sharding.make_mesh(mesh)), sharding.axis_rules():
+      got = jax.jit(lambda h, k, y: optim.token_cross_entropy(h, k, y, train, jnp.float32))(
+          hidden, kernel, targets)
+    assert bool(called) == blockwise, mesh
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_per_token_cross_entropy_gather_and_masked_sum_agree():
   """The two ways of picking the target logit (gather on one device, masked sum when the
   vocabulary is split): the same losses and gradients."""

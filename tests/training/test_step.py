@@ -92,22 +92,25 @@ def test_sharded_step_equals_one_device(tmp_path):
 
 
 def test_chunked_loss_step_equals_whole_logits_step(tmp_path):
-  """train.loss_chunk changes when logits exist, not the maths: 7-token chunks (rows of
-  the synthetic batch are not a multiple of 7) vs whole logits, two steps, stage 2."""
+  """train.loss_chunk and train.loss_vocab_block change when logits exist, not the maths:
+  7-token chunks (rows of the synthetic batch are not a multiple of 7), and vocabulary
+  blocks of 100 (not dividing the vocabulary), vs whole logits, two steps, stage 2."""
   adam = ["--config.train.lr=1e-2", "--config.train.eps=1e-4"]  # see the test above
   devices = jax.devices()[:1]
   whole = trainer(tmp_path, "whole", ["--config.train.loss_chunk=0"] + adam, devices)
-  chunked = trainer(tmp_path, "chunked", ["--config.train.loss_chunk=7"] + adam, devices)
   batches = [next(whole.data), next(whole.data)]
   assert batches[0]["tokens"].shape[1] % 7
+  assert whole.config.model.llm.vocab_size % 100
   m0, p0 = take_steps(whole, batches)
-  m7, p7 = take_steps(chunked, batches)
-  for a, b in zip(m7, m0):
-    for name in ("loss", "grad_norm"):
-      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
-  for path, a, b in zip(jax.tree.leaves(optim.param_paths(p0)), jax.tree.leaves(p7),
-                        jax.tree.leaves(p0)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
+  for name, flag in (("chunked", "--config.train.loss_chunk=7"),
+                     ("blocks", "--config.train.loss_vocab_block=100")):
+    m1, p1 = take_steps(trainer(tmp_path, name, [flag] + adam, devices), batches)
+    for a, b in zip(m1, m0):
+      for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{name} {key}")
+    for path, a, b in zip(jax.tree.leaves(optim.param_paths(p0)), jax.tree.leaves(p1),
+                          jax.tree.leaves(p0)):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"{name} {path}")
 
 
 if __name__ == "__main__":
