@@ -17,11 +17,10 @@ by the TPU compiler itself, through libtpu's compile-only client: no TPU is need
 the libtpu package (`pip install 'infllava-jax[tpu]'`). Those figures are the TPU's own.
 
 Printed: per-device memory from XLA (arguments, outputs, donated aliasing, temporaries,
-generated code, total; and XLA's peak of the buffers live at once, which the total exceeds
-by what packing them into one temporary allocation leaves unused), an analytic lower bound
-per device (params + gradients + AdamW state as the shardings place them, the batch, the
-activations the remat policy must keep, the float32 logits of the loss chunk or vocabulary
-block the loss holds) and compiled / bound, and FLOPs per step from XLA beside
+generated code, total), an analytic lower bound per device (params + gradients + AdamW
+state as the shardings place them, the batch, the activations the remat policy must keep,
+the float32 logits of the loss chunk or vocabulary block the loss holds) and compiled /
+bound, and FLOPs per step from XLA beside
 `training/flops.py`'s formula. Exits 1 when the total exceeds --device-memory.
 """
 
@@ -239,9 +238,8 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   rows_per_shard: rows of each micro-batch per batch shard (data x fsdp position), so the
   global batch is rows_per_shard x shards x train.grad_accum_steps.
   Returns a dict: mesh, devices, global_batch, memory (XLA's per-device bytes: arguments,
-  outputs, alias, temporaries, generated_code, total, and peak: XLA's peak of live buffers),
-  bound (list of (label, bytes per device)), bound_total, flops_xla (per device),
-  flops_formula (whole step, all devices).
+  outputs, alias, temporaries, generated_code, total), bound (list of (label, bytes per
+  device)), bound_total, flops_xla (per device), flops_formula (whole step, all devices).
   """
   import jax
   from infllava_jax import sharding
@@ -290,9 +288,6 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   # Donated state buffers are reused for the new state: count them once.
   memory["total"] = (memory["arguments"] + memory["outputs"] - memory["alias"]
                      + memory["temporaries"] + memory["generated_code"])
-  # XLA's own peak of the buffers live at once (0 where the backend does not report it):
-  # below the total by what packing them into one temporary allocation leaves unused.
-  memory["peak"] = getattr(stats, "peak_memory_in_bytes", 0) or 0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -333,11 +328,7 @@ def report(figures: dict, limit: int | None) -> str:
            f"  temporaries     {format_bytes(mem['temporaries'])}",
            f"  generated code  {format_bytes(mem['generated_code'])}",
            f"  total           {format_bytes(mem['total'])}" +
-           (f"  (limit {format_bytes(limit).strip()})" if limit else "")]
-  if mem.get("peak"):
-    lines.append(f"  (XLA's peak of live buffers {format_bytes(mem['peak']).strip()}: the "
-                 "temporaries are those buffers packed into one allocation)")
-  lines += [
+           (f"  (limit {format_bytes(limit).strip()})" if limit else ""),
            "analytic lower bound per device:"]
   lines += [f"  {format_bytes(b)}  {label}" for label, b in figures["bound"]]
   lines += [f"  {format_bytes(figures['bound_total'])}  total",

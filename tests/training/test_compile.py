@@ -42,7 +42,6 @@ def test_tiny_compile_figures_are_consistent(tiny_figures):
   assert tiny_figures["bound_total"] == sum(bound.values())
   # A lower bound: XLA cannot hold the step in less.
   assert mem["total"] >= tiny_figures["bound_total"] > 0
-  assert mem["peak"] > 0  # XLA's peak of live buffers, printed beside the total
   assert tiny_figures["flops_xla"] > 0 and tiny_figures["flops_formula"] > 0
 
 
@@ -62,7 +61,6 @@ def test_main_reports_and_fails_over_device_memory(tiny_figures, monkeypatch, ca
   assert seen == {"mesh": "fsdp=4,tensor=2", "devices": 8, "rows": 1, "length": 64,
                   "accum": 1}
   assert "compiled / bound:" in out and "analytic lower bound per device:" in out
-  assert "XLA's peak of live buffers" in out
 
   assert compile_cli.main(argv + ["--device-memory", "1KiB"]) == 1
   err = capsys.readouterr().err
