@@ -332,6 +332,22 @@ def test_mlp_column_sets_take_a_slice_of_every_shard_block():
   np.testing.assert_array_equal(np.asarray(got), kernel.T[[2, 3, 6, 7]])
 
 
+def test_mlp_column_sets_on_a_tensor_mesh_equal_one_device(llm_cfg, params, run, tokens):
+  """On fsdp=4 x tensor=2 (the MLP width split over `tensor`, so each set is cut from both
+  shard blocks: `mlp_column_set`), the logits equal one device's."""
+  from infllava_jax import sharding
+  positions = arange_positions(2, T)
+  mesh = sharding.make_mesh("fsdp=4,tensor=2")
+  model = llama.Llama(llm_cfg, mlp_chunks=4)
+  boxed = init_shapes(model)
+  placed = jax.device_put(params, nn.meta.unbox(sharding.param_shardings(boxed, mesh))["params"])
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    assert sharding.logical_axis_size("mlp") == 2
+    logits, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, positions,
+                                              method="tokens_to_logits"))(placed)
+  assert max_err(logits, run(tokens, positions)[0]) <= TOL
+
+
 def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   """`scan_layers=False` (every layer in the HLO) computes what the scan does: logits,
   the KV cache, and gradients (under remat too); its param tree is the unstacked one."""
