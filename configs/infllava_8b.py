@@ -87,8 +87,8 @@ def model_config(variant: str = "infllava") -> ConfigDict:
       # einsums elsewhere (fastest on CPU); or force "einsum", "xla" or "cudnn".
       attention_impl=None,
       attention_chunk=128,   # causal LLM attention in query blocks of 128 (0: one block)
-      # Training only: the LLM's MLP width in this many column sets, one at a
-      # time (llama.swiglu): no whole [tokens, 14336] activation, and FSDP gathers one set's
+      # Training only: the LLM's MLP width in this many column sets, one at a time
+      # (llama.swiglu): no whole [tokens, 14336] activation, and FSDP gathers one set's
       # weights at a time. Same FLOPs under remat; 1 computes the MLP whole.
       mlp_chunks=1,
   ))

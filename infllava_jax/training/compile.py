@@ -20,8 +20,8 @@ Printed: per-device memory from XLA (arguments, outputs, donated aliasing, tempo
 generated code, total), an analytic lower bound per device (params + gradients + AdamW
 state as the shardings place them, the batch, the activations the remat policy must keep,
 the float32 logits of the loss chunk or vocabulary block the loss holds) and compiled /
-bound, and FLOPs per step from XLA beside
-`training/flops.py`'s formula. Exits 1 when the total exceeds --device-memory.
+bound, and FLOPs per step from XLA beside `training/flops.py`'s formula. Exits 1 when the
+total exceeds --device-memory.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
   """
   import jax.numpy as jnp
   from infllava_jax.model import clip, dcm
+  from infllava_jax.training import optim
   model = config.model
   compute = jnp.dtype(model.dtype)
   llm = model.llm
@@ -183,8 +184,8 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
     used, tokens = clip.num_used_layers(v), clip.num_patches(v) + 1
     terms.append((f"carry: {used} CLIP layers x [{images}, {tokens}, {v.width}] {compute.name}",
                   used * images * tokens * v.width * compute.itemsize))
-  block = config.train.get("loss_vocab_block", 0)
-  if block > 0 and tensor == 1:  # `optim.blockwise_cross_entropy`
+  block = optim.vocab_block(config.train, tensor)  # lm_head's vocabulary is split over tensor
+  if block > 0:  # `optim.blockwise_cross_entropy`
     tokens, vocab = length, min(block, llm.vocab_size)
   else:
     chunk = config.train.get("loss_chunk", 0)

@@ -307,12 +307,19 @@ def blockwise_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.A
   return top + jnp.log(total) - picked
 
 
+def vocab_block(train_cfg: ConfigDict, vocab_shards: int) -> int:
+  """The vocabulary block the loss runs with (`token_cross_entropy`): `loss_vocab_block`
+  where each device holds lm_head's whole vocabulary (vocab_shards == 1), else 0, the
+  vocabulary-parallel `chunked_cross_entropy`."""
+  return train_cfg.get("loss_vocab_block", 0) if vocab_shards == 1 else 0
+
+
 def token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                         train_cfg: ConfigDict, dtype: Any) -> jax.Array:
   """[B, T] float32 CE of `hidden @ kernel` by the form `train_cfg` picks (`loss_chunk`,
   `loss_vocab_block`; see the module docstring) for the mesh in context."""
-  block = train_cfg.get("loss_vocab_block", 0)
-  if block > 0 and sharding.logical_axis_size("vocab") == 1:
+  block = vocab_block(train_cfg, sharding.logical_axis_size("vocab"))
+  if block > 0:
     return blockwise_cross_entropy(hidden, kernel, targets, block, dtype)
   return chunked_cross_entropy(hidden, kernel, targets, train_cfg.get("loss_chunk", 0), dtype)
 
