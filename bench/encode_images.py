@@ -10,7 +10,9 @@
 
 Shapes are the released ones where it matters for the ratio (336 px views, 24x24 patches,
 a 3x3 grid at 1008 px) with a narrower, shallower tower so it runs in minutes on 2 cores.
-Timings are interleaved in one process and reported as medians and ratios, float32.
+Timings are interleaved in one process and reported as medians and ratios, float32. Ours
+compiles with `xla_options.compiler_options`, as the Trainer and `generate` do (on CPU: no
+YNNPACK fusions); the CLIP comparison also times our tower under XLA's default options.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
+from infllava_jax import xla_options  # noqa: E402
 from infllava_jax.config import load_config  # noqa: E402
 from infllava_jax.convert import mapping  # noqa: E402
 from infllava_jax.convert.clip_table import clip_table, clip_unused  # noqa: E402
 from infllava_jax.model import clip, infllava  # noqa: E402
+
+OUR_OPTIONS = xla_options.compiler_options(jax.default_backend())
 
 
 def bench_config(reduced: bool):
@@ -67,7 +72,8 @@ def dem_paths(repeats: int, batch: int) -> None:
   side = fast_cfg.dcm.image_size
   pixels = jnp.asarray(np.random.default_rng(0).normal(size=(batch, side, side, 3)), jnp.float32)
   encode = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x,
-                                                  method=infllava.InfLlava.encode_images))
+                                                  method=infllava.InfLlava.encode_images),
+                             compiler_options=OUR_OPTIONS)
   run_fast, run_slow = encode(fast), encode(slow)
   a = run_fast(params, pixels).block_until_ready()
   b = run_slow(params, pixels).block_until_ready()
@@ -99,7 +105,9 @@ def clip_vs_hf(repeats: int, batch: int) -> None:
   params = mapping.torch_to_params(state, clip_table(cfg), nn.meta.unbox(expected["params"]),
                                    ignore=clip_unused(cfg), source="bench CLIP")
   images = np.random.default_rng(1).normal(size=(batch, side, side, 3)).astype(np.float32)
-  ours = jax.jit(lambda p, x: tower.apply({"params": p}, x))
+  forward = lambda p, x: tower.apply({"params": p}, x)
+  ours = jax.jit(forward, compiler_options=OUR_OPTIONS)
+  xla_defaults = jax.jit(forward)
   x_jax = jnp.asarray(images)
   x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
@@ -108,12 +116,16 @@ def clip_vs_hf(repeats: int, batch: int) -> None:
       return hf(pixel_values=x_torch, output_hidden_states=True).hidden_states[-2][:, 1:]
 
   err = float(np.max(np.abs(np.asarray(ours(params, x_jax)) - run_hf().numpy())))
-  t = interleaved({"ours": lambda: ours(params, x_jax).block_until_ready(), "hf": run_hf},
+  t = interleaved({"ours": lambda: ours(params, x_jax).block_until_ready(), "hf": run_hf,
+                   "defaults": lambda: xla_defaults(params, x_jax).block_until_ready()},
                   repeats)
   print(f"[CLIP] {batch} sub-images of {side}px, width {cfg.width}, {cfg.depth} layers "
         f"(torch threads {torch.get_num_threads()}):")
   print(f"  HF CLIPVisionModel (sdpa): {t['hf'] * 1e3:8.1f} ms")
-  print(f"  ours:                      {t['ours'] * 1e3:8.1f} ms")
+  print(f"  ours:                      {t['ours'] * 1e3:8.1f} ms (XLA options "
+        f"{OUR_OPTIONS or 'none'})")
+  print(f"  ours, XLA's default options: {t['defaults'] * 1e3:6.1f} ms "
+        f"({t['hf'] / t['defaults']:.2f}x HF)")
   print(f"  speed ours/HF: {t['hf'] / t['ours']:.2f}x (target >= 0.9x); max |difference| "
         f"{err:.2e}")
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from infllava_jax import xla_options
 from infllava_jax.model import layers, llama
 from infllava_jax.model.infllava import InfLlava
 
@@ -175,4 +176,5 @@ def compiled_generate(model: InfLlava, sampling: Sampling, pad_id: int,
                       on_token: Callable | None = None):
   """`generate_tokens` jitted for one (model, sampling) pair; cached so repeated calls reuse it."""
   return jax.jit(functools.partial(generate_tokens, model, sampling=sampling, pad_id=pad_id,
-                                   on_token=on_token))
+                                   on_token=on_token),
+                 compiler_options=xla_options.compiler_options(jax.default_backend()))

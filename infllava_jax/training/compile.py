@@ -243,7 +243,7 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   device)), bound_total, flops_xla (per device), flops_formula (whole step, all devices).
   """
   import jax
-  from infllava_jax import sharding
+  from infllava_jax import sharding, xla_options
   from infllava_jax.model import infllava
   from infllava_jax.training import flops, optim
   from infllava_jax.training.loop import check_divisible
@@ -270,8 +270,10 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   step = make_train_step(model, tx, train, mask, schedule)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+  # The Trainer's compile options, so the figures are those of the step it runs.
   jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+                   out_shardings=(state_shardings, None), donate_argnums=0,
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform))
   t0 = time.perf_counter()
   log("lowering...")
   with jax.set_mesh(mesh), sharding.axis_rules():

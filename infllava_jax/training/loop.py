@@ -29,7 +29,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from infllava_jax import sharding
+from infllava_jax import sharding, xla_options
 from infllava_jax.config import load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
@@ -187,7 +187,8 @@ class Trainer:
     self._compiled_step = jax.jit(
         make_train_step(self.model, self.tx, train, self.mask, self.schedule),
         in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, None), donate_argnums=0)
+        out_shardings=(state_shardings, None), donate_argnums=0,
+        compiler_options=xla_options.compiler_options(self.mesh.devices.flat[0].platform))
     self.data = pipeline.make_iterator(config, self.source, "train",
                                        num_epochs=None)
     self.start_step = 0
