@@ -44,10 +44,12 @@ ROPE_TYPES = ("llama3",)
 class KVCache:
   """Keys and values of every layer for `S` slots, and what each slot holds.
 
-  k, v: [L, B, S, KVH, K] (RoPE already applied to k), or, for unrolled layers
-    (`Llama(scan_layers=False)`), a tuple of L arrays [B, S, KVH, K]: each layer then updates
+  k, v: [L, B, KVH, S, K] (RoPE already applied to k), or, for unrolled layers
+    (`Llama(scan_layers=False)`), a tuple of L arrays [B, KVH, S, K]: each layer then updates
     its own buffer in place, where slicing layers out of a stack and re-stacking them copies
-    the whole cache at every decode step.
+    the whole cache at every decode step. Heads-major, the layout the attention products
+    read (`heads_major_attention`): a [B, S, KVH, K] cache was transposed whole at every
+    decode step, ~40% of a batch-8 step's attention on CPU (bench/generate.py).
   segment_ids: [B, S] int32, the segment of the token in each slot; 0 = padding or unwritten.
   index: [] int32, the next slot to write (the same for every row).
   """
@@ -65,7 +67,7 @@ def init_cache(cfg: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.bfloa
   Writing past `max_len` is not detected on device (`dynamic_update_slice` clamps the start),
   so callers size it for the longest prompt plus the tokens to generate.
   """
-  shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+  shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
   dtype = layers.dtype_of(dtype)
   if per_layer:
     k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.depth))
@@ -214,19 +216,24 @@ def _from_groups(out: jax.Array) -> jax.Array:
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * g, d)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                      scale: float) -> jax.Array:
-  """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path.
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          scale: float) -> jax.Array:
+  """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path,
+  over keys and values laid out heads-major (as the KV cache holds them).
 
-  q [B, T, H, K]; k, v [B, S, KVH, K]; mask [B, 1, T, S] bool or None (causal, T == S).
+  q [B, T, H, K]; k, v [B, KVH, S, K]; mask [B, 1, T, S] bool or None (causal, T == S).
   Returns [B, T, H, K], through `softmax_attention` (on CPU about 2x faster than jax's
   vmap over the group, same numbers).
   """
-  t, s = q.shape[1], k.shape[1]
+  t, s = q.shape[1], k.shape[2]
   mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask[:, :, None]
-  out = softmax_attention(_to_groups(q, k.shape[2]), k.transpose(0, 2, 1, 3),
-                          v.transpose(0, 2, 1, 3), mask, scale)
-  return _from_groups(out)
+  return _from_groups(softmax_attention(_to_groups(q, k.shape[1]), k, v, mask, scale))
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                      scale: float) -> jax.Array:
+  """`heads_major_attention` for k, v [B, S, KVH, K] (as projected). Returns [B, T, H, K]."""
+  return heads_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale)
 
 
 def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -322,7 +329,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv, index):
     """x [B, T, D]; mask [B, 1, T, S] or None (plain causal), or segment ids [B, T] where
-    `uses_splash`; kv: (k, v) [B, S, KVH, K] or None.
+    `uses_splash`; kv: (k, v) [B, KVH, S, K] (`KVCache`) or None.
 
     Returns (out [B, T, D], updated (k, v) or None).
     """
@@ -343,16 +350,18 @@ class Attention(nn.Module):
     new_kv = None
     if kv is not None:
       k_cache, v_cache = kv
-      start = (0, index, 0, 0)
-      k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      start = (0, 0, index, 0)
+      k_cache = lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
+      v_cache = lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
       new_kv = (k_cache, v_cache)
-      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
+      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B, KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
     # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere.
     if self.attention_impl in ("xla", "cudnn") or (
         self.attention_impl is None and layers.compute_platform() == "gpu"):
+      if kv is not None:  # its layout is [B, S, KVH, K]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,
                                          implementation=self.attention_impl)
     elif self.attention_impl not in (None, "einsum"):
@@ -363,7 +372,7 @@ class Attention(nn.Module):
     elif kv is None:
       out = causal_chunked_attention(q, k, v, mask, scale, self.attention_chunk)
     else:
-      out = grouped_attention(q, k, v, mask, scale)
+      out = heads_major_attention(q, k, v, mask, scale)
     out = dense(d, ("heads", "embed"), "o")(out.reshape(b * t, h * k_dim))
     return out.reshape(b, t, d), new_kv
 
@@ -645,7 +654,7 @@ class Llama(nn.Module):
       if per_layer and self.scan_layers:
         raise ValueError("a per-layer KV cache (init_cache(per_layer=True)) needs "
                          "Llama(scan_layers=False); scanned layers read the stacked one")
-      layer_shape = (b, None, cfg.kv_heads, cfg.head_dim)
+      layer_shape = (b, cfg.kv_heads, None, cfg.head_dim)
       if per_layer:
         chex.assert_equal(len(cache.k), cfg.depth)
         chex.assert_shape(cache.k, layer_shape)

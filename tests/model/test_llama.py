@@ -1,5 +1,7 @@
 """LLaMA decoder: parity with HF `LlamaForCausalLM` (float32), KV cache, packing, configs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,6 +205,30 @@ def test_attention_paths_agree(llm_cfg, params, run, tokens, impl, chunk):
   positions, segments = packed_inputs((10, 10), T)
   assert max_err(other(tokens[:1], positions, segments)[0],
                  run(tokens[:1], positions, segments)[0]) <= TOL
+  # Through the KV cache (heads-major; jax's kernel gets it swapped back to its layout).
+  positions = arange_positions(2, T)
+  cached = decode(other, llm_cfg, tokens, positions, np.ones_like(tokens), prefill=T - 4)
+  assert max_err(cached, run(tokens, positions)[0]) <= TOL
+
+
+def test_a_decode_step_copies_no_cache(llm_cfg, params):
+  """The cache is laid out as the attention products read it ([B, KVH, S, K]): a compiled
+  decode step writes it in place and copies no cache-sized array (a [B, S, KVH, K] cache
+  was transposed whole, per layer, at every step)."""
+  model = llama.Llama(llm_cfg, scan_layers=False)
+  cache = llama.init_cache(llm_cfg, 2, 32, jnp.float32, per_layer=True)
+  one = jnp.ones((2, 1), jnp.int32)
+  step = jax.jit(lambda p, c: model.apply({"params": p}, one, one, one, c,
+                                          method="tokens_to_logits"), donate_argnums=1)
+  hlo = step.lower(llama.unstack_layers(params, llm_cfg.depth), cache).compile().as_text()
+  n, k = llm_cfg.kv_heads, llm_cfg.head_dim
+  shapes = (f"f32[2,{n},32,{k}]", f"f32[2,32,{n},{k}]")
+  copies = []
+  for line in hlo.splitlines():
+    name, _, rest = line.strip().partition(" = ")  # rest: "shape{layout} opcode(operands)..."
+    if rest.startswith(shapes) and re.search(r"transpose|copy", name + rest.split("(")[0]):
+      copies.append(line)
+  assert not copies, copies
 
 
 def test_conversion_round_trip(params, hf_model, llm_cfg):
