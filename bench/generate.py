@@ -219,6 +219,9 @@ def main() -> None:
                         do_sample=False)
     return out[:, PROMPT:].numpy()
 
+  sides = {"ours": ours, "hf": hf_generate, "reference": reference,
+           "ours_xla_defaults": functools.partial(ours, side="ours_xla_defaults")}
+
   identical = True
   for b in BATCHES:  # compiles and warms up every side; checks the tokens
     ours(b, 1)
@@ -238,8 +241,6 @@ def main() -> None:
           print(f"  row {row}: " + first_difference(model, params, prompts[b][row], got[row],
                                                     want[row]))
 
-  sides = {"ours": ours, "hf": hf_generate, "reference": reference,
-           "ours_xla_defaults": functools.partial(ours, side="ours_xla_defaults")}
   samples = {(side, b, n): [] for side in sides for b in BATCHES
              for n in (1, NEW_TOKENS)}
   for _ in range(args.repeats):
