@@ -357,9 +357,14 @@ class Attention(nn.Module):
       k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B, KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
-    # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere.
+    # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere, and for
+    # one-token decode steps on GPU too: a flash kernel saves nothing over one query, and
+    # cuDNN's takes [B, S, KVH, K] operands, so it would likely be handed a re-laid-out copy
+    # of the whole heads-major cache per layer and token (XLA's own form folds the swap:
+    # no copy on CPU, tests/model/test_llama.py; on GPU unmeasured).
+    decode_step = kv is not None and t == 1
     if self.attention_impl in ("xla", "cudnn") or (
-        self.attention_impl is None and layers.compute_platform() == "gpu"):
+        self.attention_impl is None and layers.compute_platform() == "gpu" and not decode_step):
       if kv is not None:  # its layout is [B, S, KVH, K]
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from configs import infllava_8b
 from infllava_jax.convert import mapping
 from infllava_jax.convert.llama_table import llama_config_from_hf, llama_table, tie_lm_head
-from infllava_jax.model import llama
+from infllava_jax.model import layers, llama
 
 HF_TOL = 1e-4
 TOL = 1e-5
@@ -211,10 +211,20 @@ def test_attention_paths_agree(llm_cfg, params, run, tokens, impl, chunk):
   assert max_err(cached, run(tokens, positions)[0]) <= TOL
 
 
-def test_a_decode_step_copies_no_cache(llm_cfg, params):
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_a_decode_step_copies_no_cache(llm_cfg, params, run, tokens, platform, monkeypatch):
   """The cache is laid out as the attention products read it ([B, KVH, S, K]): a compiled
   decode step writes it in place and copies no cache-sized array (a [B, S, KVH, K] cache
-  was transposed whole, per layer, at every step)."""
+  was transposed whole, per layer, at every step). Also where GPU picks jax's fused kernel
+  (simulated: on CPU that kernel runs its XLA form) for prefill and `heads_major_attention`
+  for decode steps: prefill + decode still equal the full forward."""
+  monkeypatch.setattr(layers, "compute_platform", lambda: platform)
+  if platform == "gpu":
+    model = llama.Llama(llm_cfg)
+    fn = jax.jit(lambda *args: model.apply({"params": params}, *args, method="tokens_to_logits"))
+    positions = arange_positions(2, T)
+    cached = decode(fn, llm_cfg, tokens, positions, np.ones_like(tokens), prefill=T - 4)
+    assert max_err(cached, run(tokens, positions)[0]) <= TOL
   model = llama.Llama(llm_cfg, scan_layers=False)
   cache = llama.init_cache(llm_cfg, 2, 32, jnp.float32, per_layer=True)
   one = jnp.ones((2, 1), jnp.int32)
