@@ -7,6 +7,7 @@ their command runs, so `infllava --help` is instant.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, one-line description)
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE.format(commands=_describe()))
     return 0
   name, rest = argv[0], argv[1:]
+  # We use transformers for tokenizers only; without torch (the plain install) it would
+  # advise on import that "PyTorch was not found. Models won't be available", which reads
+  # like a fault in our output. Its other warnings stay; a user's own setting wins.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   if name not in COMMANDS:
     print(f"infllava: unknown command {name!r}\n\n" + USAGE.format(commands=_describe()),
           file=sys.stderr)
