@@ -44,12 +44,16 @@ ROPE_TYPES = ("llama3",)
 class KVCache:
   """Keys and values of every layer for `S` slots, and what each slot holds.
 
-  k, v: [L, B, KVH, S, K] (RoPE already applied to k), or, for unrolled layers
-    (`Llama(scan_layers=False)`), a tuple of L arrays [B, KVH, S, K]: each layer then updates
-    its own buffer in place, where slicing layers out of a stack and re-stacking them copies
-    the whole cache at every decode step. Heads-major, the layout the attention products
-    read (`heads_major_attention`): a [B, S, KVH, K] cache was transposed whole at every
-    decode step, ~40% of a batch-8 step's attention on CPU (bench/generate.py).
+  k, v: [L, B*KVH, S, K] (RoPE already applied to k; row b's KV head n at b*KVH + n), or,
+    for unrolled layers (`Llama(scan_layers=False)`), a tuple of L arrays [B*KVH, S, K]:
+    each layer then updates its own buffer in place, where slicing layers out of a stack and
+    re-stacking them copies the whole cache at every decode step. Heads-major, the layout
+    the attention products read (`softmax_attention`'s batch of B*KVH): a [B, S, KVH, K]
+    cache was transposed whole at every decode step, ~40% of a batch-8 step's attention on
+    CPU (bench/generate.py). Rows and heads are one axis because the write and the products
+    then see the same array: with [B, KVH, S, K] at batch 1, XLA:CPU fused the squeeze of
+    the unit batch axis into a second copy of the write and copied each layer's cache four
+    times per decode step (tests/model/test_llama.py).
   segment_ids: [B, S] int32, the segment of the token in each slot; 0 = padding or unwritten.
   index: [] int32, the next slot to write (the same for every row).
   """
@@ -67,7 +71,7 @@ def init_cache(cfg: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.bfloa
   Writing past `max_len` is not detected on device (`dynamic_update_slice` clamps the start),
   so callers size it for the longest prompt plus the tokens to generate.
   """
-  shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+  shape = (batch * cfg.kv_heads, max_len, cfg.head_dim)
   dtype = layers.dtype_of(dtype)
   if per_layer:
     k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.depth))
@@ -148,13 +152,13 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Ar
 def _attend_forward(q, k, v, mask, scale):
   """Shared by `softmax_attention` and its VJP: (out, unnormalised probs e, row sums l)."""
   b, n, g, t, d = q.shape
-  logits = jnp.einsum("bnqd,bnsd->bnqs", q.reshape(b, n, g * t, d), k,
+  logits = jnp.einsum("xqd,xsd->xqs", q.reshape(b * n, g * t, d), k,
                       preferred_element_type=jnp.float32).reshape(b, n, g, t, -1)
   logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
   e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   l = jnp.sum(e, axis=-1, keepdims=True)
   # Normalised after the second product: a [.., T, K] division instead of [.., T, S].
-  out = jnp.einsum("bnqs,bnsd->bnqd", e.astype(v.dtype).reshape(b, n, g * t, -1), v,
+  out = jnp.einsum("xqs,xsd->xqd", e.astype(v.dtype).reshape(b * n, g * t, -1), v,
                    preferred_element_type=jnp.float32).reshape(b, n, g, t, d)
   return (out / l).astype(v.dtype), e, l
 
@@ -164,9 +168,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       scale: float) -> jax.Array:
   """softmax(q k^T * scale, masked) v for the G query heads of each KV head: [B, N, G, T, K].
 
-  q [B, N, G, T, K]; k, v [B, N, S, K]; mask bool, broadcastable to [B, N, G, T, S], with at
-  least one key per query row. The G heads are folded into the query length, so every
-  product is one batched matmul over (B, N) with contiguous operands. Logits, softmax and
+  q [B, N, G, T, K]; k, v [B*N, S, K] (rows and KV heads on one axis, as the KV cache holds
+  them); mask bool, broadcastable to [B, N, G, T, S], with at least one key per query row.
+  The G heads are folded into the query length, so every product is one batched matmul
+  over B*N with contiguous operands. Logits, softmax and
   accumulation are float32; the probabilities enter the second product in the compute dtype.
 
   The VJP is written out (the standard attention backward): it keeps the float32
@@ -186,17 +191,17 @@ def _softmax_attention_fwd(q, k, v, mask, scale):
 def _softmax_attention_bwd(scale, residuals, d_out):
   q, k, v, mask, out, e, l = residuals
   b, n, g, t, d = q.shape
-  s = k.shape[2]
+  s = k.shape[1]
   p = e / l
-  d_out2 = d_out.reshape(b, n, g * t, d)
-  dv = jnp.einsum("bnqs,bnqd->bnsd", p.astype(v.dtype).reshape(b, n, g * t, s), d_out2,
+  d_out2 = d_out.reshape(b * n, g * t, d)
+  dv = jnp.einsum("xqs,xqd->xsd", p.astype(v.dtype).reshape(b * n, g * t, s), d_out2,
                   preferred_element_type=jnp.float32)
-  dp = jnp.einsum("bnqd,bnsd->bnqs", d_out2, v,
+  dp = jnp.einsum("xqd,xsd->xqs", d_out2, v,
                   preferred_element_type=jnp.float32).reshape(b, n, g, t, s)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * scale).astype(q.dtype).reshape(b, n, g * t, s)
-  dq = jnp.einsum("bnqs,bnsd->bnqd", ds, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("bnqs,bnqd->bnsd", ds, q.reshape(b, n, g * t, d),
+  ds = (p * (dp - delta) * scale).astype(q.dtype).reshape(b * n, g * t, s)
+  dq = jnp.einsum("xqs,xsd->xqd", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("xqs,xqd->xsd", ds, q.reshape(b * n, g * t, d),
                   preferred_element_type=jnp.float32)
   return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
 
@@ -221,19 +226,26 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path,
   over keys and values laid out heads-major (as the KV cache holds them).
 
-  q [B, T, H, K]; k, v [B, KVH, S, K]; mask [B, 1, T, S] bool or None (causal, T == S).
+  q [B, T, H, K]; k, v [B*KVH, S, K]; mask [B, 1, T, S] bool or None (causal, T == S).
   Returns [B, T, H, K], through `softmax_attention` (on CPU about 2x faster than jax's
   vmap over the group, same numbers).
   """
-  t, s = q.shape[1], k.shape[2]
+  b, t = q.shape[:2]
+  s = k.shape[1]
   mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask[:, :, None]
-  return _from_groups(softmax_attention(_to_groups(q, k.shape[1]), k, v, mask, scale))
+  return _from_groups(softmax_attention(_to_groups(q, k.shape[0] // b), k, v, mask, scale))
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+  """[B, S, KVH, K] (as projected) -> [B*KVH, S, K]."""
+  b, s, n, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * n, s, d)
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                       scale: float) -> jax.Array:
   """`heads_major_attention` for k, v [B, S, KVH, K] (as projected). Returns [B, T, H, K]."""
-  return heads_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale)
+  return heads_major_attention(q, _heads_major(k), _heads_major(v), mask, scale)
 
 
 def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -251,7 +263,7 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
   if chunk <= 0 or t <= chunk:
     return grouped_attention(q, k, v, mask, scale)
   q = _to_groups(q, k.shape[2])
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  k, v = _heads_major(k), _heads_major(v)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
@@ -259,8 +271,7 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
       block = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
     else:
       block = mask[:, :, None, start:end, :end]
-    outs.append(softmax_attention(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], block,
-                                  scale))
+    outs.append(softmax_attention(q[:, :, :, start:end], k[:, :end], v[:, :end], block, scale))
   return _from_groups(jnp.concatenate(outs, axis=3))
 
 
@@ -329,7 +340,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv, index):
     """x [B, T, D]; mask [B, 1, T, S] or None (plain causal), or segment ids [B, T] where
-    `uses_splash`; kv: (k, v) [B, KVH, S, K] (`KVCache`) or None.
+    `uses_splash`; kv: (k, v) [B*KVH, S, K] (`KVCache`) or None.
 
     Returns (out [B, T, D], updated (k, v) or None).
     """
@@ -350,11 +361,11 @@ class Attention(nn.Module):
     new_kv = None
     if kv is not None:
       k_cache, v_cache = kv
-      start = (0, 0, index, 0)
-      k_cache = lax.dynamic_update_slice(k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), start)
-      v_cache = lax.dynamic_update_slice(v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), start)
+      start = (0, index, 0)
+      k_cache = lax.dynamic_update_slice(k_cache, _heads_major(k).astype(k_cache.dtype), start)
+      v_cache = lax.dynamic_update_slice(v_cache, _heads_major(v).astype(v_cache.dtype), start)
       new_kv = (k_cache, v_cache)
-      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B, KVH, S, K] now
+      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B*KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
     # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere, and for
@@ -366,7 +377,7 @@ class Attention(nn.Module):
     if self.attention_impl in ("xla", "cudnn") or (
         self.attention_impl is None and layers.compute_platform() == "gpu" and not decode_step):
       if kv is not None:  # its layout is [B, S, KVH, K]
-        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        k, v = (x.reshape(b, kvh, -1, k_dim).swapaxes(1, 2) for x in (k, v))
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=mask is None,
                                          implementation=self.attention_impl)
     elif self.attention_impl not in (None, "einsum"):
@@ -659,7 +670,7 @@ class Llama(nn.Module):
       if per_layer and self.scan_layers:
         raise ValueError("a per-layer KV cache (init_cache(per_layer=True)) needs "
                          "Llama(scan_layers=False); scanned layers read the stacked one")
-      layer_shape = (b, cfg.kv_heads, None, cfg.head_dim)
+      layer_shape = (b * cfg.kv_heads, None, cfg.head_dim)
       if per_layer:
         chex.assert_equal(len(cache.k), cfg.depth)
         chex.assert_shape(cache.k, layer_shape)

@@ -211,13 +211,16 @@ def test_attention_paths_agree(llm_cfg, params, run, tokens, impl, chunk):
   assert max_err(cached, run(tokens, positions)[0]) <= TOL
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu"])
-def test_a_decode_step_copies_no_cache(llm_cfg, params, run, tokens, platform, monkeypatch):
-  """The cache is laid out as the attention products read it ([B, KVH, S, K]): a compiled
-  decode step writes it in place and copies no cache-sized array (a [B, S, KVH, K] cache
-  was transposed whole, per layer, at every step). Also where GPU picks jax's fused kernel
-  (simulated: on CPU that kernel runs its XLA form) for prefill and `heads_major_attention`
-  for decode steps: prefill + decode still equal the full forward."""
+@pytest.mark.parametrize("platform,batch", [("cpu", 2), ("cpu", 1), ("gpu", 2)])
+def test_a_decode_step_copies_no_cache(llm_cfg, params, run, tokens, platform, batch,
+                                       monkeypatch):
+  """The cache is laid out as the attention products read it ([B*KVH, S, K]): a compiled
+  decode step writes it in place and copies no cache-sized array. A [B, S, KVH, K] cache
+  was transposed whole, per layer, at every step; a [B, KVH, S, K] one, at batch 1, was
+  written twice (once as the step's output, once squeezed for the products) and so copied.
+  Also where GPU picks jax's fused kernel (simulated: on CPU that kernel runs its XLA form)
+  for prefill and `heads_major_attention` for decode steps: prefill + decode still equal
+  the full forward."""
   monkeypatch.setattr(layers, "compute_platform", lambda: platform)
   if platform == "gpu":
     model = llama.Llama(llm_cfg)
@@ -226,13 +229,13 @@ def test_a_decode_step_copies_no_cache(llm_cfg, params, run, tokens, platform, m
     cached = decode(fn, llm_cfg, tokens, positions, np.ones_like(tokens), prefill=T - 4)
     assert max_err(cached, run(tokens, positions)[0]) <= TOL
   model = llama.Llama(llm_cfg, scan_layers=False)
-  cache = llama.init_cache(llm_cfg, 2, 32, jnp.float32, per_layer=True)
-  one = jnp.ones((2, 1), jnp.int32)
+  cache = llama.init_cache(llm_cfg, batch, 32, jnp.float32, per_layer=True)
+  one = jnp.ones((batch, 1), jnp.int32)
   step = jax.jit(lambda p, c: model.apply({"params": p}, one, one, one, c,
                                           method="tokens_to_logits"), donate_argnums=1)
   hlo = step.lower(llama.unstack_layers(params, llm_cfg.depth), cache).compile().as_text()
   n, k = llm_cfg.kv_heads, llm_cfg.head_dim
-  shapes = (f"f32[2,{n},32,{k}]", f"f32[2,32,{n},{k}]")
+  shapes = (f"f32[{batch * n},32,{k}]", f"f32[{batch},{n},32,{k}]", f"f32[{batch},32,{n},{k}]")
   copies = []
   for line in hlo.splitlines():
     name, _, rest = line.strip().partition(" = ")  # rest: "shape{layout} opcode(operands)..."
