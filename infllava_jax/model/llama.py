@@ -152,15 +152,22 @@ def attention_mask(q_segments: jax.Array, k_segments: jax.Array, q_slots: jax.Ar
 def _attend_forward(q, k, v, mask, scale):
   """Shared by `softmax_attention` and its VJP: (out, unnormalised probs e, row sums l)."""
   b, n, g, t, d = q.shape
-  logits = jnp.einsum("xqd,xsd->xqs", q.reshape(b * n, g * t, d), k,
+  lead = _batch_axes(q, k)
+  logits = jnp.einsum("...qd,...sd->...qs", q.reshape(*lead, g * t, d), k,
                       preferred_element_type=jnp.float32).reshape(b, n, g, t, -1)
   logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
   e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   l = jnp.sum(e, axis=-1, keepdims=True)
   # Normalised after the second product: a [.., T, K] division instead of [.., T, S].
-  out = jnp.einsum("xqs,xsd->xqd", e.astype(v.dtype).reshape(b * n, g * t, -1), v,
+  out = jnp.einsum("...qs,...sd->...qd", e.astype(v.dtype).reshape(*lead, g * t, -1), v,
                    preferred_element_type=jnp.float32).reshape(b, n, g, t, d)
   return (out / l).astype(v.dtype), e, l
+
+
+def _batch_axes(q: jax.Array, k: jax.Array) -> tuple[int, ...]:
+  """The products' batch axes: (B, N) for k [B, N, S, K], (B*N,) for k [B*N, S, K]."""
+  b, n = q.shape[:2]
+  return (b, n) if k.ndim == 4 else (b * n,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -168,11 +175,14 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       scale: float) -> jax.Array:
   """softmax(q k^T * scale, masked) v for the G query heads of each KV head: [B, N, G, T, K].
 
-  q [B, N, G, T, K]; k, v [B*N, S, K] (rows and KV heads on one axis, as the KV cache holds
-  them); mask bool, broadcastable to [B, N, G, T, S], with at least one key per query row.
-  The G heads are folded into the query length, so every product is one batched matmul
-  over B*N with contiguous operands. Logits, softmax and
-  accumulation are float32; the probabilities enter the second product in the compute dtype.
+  q [B, N, G, T, K]; k, v [B, N, S, K], or [B*N, S, K] as the KV cache holds them; mask
+  bool, broadcastable to [B, N, G, T, S], with at least one key per query row. The G heads
+  are folded into the query length, so every product is one batched matmul over (B, N) or
+  B*N with contiguous operands. (B, N) kept apart where the model's activations are: on a
+  mesh splitting B and N over different axes, merging them made GSPMD all-gather the keys
+  and values (14 more all-gathers in a 2-layer step on fsdp=4 x tensor=2). Logits, softmax
+  and accumulation are float32; the probabilities enter the second product in the compute
+  dtype.
 
   The VJP is written out (the standard attention backward): it keeps the float32
   unnormalised probabilities and row sums, and gets softmax's row term from
@@ -191,17 +201,18 @@ def _softmax_attention_fwd(q, k, v, mask, scale):
 def _softmax_attention_bwd(scale, residuals, d_out):
   q, k, v, mask, out, e, l = residuals
   b, n, g, t, d = q.shape
-  s = k.shape[1]
+  s = k.shape[-2]
+  lead = _batch_axes(q, k)
   p = e / l
-  d_out2 = d_out.reshape(b * n, g * t, d)
-  dv = jnp.einsum("xqs,xqd->xsd", p.astype(v.dtype).reshape(b * n, g * t, s), d_out2,
+  d_out2 = d_out.reshape(*lead, g * t, d)
+  dv = jnp.einsum("...qs,...qd->...sd", p.astype(v.dtype).reshape(*lead, g * t, s), d_out2,
                   preferred_element_type=jnp.float32)
-  dp = jnp.einsum("xqd,xsd->xqs", d_out2, v,
+  dp = jnp.einsum("...qd,...sd->...qs", d_out2, v,
                   preferred_element_type=jnp.float32).reshape(b, n, g, t, s)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * scale).astype(q.dtype).reshape(b * n, g * t, s)
-  dq = jnp.einsum("xqs,xsd->xqd", ds, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("xqs,xqd->xsd", ds, q.reshape(b * n, g * t, d),
+  ds = (p * (dp - delta) * scale).astype(q.dtype).reshape(*lead, g * t, s)
+  dq = jnp.einsum("...qs,...sd->...qd", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("...qs,...qd->...sd", ds, q.reshape(*lead, g * t, d),
                   preferred_element_type=jnp.float32)
   return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
 
@@ -226,26 +237,21 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """Softmax attention with GQA, the math of `jax.nn.dot_product_attention`'s XLA path,
   over keys and values laid out heads-major (as the KV cache holds them).
 
-  q [B, T, H, K]; k, v [B*KVH, S, K]; mask [B, 1, T, S] bool or None (causal, T == S).
-  Returns [B, T, H, K], through `softmax_attention` (on CPU about 2x faster than jax's
-  vmap over the group, same numbers).
+  q [B, T, H, K]; k, v [B, KVH, S, K], or [B*KVH, S, K] (the KV cache); mask [B, 1, T, S]
+  bool or None (causal, T == S). Returns [B, T, H, K], through `softmax_attention` (on CPU
+  about 2x faster than jax's vmap over the group, same numbers).
   """
   b, t = q.shape[:2]
-  s = k.shape[1]
+  s = k.shape[-2]
+  kv_heads = k.shape[1] if k.ndim == 4 else k.shape[0] // b
   mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask[:, :, None]
-  return _from_groups(softmax_attention(_to_groups(q, k.shape[0] // b), k, v, mask, scale))
-
-
-def _heads_major(x: jax.Array) -> jax.Array:
-  """[B, S, KVH, K] (as projected) -> [B*KVH, S, K]."""
-  b, s, n, d = x.shape
-  return x.transpose(0, 2, 1, 3).reshape(b * n, s, d)
+  return _from_groups(softmax_attention(_to_groups(q, kv_heads), k, v, mask, scale))
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                       scale: float) -> jax.Array:
   """`heads_major_attention` for k, v [B, S, KVH, K] (as projected). Returns [B, T, H, K]."""
-  return heads_major_attention(q, _heads_major(k), _heads_major(v), mask, scale)
+  return heads_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale)
 
 
 def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -263,7 +269,7 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
   if chunk <= 0 or t <= chunk:
     return grouped_attention(q, k, v, mask, scale)
   q = _to_groups(q, k.shape[2])
-  k, v = _heads_major(k), _heads_major(v)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
@@ -271,7 +277,8 @@ def causal_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
       block = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
     else:
       block = mask[:, :, None, start:end, :end]
-    outs.append(softmax_attention(q[:, :, :, start:end], k[:, :end], v[:, :end], block, scale))
+    outs.append(softmax_attention(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], block,
+                                  scale))
   return _from_groups(jnp.concatenate(outs, axis=3))
 
 
@@ -362,8 +369,9 @@ class Attention(nn.Module):
     if kv is not None:
       k_cache, v_cache = kv
       start = (0, index, 0)
-      k_cache = lax.dynamic_update_slice(k_cache, _heads_major(k).astype(k_cache.dtype), start)
-      v_cache = lax.dynamic_update_slice(v_cache, _heads_major(v).astype(v_cache.dtype), start)
+      rows = lambda x: x.swapaxes(1, 2).reshape(b * kvh, t, k_dim).astype(k_cache.dtype)  # noqa: E731
+      k_cache = lax.dynamic_update_slice(k_cache, rows(k), start)
+      v_cache = lax.dynamic_update_slice(v_cache, rows(v), start)
       new_kv = (k_cache, v_cache)
       k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B*KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
