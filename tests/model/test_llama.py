@@ -387,6 +387,30 @@ def test_mlp_column_sets_on_a_tensor_mesh_equal_one_device(llm_cfg, params, run,
   assert max_err(logits, run(tokens, positions)[0]) <= TOL
 
 
+def test_attention_runs_on_local_shards_of_a_tensor_mesh(llm_cfg, params):
+  """On fsdp=4 x tensor=2 (rows split over fsdp, KV heads over tensor) the attention products
+  of a train step run on each device's own rows and heads: the compiled gradient all-gathers
+  weights and [rows, T, D] activations, nothing of rank 4 or more (q, k, v, scores). Merging
+  rows and heads into one batch axis for the products made GSPMD gather those."""
+  from infllava_jax import sharding
+  mesh = sharding.make_mesh("fsdp=4,tensor=2")
+  model = llama.Llama(llm_cfg, attention_chunk=4)  # the causal-chunk path too
+  boxed = init_shapes(model)
+  placed = jax.device_put(params, nn.meta.unbox(sharding.param_shardings(boxed, mesh))["params"])
+  tokens = jax.device_put(np.zeros((8, T), np.int32), sharding.batch_sharding(mesh, 2))
+  positions = arange_positions(8, T)
+
+  def loss(p, tokens):
+    logits, _ = model.apply({"params": p}, tokens, positions, method="tokens_to_logits")
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    hlo = jax.jit(jax.grad(loss)).lower(placed, tokens).compile().as_text()
+  gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(", hlo)
+  assert gathered  # FSDP gathers the weights: the pattern finds them
+  assert not [shape for shape in gathered if shape.count(",") >= 3], gathered
+
+
 def test_unscanned_layers_equal_scanned(llm_cfg, params, run, tokens):
   """`scan_layers=False` (every layer in the HLO) computes what the scan does: logits,
   the KV cache, and gradients (under remat too); its param tree is the unstacked one."""
