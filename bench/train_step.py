@@ -4,10 +4,11 @@
 
 Forward + backward + AdamW on the same weights and batch: ours (jitted, params and
 optimiser state donated) vs `LlamaForCausalLM` (sdpa) + `torch.optim.AdamW`, interleaved in
-one process after a few untimed steps of each, float32 on CPU. Ours compiles with `xla_options.compiler_options`, as the
-Trainer's step does (on CPU: no YNNPACK fusions). Printed: medians and the speed ratio
-(target ours >= 1.2x), our achieved FLOP/s against a 2048^3 float32 matmul timed in the same
-run with XLA's default options, its faster form here (target >= 0.75),
+one process after a few untimed steps of each, float32 on CPU. Ours compiles with
+`xla_options.compiler_options`, as the Trainer's step does (on CPU: no YNNPACK fusions).
+Printed: medians and the speed ratio (target ours >= 1.2x), our achieved FLOP/s against a
+2048^3 float32 matmul timed in the same run with XLA's default options, its faster form
+here (target >= 0.75),
 XLA's counted FLOPs over the formula (target <= 1.05, no remat; counted on the unscanned
 build, since XLA counts a scan body once), the 2048^3 matmul of torch beside XLA's (the
 libraries under each step), and the bfloat16 figures beside torch autocast (no target).

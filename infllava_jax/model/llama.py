@@ -367,13 +367,12 @@ class Attention(nn.Module):
     k = apply_rope(k, cos, sin)
     new_kv = None
     if kv is not None:
-      k_cache, v_cache = kv
-      start = (0, index, 0)
-      rows = lambda x: x.swapaxes(1, 2).reshape(b * kvh, t, k_dim).astype(k_cache.dtype)  # noqa: E731
-      k_cache = lax.dynamic_update_slice(k_cache, rows(k), start)
-      v_cache = lax.dynamic_update_slice(v_cache, rows(v), start)
-      new_kv = (k_cache, v_cache)
-      k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)  # [B*KVH, S, K] now
+      def write(cache, new):  # new [B, T, KVH, K] into cache [B*KVH, S, K] at slot `index`
+        new = new.swapaxes(1, 2).reshape(b * kvh, t, k_dim).astype(cache.dtype)
+        return lax.dynamic_update_slice(cache, new, (0, index, 0))
+
+      new_kv = (write(kv[0], k), write(kv[1], v))
+      k, v = (cache.astype(self.dtype) for cache in new_kv)  # [B*KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
     # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
     # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere, and for
