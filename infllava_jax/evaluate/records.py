@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import string
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -25,6 +26,10 @@ KINDS = ("choice", "yesno", "exact")
 LETTERS = string.ascii_uppercase
 # The instruction LLaVA-1.5 / lmms-eval append to multiple-choice questions.
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# ... in its Chinese form for Chinese questions (LLaVA's model_vqa_mmbench --lang cn, for
+# MMBench-CN; VLMEvalKit picks it by the same test of the text, `cn_string`).
+CHOICE_INSTRUCTION_CN = "请直接回答选项字母。"
+_CJK = re.compile("[\u4e00-\u9fff]")
 # ... and to short-answer questions (POPE).
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 
@@ -94,9 +99,12 @@ def is_blank(value: Any) -> bool:
 
 
 def choice_prompt(question: str, options: Sequence[str], context: str = "") -> str:
-  """LLaVA's multiple-choice prompt: context, question, 'A. ...' lines, the instruction."""
+  """LLaVA's multiple-choice prompt: context, question, 'A. ...' lines, the instruction
+  (Chinese when the question, its options or context hold Chinese characters)."""
   lines = [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)]
-  return "\n".join([f"{context}{question}", *lines, CHOICE_INSTRUCTION])
+  chinese = _CJK.search("".join([context, question, *options]))
+  return "\n".join([f"{context}{question}", *lines,
+                    CHOICE_INSTRUCTION_CN if chinese else CHOICE_INSTRUCTION])
 
 
 def lettered(options: Sequence[str]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Option letters are parsed the way the common scripts do, first rule that fits wins:
 
-  1. the whole answer is an option letter ("B", "B.")
+  1. the whole answer is an option letter, in either case ("B", "B.", "(b)": lmms-eval's
+     ScienceQA compares lower-cased; a bare letter can only name an option)
   2. it starts with one: "B. dog", "B) dog", "(B) dog", "[B]", "B: dog"
   3. "the answer is B" / "Answer: (B)"
   4. VLMEvalKit's can_infer_option: exactly one option letter among the words once
@@ -23,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 
 from infllava_jax.evaluate.records import Question
 
+_WHOLE = re.compile(r"^[(\[]?([A-Za-z])[)\]]?\.?$")
 _LEADING = re.compile(r"^\s*(?:\(([A-Z])\)|\[([A-Z])\]|([A-Z])(?:[.):]|$))")
 _ANSWER_IS = re.compile(r"answer(?: is)?\s*:?\s*[(\[]?([A-Z])\b", re.IGNORECASE)
 _BLANKED = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
@@ -32,8 +34,9 @@ def parse_letter(text: str, options: Mapping[str, str]) -> str | None:
   """The option letter an answer picks, or None (rules in the module docstring)."""
   text = text.strip()
   letters = set(options)
-  if text.rstrip(".") in letters:
-    return text.rstrip(".")
+  whole = _WHOLE.match(text)
+  if whole and whole.group(1).upper() in letters:
+    return whole.group(1).upper()
   match = _LEADING.match(text)
   if match:
     letter = next(g for g in match.groups() if g)

@@ -38,6 +38,14 @@ def test_reads_rows_with_every_circular_shift(tmp_path):
   assert [q.id for q in vanilla] == ["0", "7"]
 
 
+def test_chinese_questions_get_the_chinese_instruction(tmp_path):
+  row = {**bench_files.mmbench_rows()[0], "question": "天空是什么颜色？", "A": "绿色",
+         "B": "蓝色", "C": "红色", "D": "黑色"}
+  question = mmbench.read(bench_files.write_mmbench(tmp_path / "MMBench_DEV_CN.tsv", [row]),
+                          circular=False)[0]
+  assert question.prompt == "天空是什么颜色？\nA. 绿色\nB. 蓝色\nC. 红色\nD. 黑色\n请直接回答选项字母。"
+
+
 def test_file_with_its_own_shifted_copies_is_used_as_is(tmp_path):
   rows = bench_files.mmbench_rows()[:1]
   copy = {**rows[0], "index": 1000000, "A": "blue", "B": "red", "C": "black", "D": "green",

@@ -18,7 +18,8 @@ FOUR = {"A": "green", "B": "blue", "C": "red", "D": "black"}
     ("A or B", None),                             # two letters named
     ("blue-green", None),                         # two option texts
     ("E", None), ("E. purple", None),             # not an option here
-    ("", None), ("b", None), ("purple", None),
+    ("b", "B"), ("(c)", "C"), ("d.", "D"),      # a bare letter in lower case
+    ("", None), ("purple", None),
 ])
 def test_parse_letter(text, expected):
   assert scoring.parse_letter(text, FOUR) == expected
