@@ -52,21 +52,12 @@ class ChatSession:
     self.image = images.decode(image)
     self.reset()
 
-  def prompt(self, question: str) -> list[int]:
-    """The prompt ids of `question` after the turns so far."""
-    return self.assistant.prompt(question, self.history, has_image=self.image is not None)
-
   def ask(self, question: str, out: TextIO) -> Answer:
     """Answers `question`, writing the answer to `out` as it is generated; keeps the turn.
 
-    Raises ValueError when prompt + `max_new_tokens` would not fit the model's positions.
+    Raises ValueError (`Assistant.generate_batch`) when the question cannot be asked: prompt
+    + `max_new_tokens` over the model's positions, or the image marker in the text.
     """
-    length = len(self.prompt(question))
-    if length + self.sampling.max_new_tokens > self.assistant.context_length:
-      raise ValueError(f"the conversation is {length} tokens; with --max-new-tokens "
-                       f"{self.sampling.max_new_tokens} it exceeds the model's "
-                       f"{self.assistant.context_length} positions (/reset to start over)")
-
     def write(piece: str) -> None:
       out.write(piece)
       out.flush()
@@ -111,7 +102,7 @@ def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
       try:
         session.ask(line, out)
       except ValueError as e:
-        out.write(f"({e})")
+        out.write(f"(cannot answer: {e}; /reset starts a new conversation)")
       out.write("\n")
 
 
@@ -132,10 +123,14 @@ def main(argv: list[str]) -> int:
   for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
     if not os.path.exists(path):
       parser.error(f"{flag} {path!r} does not exist")
-  if args.max_new_tokens < 1 or args.length_bucket < 1:
-    parser.error("--max-new-tokens and --length-bucket must be >= 1")
-  if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-    parser.error("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+  if args.length_bucket < 1:
+    parser.error("--length-bucket must be >= 1")
+  try:
+    sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k)
+  except ValueError as e:
+    parser.error(str(e))
   try:
     image = images.decode(args.image)
   except images.ImageError as e:
@@ -145,8 +140,6 @@ def main(argv: list[str]) -> int:
   assistant = Assistant.from_run(args.checkpoint, args.step, length_bucket=args.length_bucket)
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s. {HELP}", file=sys.stderr)
-  sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
   try:
     run(ChatSession(assistant, image, sampling, args.seed), sys.stdin, sys.stdout)
   except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,12 +25,33 @@ from infllava_jax.model.infllava import InfLlava
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is chosen. temperature 0 means greedy (top_k/top_p unused)."""
+  """How the next token is chosen: greedy at temperature 0 (top_k, top_p unused), else
+  sampled from softmax(logits / temperature) after the top-k cut (0: none) and the nucleus
+  cut (top_p in (0, 1]; 1: none). Out-of-range values raise ValueError here, so every caller
+  (API, CLIs, server) refuses them alike."""
   max_new_tokens: int = 64
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
   stop_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    problems = []
+    if not _is_count(self.max_new_tokens) or self.max_new_tokens < 1:
+      problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+    if not 0.0 <= self.temperature < float("inf"):  # also refuses NaN
+      problems.append(f"temperature must be finite and >= 0 (0: greedy), got "
+                      f"{self.temperature!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      problems.append(f"top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
+    if not _is_count(self.top_k) or self.top_k < 0:
+      problems.append(f"top_k must be an integer >= 0 (0: no top-k cut), got {self.top_k!r}")
+    if problems:
+      raise ValueError("Sampling: " + "; ".join(problems))
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +72,8 @@ def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
-  if sampling.top_k > 0:
-    kth = lax.top_k(logits, sampling.top_k)[0][:, -1:]
+  if sampling.top_k > 0:  # a k beyond the vocabulary keeps every token, as HF's
+    kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)

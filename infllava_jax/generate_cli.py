@@ -34,14 +34,22 @@ def main(argv: list[str]) -> int:
   for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
     if not os.path.exists(path):
       parser.error(f"{flag} {path!r} does not exist")
+  try:
+    sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k)
+  except ValueError as e:
+    parser.error(str(e))
 
   start = time.perf_counter()
   assistant = Assistant.from_run(args.checkpoint, args.step)
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
-  sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
   print(f"Q: {args.prompt}")
-  answer = assistant.ask(args.image, args.prompt, sampling=sampling, seed=args.seed)
+  try:
+    answer = assistant.ask(args.image, args.prompt, sampling=sampling, seed=args.seed)
+  except ValueError as e:  # the prompt: too long with --max-new-tokens, or '<image>' in it
+    print(f"infllava generate: error: {e}", file=sys.stderr)
+    return 2
   print(f"A: {answer}")
   return 0

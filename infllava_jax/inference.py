@@ -35,8 +35,16 @@ def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool 
                history: Sequence[tuple[str, str]] = (), double_bos: bool = True) -> list[int]:
   """Token ids of a llama3 generation prompt: earlier (question, answer) turns, then `question`.
 
-  The image (if any) belongs to the first question, as in training.
+  The image (if any) belongs to the first question, as in training. Raises ValueError when
+  a question or answer holds the image marker '<image>': the image's slots come from
+  `has_image`, and a marker in the text would add a second block of them.
   """
+  for i, (q, a) in enumerate([*history, (question, None)]):
+    for role, text in (("question", q), ("answer", a)):
+      if text is not None and templates.IMAGE in text:
+        where = "the question" if i == len(history) else f"history turn {i}'s {role}"
+        raise ValueError(f"{where} holds {templates.IMAGE!r}, the image marker; the image is "
+                         f"passed on its own and its slots are added to the prompt")
   turns, first = [], True
   for q, a in [*history, (question, None)]:
     text = f"{templates.IMAGE}\n{q}" if (first and has_image) else q
@@ -208,7 +216,9 @@ class Assistant:
 
     An image of None makes that row text-only; `histories[i]` holds row i's earlier
     (question, answer) turns (its image belongs to the first question). `on_token` is
-    `generate.generate_tokens`' host callback `(step, tokens [B])`.
+    `generate.generate_tokens`' host callback `(step, tokens [B])`. Raises ValueError for a
+    question that cannot be asked: the image marker in its text (`prompt_ids`), or a prompt
+    that, with `max_new_tokens`, does not fit the model's positions.
     """
     if len(image_list) != len(questions):
       raise ValueError(f"ask_batch: {len(image_list)} images but {len(questions)} questions")
@@ -218,6 +228,12 @@ class Assistant:
     sampling = self._sampling(sampling)
     prompts = [self.prompt(q, h, has_image=im is not None)
                for im, q, h in zip(image_list, questions, histories)]
+    for row, prompt in enumerate(prompts):
+      if len(prompt) + sampling.max_new_tokens > self.context_length:
+        which = f"row {row}'s prompt" if len(prompts) > 1 else "the prompt"
+        raise ValueError(f"{which} has {len(prompt)} tokens and max_new_tokens "
+                         f"is {sampling.max_new_tokens}: together over the model's "
+                         f"{self.context_length} positions")
     tokens, mask = generate.left_pad(prompts, self.tokenizer.pad_token_id)
     extra = -tokens.shape[1] % self.length_bucket
     if extra:

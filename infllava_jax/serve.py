@@ -353,7 +353,10 @@ def stream_events(assistant: Assistant, request: ChatRequest, sampling: generate
 def sampling_for(assistant: Assistant, request: ChatRequest,
                  default_max_tokens: int) -> generate.Sampling:
   """The request's Sampling, after checking that prompt + answer fit the model's positions."""
-  prompt = len(assistant.prompt(request.question, request.history, request.image is not None))
+  try:
+    prompt = len(assistant.prompt(request.question, request.history, request.image is not None))
+  except ValueError as e:  # the image marker in a message's text
+    raise RequestError(str(e), "messages") from None
   room = assistant.context_length - prompt
   max_tokens = request.max_tokens or min(default_max_tokens, room)
   if room < 1 or max_tokens > room:
@@ -396,7 +399,7 @@ def create_app(assistant: Assistant, model_name: str = "infllava",
     raw = await http.body()
     try:
       body = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
       return error_response(RequestError(f"the request body is not valid JSON: {e}"))
     try:  # decoding images and tokenising are host work: off the event loop
       request = await run_in_threadpool(parse_request, body)

@@ -4,30 +4,13 @@ history into the prompt, /reset and /image start over, the end of input ends the
 import io
 import sys
 
-import flax.linen as nn
-import jax
 import numpy as np
 from PIL import Image
 
 from infllava_jax import chat
 from infllava_jax.convert import checkpoint_io
 from infllava_jax.inference import Assistant
-from infllava_jax.model import infllava
-
-
-def random_params(model_cfg, seed=0):
-  """Random params of the model's shapes (faster than `model.init` on two shared cores)."""
-  model = infllava.build_model(model_cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               *infllava.dummy_inputs(model_cfg)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, a):
-    if "scale" in jax.tree_util.keystr(path[-1:]):
-      return np.ones(a.shape, a.dtype)
-    return (rng.normal(size=a.shape) * 0.02).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract["params"]))
+from tests.random_params import random_params
 
 
 def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsys):
@@ -51,7 +34,7 @@ def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsy
   monkeypatch.setattr(Assistant, "stream", spy)
   q1, q2 = "What is in the picture?", "And its colour?"
   script = [q1, q2, "/reset", q1, "/bogus", f"/image {tmp_path / 'missing.png'}",
-            f"/image {second}", q1]
+            "what is <image>?", f"/image {second}", q1]
   monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
   assert chat.main(["--checkpoint", str(checkpoint), "--image", str(first),
                     "--max-new-tokens", "8", "--temperature", "0",
@@ -67,7 +50,11 @@ def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsy
 
   # What was streamed to the terminal is the answer decoded from the generated ids.
   printed = [part[:part.index("\nyou> ")] for part in out.split("assistant> ")[1:]]
-  assert printed == answers, out
+  refused = [p for p in printed if p.startswith("(cannot answer")]
+  assert [p for p in printed if p not in refused] == answers, out
+  assert refused == ["(cannot answer: the question holds '<image>', the image marker; the image "
+                     "is passed on its own and its slots are added to the prompt; /reset "
+                     "starts a new conversation)"]
   assert all(c["answer"].token_ids for c in calls)
   assert "(new conversation)" in out and "unknown command /bogus" in out
   assert "cannot use that image" in out and "not found" in out

@@ -1,5 +1,7 @@
 """Batched cached generation equals a no-cache argmax loop, and rows do not see each other."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,27 @@ def test_sampling_is_seeded_and_respects_top_k():
   # top_p tiny keeps only the most likely token.
   only = generate.choose_next(logits, jax.random.key(3), generate.Sampling(temperature=1.0, top_p=1e-6))
   np.testing.assert_array_equal(only, jnp.argmax(logits, -1))
+  # A k beyond the vocabulary keeps every token (HF clamps it): the same draw as no cut.
+  for seed in range(5):
+    np.testing.assert_array_equal(
+        generate.choose_next(logits, jax.random.key(seed),
+                             generate.Sampling(temperature=1.0, top_k=51)),
+        generate.choose_next(logits, jax.random.key(seed), generate.Sampling(temperature=1.0)))
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(temperature=-1.0), "temperature must be finite and >= 0"),
+    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+])
+def test_sampling_refuses_out_of_range_values(fields, words):
+  with pytest.raises(ValueError, match=re.escape(words)):
+    generate.Sampling(**fields)
+
+
+def test_sampling_takes_numpy_integers():
+  assert generate.Sampling(max_new_tokens=np.int64(3), top_k=np.int32(2)).max_new_tokens == 3

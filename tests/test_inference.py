@@ -1,14 +1,17 @@
-"""The main job's second half: a finished run answers a question through the CLI."""
+"""The main job's second half: a finished run answers a question through the CLI; questions
+the model cannot take are refused before anything runs."""
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
-from infllava_jax import generate_cli
+from infllava_jax import generate, generate_cli
 from infllava_jax.config import load_config
 from infllava_jax.data import synthetic
 from infllava_jax.inference import Assistant
 from infllava_jax.training import loop
+from tests.random_params import random_params
 
 
 def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
@@ -35,3 +38,22 @@ def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
                             "--prompt", question, "--max-new-tokens", "4"]) == 0
   out = capsys.readouterr().out
   assert f"Q: {question}" in out and f"A: {answer}" in out
+
+
+def test_image_marker_in_text_and_prompts_past_the_context_are_refused(tiny_config, capsys):
+  assistant = Assistant(tiny_config, random_params(tiny_config.model))
+  with pytest.raises(ValueError, match="the question holds '<image>', the image marker"):
+    assistant.prompt("what is <image>?")
+  with pytest.raises(ValueError, match="history turn 0's answer holds '<image>'"):
+    assistant.prompt("and now?", history=[("what is it?", "it is <image>")])
+  assert assistant.prompt("what is <image", has_image=False)  # only the whole marker counts
+
+  question = "what is it?"
+  room = assistant.context_length - len(assistant.prompt(question))
+  with pytest.raises(ValueError, match=f"max_new_tokens is {room + 1}: together over the "
+                                       f"model's {assistant.context_length} positions"):
+    assistant.ask(np.zeros((8, 8, 3), np.uint8), question,
+                  sampling=generate.Sampling(max_new_tokens=room + 1))
+  with pytest.raises(ValueError, match="row 1's prompt has"):
+    assistant.ask_batch([None, None], ["hi", "hi " * room],
+                        sampling=generate.Sampling(max_new_tokens=1))

@@ -7,8 +7,6 @@ import json
 import threading
 import time
 
-import flax.linen as nn
-import jax
 import numpy as np
 import openai
 import pytest
@@ -18,27 +16,11 @@ from PIL import Image
 
 from infllava_jax import generate, serve
 from infllava_jax.inference import Assistant
-from infllava_jax.model import infllava
+from tests.random_params import random_params
 
 QUESTION = "What is in the picture?"
 MAX_TOKENS = 8
 GREEDY = generate.Sampling(max_new_tokens=MAX_TOKENS)  # what the server builds for temperature 0
-
-
-def random_params(model_cfg, seed=0):
-  """Random params of the model's shapes (faster than `model.init` on two shared cores)."""
-  model = infllava.build_model(model_cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               *infllava.dummy_inputs(model_cfg)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, a):
-    name = jax.tree_util.keystr(path[-1:])
-    if "scale" in name:
-      return np.ones(a.shape, a.dtype)
-    return (rng.normal(size=a.shape) * 0.02).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract["params"]))
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +155,8 @@ def test_openai_client_streams(api, image, expected):
      "positions"),
     ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
      "messages[0].content[0]", "must be"),
+    ({"messages": [{"role": "user", "content": "what is <image>?"}]}, "messages",
+     "the question holds '<image>', the image marker"),
 ])
 def test_bad_requests_get_openai_errors(client, body, param, words):
   response = client.post("/v1/chat/completions", json=body)
@@ -186,6 +170,9 @@ def test_bad_requests_get_openai_errors(client, body, param, words):
 def test_protocol_errors_and_two_images(client, image):
   _, url = image
   response = client.post("/v1/chat/completions", content=b"{not json",
+                         headers={"Content-Type": "application/json"})
+  assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+  response = client.post("/v1/chat/completions", content=b"[" * 100_000,  # too deep to parse
                          headers={"Content-Type": "application/json"})
   assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
   two = {"messages": [user("a", url), {"role": "assistant", "content": "b"}, user("c", url)]}

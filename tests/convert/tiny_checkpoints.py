@@ -16,7 +16,6 @@ import transformers
 from safetensors.torch import save_file
 
 from infllava_jax.convert import hf
-from infllava_jax.convert.dem_table import DEM_TABLE
 from infllava_jax.convert.mapping import flatten
 
 

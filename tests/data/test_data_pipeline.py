@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from infllava_jax.config import load_config
-from infllava_jax.data import pipeline, sources, templates
+from infllava_jax.data import pipeline, sources
 from infllava_jax.model.infllava import num_image_tokens
 
 IMG = -200

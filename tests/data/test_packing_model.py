@@ -1,7 +1,6 @@
 """A packed row gives each of its samples the logits and loss that sample gets alone."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from infllava_jax.config import load_config

@@ -3,32 +3,21 @@
 import json
 import os
 
-import flax.linen as nn
-import jax
-import numpy as np
 import pytest
 
 from infllava_jax.convert import checkpoint_io
 from infllava_jax.data import synthetic as synthetic_data
 from infllava_jax.evaluate import cli, synthetic
 from infllava_jax.inference import Assistant
-from infllava_jax.model import infllava
 from tests.evaluate import bench_files
-
-
-def random_params(cfg):
-  """Small random params of the model's shapes (cheaper than running `init` on 2 cores)."""
-  model = infllava.build_model(cfg)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *infllava.dummy_inputs(cfg)))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(s.dtype),
-                      nn.meta.unbox(abstract["params"]))
+from tests.random_params import random_params
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_config):
   path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  checkpoint_io.save_converted(path, tiny_config.model, random_params(tiny_config.model))
+  checkpoint_io.save_converted(path, tiny_config.model,
+                               random_params(tiny_config.model, std=0.05, unit_scales=False))
   return path
 
 

@@ -14,12 +14,11 @@ import re
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from infllava_jax.config import load_config
 from infllava_jax.convert import checkpoint_io
-from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint, loop, optim
+from tests.random_params import random_params
 from tests.training.test_loop import TINY, assert_trees_equal, host
 
 # No warmup: both updates move the params. eps = 1e-4 bounds Adam's sensitivity to a
@@ -32,22 +31,12 @@ def config_with(overrides=()):
   return load_config("configs/synthetic.py", OVERRIDES + list(overrides))
 
 
-def random_params(config, seed: int) -> dict:
-  """Numpy params of the config's model (shapes from `eval_shape`: nothing compiled)."""
-  model = infllava.build_model(config.model)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), *infllava.dummy_inputs(config.model))
-  rng = np.random.default_rng(seed)
-  # Small values keep the logits moderate, so the accumulation test trains sensibly.
-  return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
-                      nn.meta.unbox(abstract["params"]))
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
   """(base, stage1): a converted checkpoint and a run folder, their paths and params."""
   root = tmp_path_factory.mktemp("sources")
   config = config_with()
-  base, stage1 = random_params(config, 1), random_params(config, 2)
+  base, stage1 = (random_params(config.model, seed, std=0.05, unit_scales=False) for seed in (1, 2))
   checkpoint_io.save_converted(str(root / "base"), config.model, base)
   with checkpoint.Checkpointer(root / "stage1" / checkpoint.RUN_CHECKPOINTS,
                                config.checkpoint, config=config) as ckpt:
