@@ -32,6 +32,7 @@ from infllava_jax import generate
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
 from infllava_jax.inference import Assistant
+from infllava_jax.training import checkpoint
 
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
 MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
@@ -130,7 +131,8 @@ def main(argv: list[str]) -> int:
     print(f"infllava evaluate: {e}", file=sys.stderr)
     return 1
   summary = scoring.summarize(args.benchmark, rows)
-  summary.update(checkpoint=os.path.abspath(args.checkpoint), step=args.step,
+  summary.update(checkpoint=os.path.abspath(args.checkpoint),
+                 step=checkpoint.params_step(args.checkpoint, args.step),
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
                  seconds=round(time.perf_counter() - start, 1))
   with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:

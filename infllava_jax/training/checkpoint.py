@@ -218,6 +218,14 @@ def _replicated() -> NamedSharding:
   return NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
 
 
+def params_step(path: str | os.PathLike, step: int | None = None) -> int | None:
+  """The step `restore_params_only(path, step=step)` reads: `step`, or a run's latest; None
+  for a folder of params alone (a converted checkpoint, or one step folder given directly)."""
+  path = absolute(path)
+  directory = _step_dir(path, step, "params")
+  return None if directory == path else int(directory.name)
+
+
 def restore_params_only(path: str | os.PathLike, target: Any,
                         include: Sequence[str] | None = None,
                         step: int | None = None) -> Any:

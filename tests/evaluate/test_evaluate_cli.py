@@ -36,6 +36,7 @@ def test_scienceqa_through_the_cli(checkpoint, tmp_path, capsys):
   assert [l["id"] for l in lines] == ["5", "11"]
   assert all(isinstance(l["output"], str) and l["answer"] in "AB" for l in lines)
   assert summary["benchmark"] == "scienceqa" and summary["records"] == 2
+  assert summary["step"] is None  # a converted checkpoint: no training step
   assert set(summary["by_category"]) == {"natural science", "social science"}
   assert summary["accuracy"] == sum(l["correct"] for l in lines) / 2
   assert json.loads(capsys.readouterr().out) == summary

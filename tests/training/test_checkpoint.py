@@ -159,6 +159,8 @@ def test_restore_params_only_subset(tmp_path):
 
   fresh = jax.tree.map(jnp.zeros_like, stage1)
   fresh["vision"]["patch_embed"] = fresh["vision"]["patch_embed"].astype(jnp.bfloat16)
+  assert checkpoint.params_step(tmp_path / "stage1") == 4  # the latest, read below
+  assert checkpoint.params_step(tmp_path / "stage1", step=2) == 2
   out = checkpoint.restore_params_only(tmp_path / "stage1", fresh,
                                        include=(r"^dem/", r"^projector/"))
   np.testing.assert_array_equal(out["dem"]["fuse"]["kernel"], stage1["dem"]["fuse"]["kernel"] + 1)
@@ -210,6 +212,7 @@ def test_restore_params_only_from_converted_folder(tmp_path):
   assert_trees_equal(out["llm"], params["llm"])
   assert out["llm"]["lm_head"]["kernel"].sharding == target["llm"]["lm_head"]["kernel"].sharding
   assert out["dem"]["fuse"]["kernel"] is target["dem"]["fuse"]["kernel"]   # not read
+  assert checkpoint.params_step(tmp_path / "converted") is None
   with pytest.raises(ValueError, match="single checkpoint step"):
     checkpoint.restore_params_only(tmp_path / "converted", target, step=3)
   with pytest.raises(FileNotFoundError, match="model_config.json"):
