@@ -12,7 +12,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,8 +27,10 @@ class ImageError(ValueError):
 def decode(image) -> Image.Image:
   """A path, encoded bytes, a uint8 [H, W, C] array or a PIL image → RGB PIL image.
 
-  EXIF orientation is applied; any mode (L, P, RGBA, CMYK, I;16...) becomes RGB with
-  Pillow's `convert("RGB")`, as the reference's `Image.open(path).convert('RGB')`.
+  Any mode (L, P, RGBA, CMYK, I;16...) becomes RGB with Pillow's `convert("RGB")`, as the
+  reference's `Image.open(path).convert('RGB')`. Like it, the pixels are taken as stored: an
+  EXIF orientation tag (a phone photo's rotation) is not applied, so training, evaluation
+  and the released weights see the same layout.
   """
   try:
     if isinstance(image, Image.Image):
@@ -44,7 +46,6 @@ def decode(image) -> Image.Image:
     else:
       raise ImageError(f"unsupported image value of type {type(image).__name__}")
     pil.load()
-    pil = ImageOps.exif_transpose(pil)
     return pil if pil.mode == "RGB" else pil.convert("RGB")
   except ImageError:
     raise

@@ -124,6 +124,10 @@ def render(rng: np.random.Generator, kind: str, image_size: int,
     left = (k % GRID) * cell + box * int(rng.integers(0, slots[0]))
     top += int(rng.integers(0, max(1, min(box - h, cell - h) + 1)))
     left += int(rng.integers(0, max(1, min(box - w, cell - w) + 1)))
+    # Inside its own cell: where `box` does not divide `cell` (sizes other than 252 = 18 x
+    # 14), the last slot plus the jitter can reach past it (a no-op at 252).
+    top = min(top, (k // GRID) * cell + cell - h)
+    left = min(left, (k % GRID) * cell + cell - w)
     _stamp(image, mask, top, left, rng.integers(0, 90, size=3).astype(np.uint8))
     answers[k] = answer
   return image, answers

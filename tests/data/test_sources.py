@@ -89,6 +89,24 @@ def test_letter_is_drawn_in_its_cell():
   np.testing.assert_array_equal(glyph, synthetic._letter_mask(answers[0], 2))
 
 
+@pytest.mark.parametrize("size", [224, 252, 336])
+def test_marks_stay_in_their_cells_at_every_image_size(size, monkeypatch):
+  stamped = []
+  stamp = synthetic._stamp
+  monkeypatch.setattr(synthetic, "_stamp", lambda image, mask, top, left, colour: (
+      stamped.append((top, left, *mask.shape)), stamp(image, mask, top, left, colour)))
+  rng = np.random.default_rng(0)
+  cell = size // synthetic.GRID
+  for kind in ("letter", "count"):
+    for _ in range(40):
+      stamped.clear()
+      synthetic.render(rng, kind, size)
+      for k, (top, left, h, w) in enumerate(stamped):
+        row, col = divmod(k, synthetic.GRID)
+        assert row * cell <= top and top + h <= (row + 1) * cell, (kind, k, top, h)
+        assert col * cell <= left and left + w <= (col + 1) * cell, (kind, k, left, w)
+
+
 def test_cli_writes_json_pngs_and_array_record(tmp_path, capsys):
   assert cli.main(["synth", "--out", str(tmp_path), "--num", "3", "--num-heldout", "2",
                    "--image-size", "126", "--seed", "5"]) == 0
