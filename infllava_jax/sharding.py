@@ -64,17 +64,26 @@ def parse_mesh(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int
       items = [part.split("=") for part in spec.split(",") if part]
       if any(len(item) != 2 for item in items):
         raise ValueError(f"mesh {spec!r}: expected a preset {sorted(MESH_PRESETS)} "
-                         "or 'axis=size,...' with axes {MESH_AXES}")
-      spec = {name.strip(): int(size) for name, size in items}
+                         f"or 'axis=size,...' with axes {MESH_AXES}")
+      try:
+        spec = {name.strip(): int(size) for name, size in items}
+      except ValueError:
+        raise ValueError(f"mesh {spec!r}: axis sizes must be integers") from None
     unknown = set(spec) - set(MESH_AXES)
     if unknown:
       raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected {MESH_AXES}")
     shape = {axis: int(spec.get(axis, 1)) for axis in MESH_AXES}
+    bad = {axis: size for axis, size in shape.items() if size < 1 and size != -1}
+    if bad:
+      raise ValueError(f"mesh {spec}: axis sizes must be >= 1 (or one -1), got {bad}")
     free = [axis for axis, size in shape.items() if size == -1]
     if len(free) > 1:
       raise ValueError(f"mesh {spec}: at most one axis may be -1")
     if free:
       rest = int(np.prod([s for s in shape.values() if s != -1]))
+      if num_devices % rest:
+        raise ValueError(f"mesh {spec}: the other axes take {rest} devices, which does not "
+                         f"divide the {num_devices} available")
       shape[free[0]] = num_devices // rest
   total = int(np.prod(list(shape.values())))
   if total != num_devices:

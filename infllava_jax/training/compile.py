@@ -365,9 +365,10 @@ def main(argv: list[str]) -> int:
                            "(default 1)")
   parser.add_argument("--length", type=int, default=None,
                       help="tokens per row (default: the config's data.max_length)")
-  parser.add_argument("--grad-accum", type=int, default=1,
-                      help="micro-batches per step, replacing train.grad_accum_steps "
-                           "(default 1: memory of one micro-batch, no accumulator)")
+  parser.add_argument("--grad-accum", type=int, default=None,
+                      help="micro-batches per step, replacing the config's "
+                           "train.grad_accum_steps (default 1: memory of one micro-batch, no "
+                           "accumulator; --config.train.grad_accum_steps=N works too)")
   parser.add_argument("--device-memory", type=parse_size, default=None,
                       help="fail (exit 1) when the compiled per-device total exceeds this, "
                            "e.g. 80GiB")
@@ -376,6 +377,12 @@ def main(argv: list[str]) -> int:
   if bad:
     parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
                  "--config.model.remat_policy=dots_saveable)")
+  accum_key = "--config.train.grad_accum_steps"
+  accum_override = any(o.split("=")[0] == accum_key for o in overrides)
+  if accum_override and args.grad_accum is not None:
+    parser.error(f"--grad-accum and {accum_key} both set the micro-batch count; give one")
+  if args.grad_accum is not None and args.grad_accum < 1:
+    parser.error(f"--grad-accum must be >= 1, got {args.grad_accum}")
   if args.topology:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: open no TPU
     devices = topology_devices(args.topology)
@@ -392,7 +399,8 @@ def main(argv: list[str]) -> int:
   config = load_config(args.config, overrides)
   if args.mesh:
     config.mesh = args.mesh
-  config.train.grad_accum_steps = args.grad_accum
+  if not accum_override:
+    config.train.grad_accum_steps = 1 if args.grad_accum is None else args.grad_accum
   if not args.topology:
     devices = available_devices(count)
   log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -14,6 +14,7 @@ params, or from --init_base (all a checkpoint holds) and then --init_from (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -222,16 +223,21 @@ class Trainer:
     peak = (cfg.get("peak_flops_per_device")
             or flops.PEAK_FLOPS.get(self.mesh.devices.flat[0].device_kind))
     step_flops = self.step_flops()
-    writer = metric_writer(self.workdir)
-    preempted = checkpoint.PreemptionFlag()
-    log(f"training {self.total_steps} steps, global batch {self.global_batch}, mesh "
-        f"{dict(self.mesh.shape)}, {self.mesh.size} devices, "
-        f"{sum(x.size for x in jax.tree.leaves(self.state.params)):,} params "
-        f"({sum(x.size for x, m in zip(jax.tree.leaves(self.state.params), jax.tree.leaves(self.mask)) if m):,} trainable)")
-    pending: list[tuple[int, dict]] = []
-    last_time, last_step = time.perf_counter(), self.start_step
-    step = self.start_step
-    try:
+    # At the end, in reverse order, each even if one before it raises (a failed write).
+    with contextlib.ExitStack() as cleanup:
+      writer = metric_writer(self.workdir)
+      cleanup.callback(writer.close)
+      preempted = checkpoint.PreemptionFlag()
+      cleanup.callback(preempted.restore)
+      cleanup.callback(self.checkpointer.wait_until_finished)
+      sizes = [x.size for x in jax.tree.leaves(self.state.params)]
+      trainable = sum(n for n, m in zip(sizes, jax.tree.leaves(self.mask)) if m)
+      log(f"training {self.total_steps} steps, global batch {self.global_batch}, mesh "
+          f"{dict(self.mesh.shape)}, {self.mesh.size} devices, {sum(sizes):,} params "
+          f"({trainable:,} trainable)")
+      pending: list[tuple[int, dict]] = []
+      last_time, last_step = time.perf_counter(), self.start_step
+      step = self.start_step
       while step < last_step_to_run:
         batch = global_batch_from_host(next(self.data), self.mesh)
         self.state, metrics = self.step_fn(self.state, batch)
@@ -265,10 +271,6 @@ class Trainer:
       else:
         self.checkpointer.save(step, self.state.params, self.state.opt_state,
                                self.data.grain_iterator, force=True)
-    finally:
-      self.checkpointer.wait_until_finished()
-      writer.close()
-      preempted.restore()
     return self.state
 
 

@@ -67,6 +67,14 @@ def test_main_reports_and_fails_over_device_memory(tiny_figures, monkeypatch, ca
   total = compile_cli.format_bytes(tiny_figures["memory"]["total"]).strip()
   assert f"per-device total {total} exceeds --device-memory 0.001 MiB" in err
 
+  # The micro-batch count: --grad-accum, or the config override (not reset to 1), not both.
+  assert compile_cli.main(argv + ["--grad-accum", "2"]) == 0 and seen["accum"] == 2
+  assert compile_cli.main(argv + ["--config.train.grad_accum_steps=4"]) == 0
+  assert seen["accum"] == 4
+  with pytest.raises(SystemExit):
+    compile_cli.main(argv + ["--grad-accum", "2", "--config.train.grad_accum_steps=4"])
+  assert "both set the micro-batch count" in capsys.readouterr().err
+
 
 def test_main_rejects_a_mesh_larger_than_the_devices():
   with pytest.raises(SystemExit, match="needs 16 devices but jax has 8"):

@@ -127,14 +127,25 @@ class NaNAt:
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   t = make_trainer(tmp_path, ["--config.train.steps=20", "--config.checkpoint.every_steps=2"])
   t.data = NaNAt(t.data, 5)
+  handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 5"):
     t.run()
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run's SIGTERM handler is gone
   steps = t.checkpointer.all_steps()
   assert max(steps) == 4, steps
   resumed = make_trainer(tmp_path, ["--config.train.steps=20",
                                     "--config.checkpoint.every_steps=2"])
   assert resumed.start_step == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(host(resumed.state.params)))
+
+  # A save that fails while the run winds down: the error surfaces, the handler is restored.
+  def failed_write():
+    raise OSError("disk full")
+
+  resumed.checkpointer.wait_until_finished = failed_write
+  with pytest.raises(OSError, match="disk full"):
+    resumed.run(until_step=5)
+  assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def cli_env(devices: int) -> dict:
