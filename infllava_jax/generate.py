@@ -71,6 +71,13 @@ def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
   """[B, V] float32 logits -> [B] int32 next tokens (greedy, or temperature/top-k/top-p)."""
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, sampling_logits(logits, sampling),
+                                axis=-1).astype(jnp.int32)
+
+
+def sampling_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+  """[B, V] logits / temperature, -inf outside the top-k and then the top-p cut, in the
+  order of Hugging Face's logits warpers (temperature, top-k, top-p)."""
   logits = logits / sampling.temperature
   if sampling.top_k > 0:  # a k beyond the vocabulary keeps every token, as HF's
     kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
@@ -84,7 +91,7 @@ def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
         drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return logits
 
 
 def for_decoding(model: InfLlava | llama.Llama, params) -> tuple[InfLlava | llama.Llama, Any]:

@@ -122,6 +122,29 @@ def test_sampling_is_seeded_and_respects_top_k():
         generate.choose_next(logits, jax.random.key(seed), generate.Sampling(temperature=1.0)))
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (0.7, 0, 0.8), (1.3, 5, 1.0), (0.7, 8, 0.6), (1.0, 60, 0.95), (0.5, 1, 0.3),
+])
+def test_sampling_logits_equal_hugging_face_warpers(temperature, top_k, top_p):
+  torch = pytest.importorskip("torch")
+  from transformers import generation
+  rng = np.random.default_rng(top_k)
+  logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+  logits[0, :10] = logits[0, 0]  # ties at the top-k and top-p boundaries
+  warpers = [generation.TemperatureLogitsWarper(temperature)]
+  warpers += [generation.TopKLogitsWarper(top_k)] if top_k else []
+  warpers += [generation.TopPLogitsWarper(top_p)] if top_p < 1 else []
+  expected = torch.from_numpy(logits)
+  for warper in warpers:  # HF's order: temperature, top-k, top-p
+    expected = warper(None, expected)
+  ours = generate.sampling_logits(jnp.asarray(logits), generate.Sampling(
+      temperature=temperature, top_k=top_k, top_p=top_p))
+  expected = expected.numpy()
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+  kept = np.isfinite(expected)
+  np.testing.assert_allclose(np.asarray(ours)[kept], expected[kept], rtol=1e-6)
+
+
 @pytest.mark.parametrize("fields, words", [
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
