@@ -49,6 +49,19 @@ class Sampling:
     if problems:
       raise ValueError("Sampling: " + "; ".join(problems))
 
+  def settings(self) -> dict[str, jax.Array]:
+    """The values a compiled generation takes as arguments: temperature, top_p and top_k as
+    scalars (`compiled_generate`)."""
+    return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
+            "top_k": jnp.int32(self.top_k)}
+
+  def program(self) -> "Sampling":
+    """What a compiled generation is built for: this Sampling with the `settings` values
+    replaced by stand-ins that keep only which steps run (greedy or sampled, a top-k cut, a
+    top-p cut), so settings differing in those values alone share one program."""
+    return dataclasses.replace(self, temperature=float(self.temperature > 0),
+                               top_p=0.5 if self.top_p < 1 else 1.0, top_k=int(self.top_k > 0))
+
 
 def _is_count(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -67,27 +80,40 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return tokens, mask
 
 
-def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-  """[B, V] float32 logits -> [B] int32 next tokens (greedy, or temperature/top-k/top-p)."""
+def choose_next(logits: jax.Array, rng: jax.Array, sampling: Sampling,
+                settings: dict[str, jax.Array] | None = None) -> jax.Array:
+  """[B, V] float32 logits -> [B] int32 next tokens (greedy, or temperature/top-k/top-p).
+
+  `sampling` decides which steps run; their values come from `settings` (traced scalars,
+  `Sampling.settings()`), by default `sampling`'s own.
+  """
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, sampling_logits(logits, sampling),
+  return jax.random.categorical(rng, sampling_logits(logits, sampling, settings),
                                 axis=-1).astype(jnp.int32)
 
 
-def sampling_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+def sampling_logits(logits: jax.Array, sampling: Sampling,
+                    settings: dict[str, jax.Array] | None = None) -> jax.Array:
   """[B, V] logits / temperature, -inf outside the top-k and then the top-p cut, in the
-  order of Hugging Face's logits warpers (temperature, top-k, top-p)."""
-  logits = logits / sampling.temperature
+  order of Hugging Face's logits warpers (temperature, top-k, top-p). Which cuts run is
+  `sampling`'s; the values are `settings`' (see `choose_next`)."""
+  settings = sampling.settings() if settings is None else settings
+  logits = logits / settings["temperature"]
+  if sampling.top_k == 0 and sampling.top_p == 1.0:
+    return logits
+  # One sort serves both cuts; k is a traced value, so no lax.top_k (its k is static).
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
   if sampling.top_k > 0:  # a k beyond the vocabulary keeps every token, as HF's
-    kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+    k = jnp.clip(settings["top_k"], 1, logits.shape[-1])
+    kth = lax.dynamic_slice_in_dim(sorted_logits, k - 1, 1, axis=-1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
   if sampling.top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= sampling.top_p
+    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= settings["top_p"]
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
         drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
@@ -115,7 +141,9 @@ def for_decoding(model: InfLlava | llama.Llama, params) -> tuple[InfLlava | llam
 
 def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
                     pixels: jax.Array | None, rng: jax.Array, sampling: Sampling,
-                    pad_id: int, on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+                    pad_id: int, on_token: Callable | None = None,
+                    settings: dict[str, jax.Array] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """Generates up to `sampling.max_new_tokens` tokens per row (call it under `jax.jit`).
 
   Args:
@@ -123,6 +151,7 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
     mask: [B, T] int32, 1 on prompt tokens and 0 on padding.
     pixels: [B, M, H, W, 3] the rows' images, or None.
     on_token: optional host callback `(step, tokens [B]) -> None`, for streaming.
+    settings: the sampling values (`Sampling.settings()`, traced), by default `sampling`'s.
   Returns:
     (generated [B, N] int32 with `pad_id` after a row stops, lengths [B] int32), where a
     row's length counts its tokens up to and including its stop id.
@@ -132,7 +161,8 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
                        segment_ids, cache)
 
   return decode(forward, model.cfg.llm, layers.dtype_of(model.cfg.dtype), tokens, mask, rng,
-                sampling, pad_id, on_token, per_layer_cache=not model.llm_scan_layers)
+                sampling, pad_id, on_token, per_layer_cache=not model.llm_scan_layers,
+                settings=settings)
 
 
 def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.Array,
@@ -150,14 +180,14 @@ def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.
 
 def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax.Array,
            rng: jax.Array, sampling: Sampling, pad_id: int,
-           on_token: Callable | None = None,
-           per_layer_cache: bool = False) -> tuple[jax.Array, jax.Array]:
+           on_token: Callable | None = None, per_layer_cache: bool = False,
+           settings: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
   """The prefill and the decode loop shared by `generate_tokens` and `generate_text_tokens`.
 
   `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
   (logits [B, T, V], cache); it is called once on the prompts (prefill=True), then on one
   token per row per step; `per_layer_cache` is `llama.init_cache`'s (for unrolled layers).
-  Returns what `generate_tokens` does.
+  `settings`: as `choose_next`'s. Returns what `generate_tokens` does.
   """
   batch, length = tokens.shape
   steps = sampling.max_new_tokens
@@ -171,7 +201,7 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
     return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
   rng, first_rng = jax.random.split(rng)
-  first = choose_next(logits[:, -1], first_rng, sampling)
+  first = choose_next(logits[:, -1], first_rng, sampling, settings)
   out = jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(first)
   done = is_stop(first)
   lengths = jnp.ones((batch,), jnp.int32)
@@ -188,7 +218,7 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
     logits, cache = forward(prev[:, None], (next_pos + step - 1)[:, None],
                             jnp.ones((batch, 1), jnp.int32), cache, False)
     rng, step_rng = jax.random.split(rng)
-    tok = jnp.where(done, pad_id, choose_next(logits[:, -1], step_rng, sampling))
+    tok = jnp.where(done, pad_id, choose_next(logits[:, -1], step_rng, sampling, settings))
     if on_token is not None:
       jax.debug.callback(on_token, step, tok)
     lengths = lengths + jnp.logical_not(done).astype(jnp.int32)
@@ -200,10 +230,24 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
   return out, lengths
 
 
-@functools.lru_cache(maxsize=16)
 def compiled_generate(model: InfLlava, sampling: Sampling, pad_id: int,
-                      on_token: Callable | None = None):
-  """`generate_tokens` jitted for one (model, sampling) pair; cached so repeated calls reuse it."""
-  return jax.jit(functools.partial(generate_tokens, model, sampling=sampling, pad_id=pad_id,
+                      on_token: Callable | None = None) -> Callable:
+  """`generate_tokens` for `sampling`, jitted: `(params, tokens, mask, pixels, rng)` ->
+  (generated, lengths).
+
+  The program is compiled once per (model, `sampling.program()`, pad_id, on_token) and
+  reused: temperature, top_p and top_k reach it as arguments, so a chat or a server whose
+  requests differ in those values alone compiles nothing new.
+  """
+  run = _compiled_program(model, sampling.program(), pad_id, on_token)
+  settings = sampling.settings()
+  return lambda params, tokens, mask, pixels, rng: run(params, tokens, mask, pixels, rng,
+                                                         settings=settings)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_program(model: InfLlava, program: Sampling, pad_id: int,
+                      on_token: Callable | None):
+  return jax.jit(functools.partial(generate_tokens, model, sampling=program, pad_id=pad_id,
                                    on_token=on_token),
                  compiler_options=xla_options.compiler_options(jax.default_backend()))

@@ -37,7 +37,9 @@ Generation runs one request at a time: the model sits on one device, and the
 allow for queueing). A streamed request whose client goes away still finishes its
 generation before the next starts. Prompts are padded to a multiple of `--length-bucket`
 tokens so that most requests reuse one compiled generation; each new (bucket,
-max_tokens, temperature, top_p, top_k) combination compiles once.
+max_tokens) pair compiles once, and once more per sampling mode (greedy, or sampled with
+or without top-k and top-p cuts): the temperature, top_p and top_k values themselves are
+arguments of the compiled program (`generate.compiled_generate`).
 """
 
 from __future__ import annotations

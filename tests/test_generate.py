@@ -1,5 +1,6 @@
 """Batched cached generation equals a no-cache argmax loop, and rows do not see each other."""
 
+import functools
 import re
 
 import jax
@@ -79,6 +80,28 @@ def test_for_decoding_unrolls_the_llm_and_generates_the_same(tiny):
   unrolled_out, _ = generate.compiled_generate(unrolled, sampling, pad_id=0)(
       flat, *args, jax.random.key(0))
   np.testing.assert_array_equal(unrolled_out, scanned_out)
+
+
+def test_sampling_values_are_arguments_of_one_compiled_program(tiny):
+  cfg, model, params = tiny
+  rng = np.random.default_rng(3)
+  prompts = _prompts(cfg, rng, [3, 6])
+  side = cfg.dcm.image_size
+  pixels = jnp.asarray(rng.normal(size=(2, 1, side, side, 3)), jnp.float32)
+  tokens, mask = map(jnp.asarray, generate.left_pad(prompts, pad_id=0))
+  generate._compiled_program.cache_clear()
+  for values in (dict(temperature=0.7, top_p=0.9, top_k=5),
+                 dict(temperature=1.3, top_p=0.6, top_k=40)):
+    sampling = generate.Sampling(max_new_tokens=4, **values)
+    shared, _ = generate.compiled_generate(model, sampling, pad_id=0)(
+        params, tokens, mask, pixels, jax.random.key(7))
+    # The same tokens as a program with these values compiled in.
+    baked, _ = jax.jit(functools.partial(generate.generate_tokens, model, sampling=sampling,
+                                         pad_id=0))(params, tokens, mask, pixels,
+                                                    jax.random.key(7))
+    np.testing.assert_array_equal(shared, baked)
+  assert generate._compiled_program.cache_info().currsize == 1
+  assert generate._compiled_program(model, sampling.program(), 0, None)._cache_size() == 1
 
 
 def test_stop_ids_end_rows_and_pad_after(tiny):
