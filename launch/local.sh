@@ -24,6 +24,24 @@ for ((i = 0; i < num; i++)); do
     --coordinator "127.0.0.1:$port" --num-processes "$num" --process-id "$i" "$@" &
   pids+=($!)
 done
+# Ctrl-C or a SIGTERM to this script reaches every process (background jobs of a script
+# ignore SIGINT), so each saves and exits as on a preemption. A process that fails stops the
+# others, which would otherwise wait for it at their next collective until
+# jax.distributed's timeout. The exit status is the first failure's, else 0.
+stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+trap stop INT TERM
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while [ ${#pids[@]} -gt 0 ]; do
+  for i in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      wait "${pids[$i]}" && rc=0 || rc=$?
+      unset "pids[$i]"
+      if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status=$rc
+        stop
+      fi
+    fi
+  done
+  sleep 1
+done
 exit $status

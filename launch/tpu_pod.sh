@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice: the same command on every worker at once.
-# jax.distributed.initialize() finds the coordinator and process ids from the TPU metadata.
+# `infllava train --distributed`: jax.distributed.initialize() finds the coordinator and
+# process ids from the TPU VM metadata.
 #
 #   launch/tpu_pod.sh NAME ZONE configs/infllava_8b_stage1.py gs://bucket/run1 [options...]
 #
@@ -22,6 +23,9 @@ if [ -n "${WORKER:-}" ] && [ "${WORKER}" != "all" ]; then
   echo "$0: refusing WORKER=$WORKER: every worker of the slice must start together (--worker=all)" >&2
   exit 2
 fi
-extra=$(printf ' %q' "$@")
+# Each argument quoted for the remote shell (paths with spaces, no empty '' argument when
+# there are no options). --distributed: every worker joins the others (jax.distributed finds
+# the coordinator and its process id from the TPU VM metadata).
+args=$(printf ' %q' --config "$config" --workdir "$workdir" --distributed "$@")
 exec gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command \
-  "cd $repo && infllava train --config $config --workdir $workdir$extra"
+  "cd $repo && infllava train$args"

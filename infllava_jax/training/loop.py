@@ -46,8 +46,8 @@ def initialize_distributed(args) -> None:
   if args.num_processes and args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-      "TPU_WORKER_HOSTNAMES", ""):
+  elif args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in (
+      os.environ.get("TPU_WORKER_HOSTNAMES", "")):
     jax.distributed.initialize()
 
 
@@ -330,6 +330,11 @@ def main(argv: list[str]) -> int:
                            "selects (e.g. a stage-1 run's DEM + projector; None: all PATH "
                            "holds). Params no source gives keep their random init. Both are "
                            "ignored when WORKDIR has checkpoints (the run resumes)")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run whose coordinator and process id "
+                           "jax.distributed finds itself (Cloud TPU VM metadata: "
+                           "launch/tpu_pod.sh passes it). SLURM jobs of several tasks and "
+                           "GKE TPU slices are joined without it")
   parser.add_argument("--coordinator", default=None,
                       help="host:port of process 0 for a multi-process run")
   parser.add_argument("--num-processes", type=int, default=None)
