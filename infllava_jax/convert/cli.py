@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--clip", metavar="DIR", help="Hugging Face CLIP folder (with --llama)")
   src.add_argument("--projector", metavar="FILE",
                    help="stage-1 mm_projector.bin (DEM + projector keys), with --llama/--clip; "
-                        "without it the DEM and projector are initialised (spec 5.7)")
+                        "without it the DEM and projector are initialised as PyTorch's "
+                        "nn.Linear / nn.Conv2d defaults, as the reference's stage 1 starts")
   src.add_argument("--llava-hf", dest="llava_hf", metavar="DIR",
                    help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline")
   src.add_argument("--config", metavar="FILE.py[:ARG]",
@@ -72,16 +73,17 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--dtype", choices=DTYPES,
                    help="cast every param (default: keep each tensor's dtype, bf16 exact)")
   src.add_argument("--no-pad-row", dest="pad_row", action="store_false",
-                   help="with --llama: keep the LLaMA vocabulary (default adds the <pad> row, "
-                        "spec 9.2)")
+                   help="with --llama: keep the LLaMA vocabulary (default adds the reference's "
+                        "<pad> token: one more embedding and lm_head row, the mean of the others)")
   src.add_argument("--seed", type=int, default=0,
-                   help="init seed for the modules the checkpoint lacks")
+                   help="init seed for the modules the checkpoint lacks (default: "
+                        "%(default)s)")
   src.add_argument("--quiet", action="store_true", help="no progress lines")
 
   dst = commands.add_parser(
       "to-pytorch", help="converted checkpoint -> INF-LLaVA release layout",
       description="Writes safetensors shards + model.safetensors.index.json + config.json "
-                  "in the INF-LLaVA release layout (spec section 11).")
+                  "in the INF-LLaVA release layout (the released checkpoint's tensor names).")
   dst.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="converted checkpoint (DIR/params + DIR/model_config.json)")
   dst.add_argument("--out", required=True, metavar="DIR", help="folder to write")
@@ -123,7 +125,8 @@ def from_pytorch(args, parser) -> None:
   if not args.quiet:
     print(f"{source.label}: {model_cfg.variant} model, {progress.total_tensors} tensors "
           f"({progress.total_bytes / 1e9:.2f} GB) to convert"
-          + (f"; initialising {', '.join(source.init)} (spec 5.7)" if source.init else ""))
+          + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
+             if source.init else ""))
   checkpoint_io.save_converted(args.out, model_cfg, params)
   if not args.quiet:
     print(f"wrote {args.out}")

@@ -1,8 +1,10 @@
 """Converted checkpoint -> the INF-LLaVA release layout (spec section 11), for PyTorch tools.
 
-Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json` and a
+Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`, a
 `config.json` (model_type llava_llama, the LLaMA fields in the old `rope_theta` /
-`rope_scaling` spelling that released checkpoints use, the `mm_*` fields). The names come
+`rope_scaling` spelling that released checkpoints use, the `mm_*` fields, and the
+reference's input settings) and, for LLaMA-3's vocabulary, `generation_config.json` (its
+stop ids). The names come
 from the same table `from-pytorch` reads with (`hf.release_table`), so the round trip is
 exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
 `post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
@@ -25,6 +27,10 @@ from infllava_jax.convert.mapping import ConversionError, flatten, params_to_tor
 
 INDEX_FILE = "model.safetensors.index.json"
 CLIP_NAME = "openai/clip-vit-large-patch14-336"
+# LLaMA-3-8B-Instruct's special ids, with the reference's <pad> appended (vocabulary
+# 128257): the reference's generation stops on <|end_of_text|> and <|eot_id|>.
+LLAMA3_VOCAB_WITH_PAD = 128257
+LLAMA3_IDS = dict(bos_token_id=128000, eos_token_id=[128001, 128009])
 
 
 def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
@@ -53,7 +59,22 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   )
   if model_cfg.image_token_id >= 0:  # a real vocabulary id (llava-hf's <image>)
     config["image_token_index"] = model_cfg.image_token_id
+  # How the reference prepares inputs for this checkpoint: images padded to a square with
+  # the mean colour (without the field, its process_images centre-crops), prompts at most
+  # 2048 tokens, padded on the right.
+  config.update(image_aspect_ratio="pad", tokenizer_model_max_length=2048,
+                tokenizer_padding_side="right")
+  if llm.vocab_size == LLAMA3_VOCAB_WITH_PAD:
+    config.update(pad_token_id=LLAMA3_VOCAB_WITH_PAD - 1, **LLAMA3_IDS)
   return config
+
+
+def generation_config(model_cfg: ConfigDict) -> dict | None:
+  """generation_config.json for LLaMA-3's vocabulary (its stop ids); None for another one,
+  whose special ids the converted checkpoint does not record."""
+  if model_cfg.llm.vocab_size != LLAMA3_VOCAB_WITH_PAD:
+    return None
+  return dict(LLAMA3_IDS, pad_token_id=LLAMA3_VOCAB_WITH_PAD - 1)
 
 
 def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
@@ -112,3 +133,7 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
   stored = dtype or str(np.dtype(flatten(params)["llm/embed/embedding"].dtype))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(release_config(model_cfg, stored), f, indent=2)
+  generation = generation_config(model_cfg)
+  if generation:
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)

@@ -299,11 +299,14 @@ def _indexed_refs(index: str) -> dict[str, TensorRef]:
                       "does not exist")
       continue
     in_shard = file_refs(path)
-    for name in sorted(n for n, s in weight_map.items() if s == shard):
+    listed = {n for n, s in weight_map.items() if s == shard}
+    for name in sorted(listed):
       if name in in_shard:
         refs[name] = in_shard[name]
       else:
         problems.append(f"tensor {name!r} is listed in shard {shard!r} but not in it")
+    problems += [f"tensor {name!r} is in shard {shard!r} but the index does not list it"
+                 for name in sorted(set(in_shard) - listed)]
   if problems:
     raise ConversionError(f"{index}: bad index, {len(problems)} problem(s):\n  "
                           + "\n  ".join(problems))
@@ -490,6 +493,15 @@ def separate_source(llama_dir: str, clip_dir: str, projector: str | None = None,
   return Source(label, tensors, table, release_ignore(model_cfg), model_cfg, init, add_pad_row)
 
 
+def llava_text_config(hf: Mapping) -> dict:
+  """A llava-hf config.json's `text_config`, completed as transformers' LlavaConfig does:
+  the hub's files keep only the fields that differ from LlamaConfig's defaults
+  (llava-1.5-7b-hf: 5 of them, no sizes)."""
+  import transformers
+  text_config = {"model_type": "llama", **(hf.get("text_config") or {})}
+  return {**text_config, **transformers.LlamaConfig(**text_config).to_dict()}
+
+
 def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
   """A llava-hf LlavaForConditionalGeneration folder, as the LLaVA-1.5 baseline variant."""
   config_path = os.path.join(directory, "config.json")
@@ -504,8 +516,7 @@ def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
     raise ConversionError(f"{directory}: a llava-hf checkpoint has no DEM; use a ':llava' "
                           f"config (got model.variant={base.variant!r})")
   tensors = {renamed(n, LLAVA_HF_RENAMES): ref for n, ref in folder_refs(directory).items()}
-  text_config = dict(hf.get("text_config") or {})
-  text_config.setdefault("model_type", "llama")
+  text_config = llava_text_config(hf)
   model_cfg = base.copy_and_resolve_references()
   model_cfg.llm = _llm_config(text_config, base, f"{config_path} text_config",
                               allow_tied=True)

@@ -126,9 +126,12 @@ def test_index_naming_a_missing_shard_or_tensor_is_named(release, capsys, tmp_pa
   with open(release / hf.INDEX_FILES[0], "w") as f:
     json.dump(index, f)
   err = convert_error(release, capsys, tmp_path)
-  assert f"{release / hf.INDEX_FILES[0]}: bad index, 2 problem(s)" in err
+  # Each moved tensor is also in a shard whose index entry no longer lists it.
+  assert f"{release / hf.INDEX_FILES[0]}: bad index, 4 problem(s)" in err
   assert f"shard 'model-00009-of-00003.safetensors' (listed for 1 tensors, e.g. {Q0!r})" in err
   assert "tensor 'model.norm.weight' is listed in shard" in err
+  assert f"tensor 'model.norm.weight' is in shard {real!r} but the index does not list it" in err
+  assert f"tensor {Q0!r} is in shard" in err
 
 
 class _Payload:

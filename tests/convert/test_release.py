@@ -1,5 +1,6 @@
 """INF-LLaVA release layout -> converted (CLI) -> parity with HF, and the bit-exact round trip."""
 
+import json
 import os
 import re
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io, cli, hf
+from infllava_jax.convert import checkpoint_io, cli, export, hf
 from infllava_jax.convert import inspect as inspect_cli
 from infllava_jax.convert.mapping import flatten
 from infllava_jax.model import clip, llama
@@ -120,6 +121,24 @@ def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path):
   for name, array in exported.items():
     np.testing.assert_array_equal(array.view(np.uint16), tc.to_numpy(tensors[name]).view(np.uint16))
   assert len([f for f in os.listdir(tmp_path / "exported") if f.endswith(".safetensors")]) > 1
+  # The reference's input settings; no generation_config.json for a vocabulary whose stop
+  # ids the checkpoint does not record.
+  with open(tmp_path / "exported" / "config.json") as f:
+    config = json.load(f)
+  assert (config["image_aspect_ratio"], config["tokenizer_model_max_length"],
+          config["tokenizer_padding_side"]) == ("pad", 2048, "right")
+  assert "eos_token_id" not in config
+  assert not (tmp_path / "exported" / "generation_config.json").exists()
+
+
+def test_llama3_exports_carry_its_stop_and_pad_ids(tiny_config):
+  model_cfg = tiny_config.model.copy_and_resolve_references()
+  model_cfg.llm.vocab_size = export.LLAMA3_VOCAB_WITH_PAD
+  config = export.release_config(model_cfg, "bfloat16")
+  assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (
+      128256, 128000, [128001, 128009])
+  assert export.generation_config(model_cfg) == dict(
+      bos_token_id=128000, eos_token_id=[128001, 128009], pad_token_id=128256)
 
 
 def test_inspect_lists_both_sides(release_f32, capsys):
