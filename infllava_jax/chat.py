@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 from infllava_jax import generate
 from infllava_jax.data import images
+from infllava_jax.generate_cli import add_sampling_flags, sampling_from_flags
 from infllava_jax.inference import Answer, Assistant
 
 HELP = """commands: /reset (new conversation), /image PATH (switch image, new conversation),
@@ -112,25 +113,17 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
   parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
   parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
-  parser.add_argument("--max-new-tokens", type=int, default=512, help="per answer")
-  parser.add_argument("--temperature", type=float, default=0.2, help="0: greedy")
-  parser.add_argument("--top-p", type=float, default=1.0)
-  parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-  parser.add_argument("--seed", type=int, default=0)
+  add_sampling_flags(parser, max_new_tokens=512, temperature=0.2)
   parser.add_argument("--length-bucket", type=int, default=64,
-                      help="pad prompts to a multiple of this many tokens (fewer compiles)")
+                      help="pad prompts to a multiple of this many tokens, fewer compiles "
+                           "(default: %(default)s)")
   args = parser.parse_args(argv)
   for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
     if not os.path.exists(path):
       parser.error(f"{flag} {path!r} does not exist")
   if args.length_bucket < 1:
     parser.error("--length-bucket must be >= 1")
-  try:
-    sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k)
-  except ValueError as e:
-    parser.error(str(e))
+  sampling = sampling_from_flags(parser, args)
   try:
     image = images.decode(args.image)
   except images.ImageError as e:

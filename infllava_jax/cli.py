@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"infllava: unknown command {name!r}\n\n" + USAGE.format(commands=_describe()),
           file=sys.stderr)
     return 2
-  return importlib.import_module(COMMANDS[name][0]).main(rest) or 0
+  command = importlib.import_module(COMMANDS[name][0])
+  from infllava_jax.config import ConfigError
+  try:
+    return command.main(rest) or 0
+  except (ConfigError, FileNotFoundError) as e:  # a mistyped override, config or path
+    print(f"infllava {name}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

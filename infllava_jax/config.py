@@ -7,6 +7,7 @@ load configs without touching absl's global flags.
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from typing import Sequence
@@ -17,8 +18,14 @@ from ml_collections import ConfigDict, config_flags
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class ConfigError(ValueError):
+  """Overrides a config cannot take: an unknown field, or a value of the wrong type."""
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   """Loads `configs/x.py[:arg]` and applies overrides such as `--config.model.dtype=float32`.
+
+  Raises FileNotFoundError for a missing file and ConfigError for overrides it cannot take.
 
   Config files import their siblings as `configs.<name>`, so the folder holding `configs/`
   is put on `sys.path` first.
@@ -36,5 +43,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   registry = flags.FlagValues()
   config_flags.DEFINE_config_file("config", default=spec, flag_values=registry,
                                   lock_config=False, sys_argv=argv)
-  registry(argv)
-  return registry.config
+  try:
+    registry(argv)
+    return registry.config
+  except (flags.Error, AttributeError, KeyError) as e:  # what config_flags raises for them
+    what = "unknown field " if isinstance(e, (AttributeError, KeyError)) else ""
+    raise ConfigError(f"{spec} with {' '.join(overrides) or 'no overrides'}: "
+                      f"{what}{_unquoted(str(e))}") from None
+
+
+def _unquoted(message: str) -> str:
+  """ml_collections' unknown-field message arrives quoted twice ('\\'x\\'\\nDid you...')."""
+  while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+    try:
+      message = ast.literal_eval(message)
+    except (ValueError, SyntaxError):
+      break
+  return message.replace("\n", ". ")

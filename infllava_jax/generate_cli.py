@@ -18,6 +18,31 @@ from infllava_jax import generate
 from infllava_jax.inference import Assistant
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int,
+                       temperature: float) -> None:
+  """--max-new-tokens, --temperature, --top-p, --top-k and --seed, with these defaults."""
+  parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                      help="most tokens per answer (default: %(default)s)")
+  parser.add_argument("--temperature", type=float, default=temperature,
+                      help="0: greedy (default: %(default)s)")
+  parser.add_argument("--top-p", type=float, default=1.0,
+                      help="nucleus cut in (0, 1]; 1: none (default: %(default)s)")
+  parser.add_argument("--top-k", type=int, default=0,
+                      help="keep the k most likely tokens; 0: no cut (default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="sampling seed (default: %(default)s)")
+
+
+def sampling_from_flags(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> generate.Sampling:
+  """The Sampling of `add_sampling_flags`' flags; out-of-range values exit via parser.error."""
+  try:
+    return generate.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k)
+  except ValueError as e:
+    parser.error(str(e))
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,21 +50,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
   parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
   parser.add_argument("--prompt", required=True, help="the question")
-  parser.add_argument("--max-new-tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-  parser.add_argument("--top-p", type=float, default=1.0)
-  parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-  parser.add_argument("--seed", type=int, default=0)
+  add_sampling_flags(parser, max_new_tokens=64, temperature=0.0)
   args = parser.parse_args(argv)
   for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
     if not os.path.exists(path):
       parser.error(f"{flag} {path!r} does not exist")
-  try:
-    sampling = generate.Sampling(max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k)
-  except ValueError as e:
-    parser.error(str(e))
+  sampling = sampling_from_flags(parser, args)
 
   start = time.perf_counter()
   assistant = Assistant.from_run(args.checkpoint, args.step)

@@ -441,14 +441,16 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default loopback only; anything else exposes the "
                            "model, unauthenticated, to the network)")
-  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
   parser.add_argument("--model-name", default=None,
                       help="the id /v1/models lists and responses carry (default: the "
                            "checkpoint folder's name); requests may name any model")
   parser.add_argument("--max-tokens", type=int, default=512,
-                      help="answer length when a request gives no max_tokens")
+                      help="answer length when a request gives no max_tokens "
+                           "(default: %(default)s)")
   parser.add_argument("--length-bucket", type=int, default=64,
-                      help="pad prompts to a multiple of this many tokens (fewer compiles)")
+                      help="pad prompts to a multiple of this many tokens, fewer compiles "
+                           "(default: %(default)s)")
   args = parser.parse_args(argv)
   if not os.path.exists(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint!r} does not exist")

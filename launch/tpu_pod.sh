@@ -8,7 +8,8 @@
 # The repository must already be cloned and installed at $REPO_DIR (default ~/infllava-jax)
 # on every worker, e.g. with
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
-#     "git clone URL ~/infllava-jax && pip install -e ~/infllava-jax"
+#     "git clone URL ~/infllava-jax && pip install -e ~/infllava-jax'[tpu]'"
+# (the tpu extra brings libtpu, without which jax sees no TPU and trains on the CPU).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [infllava train options...]" >&2

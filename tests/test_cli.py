@@ -30,3 +30,21 @@ def test_transformers_advice_is_off_unless_the_user_set_it(monkeypatch):
   with pytest.raises(SystemExit):
     cli.main(["data", "--help"])
   assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == ""
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--config", "nope.py", "--workdir", "w"], "config file 'nope.py' not found"),
+    (["train", "--config", "configs/synthetic.py", "--workdir", "w",
+      "--config.train.stepz=3"], "unknown field 'stepz'. Did you mean \"steps\""),
+    (["demo", "--config.model.llm.depth=two"], "invalid literal for int()"),
+    (["generate", "--checkpoint", "{empty}", "--image", "{image}", "--prompt", "hi"],
+     "is not a checkpoint: no 'config' folder and no complete checkpoint step"),
+])
+def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "x.png").write_bytes(b"")  # only its existence is checked before the checkpoint
+  argv = [a.format(empty=tmp_path / "empty", image=tmp_path / "x.png") for a in argv]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"infllava {argv[0]}: error: "), err
+  assert words in err[0]

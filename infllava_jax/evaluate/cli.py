@@ -65,13 +65,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
   parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
-  parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+  parser.add_argument("--benchmark", required=True, choices=BENCHMARKS,
+                      help="which benchmark's files --data holds (see above)")
   parser.add_argument("--data", default=None,
                       help="the benchmark's question file or folder (not for synthetic)")
   parser.add_argument("--images", default=None, help="image folder (see above)")
   parser.add_argument("--out", default=None,
                       help="output folder (default: CHECKPOINT_eval/BENCHMARK)")
-  parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="questions per generate call (default: %(default)s)")
   parser.add_argument("--limit", type=int, default=None,
                       help="only the first N questions (MMBench: N questions, all shifts)")
   parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -81,8 +83,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="MMBench: ask each question once (vanilla only)")
   parser.add_argument("--length-bucket", type=int, default=64,
                       help="pad prompts to a multiple of this many tokens, so batches of "
-                           "nearby prompt lengths share one compiled generation")
-  parser.add_argument("--no-progress", dest="progress", action="store_false")
+                           "nearby prompt lengths share one compiled generation (default: "
+                           "%(default)s)")
+  parser.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bar (for logs)")
   args = parser.parse_args(argv)
   if not os.path.exists(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint!r} does not exist")

@@ -200,9 +200,9 @@ def _step_dir(path: epath.Path, step: int | None, item: str) -> epath.Path:
   if step is None:
     step = max(steps, default=None)
   if step is None or step not in steps:
-    wanted = "a complete checkpoint step" if step is None else f"checkpoint step {step}"
-    raise FileNotFoundError(f"{path}: no {item!r} item and no {wanted} "
-                            f"(steps: {list(steps)})")
+    wanted = "complete checkpoint step" if step is None else f"checkpoint step {step}"
+    raise FileNotFoundError(f"{path} is not a checkpoint: no {item!r} folder and no {wanted} "
+                            f"(complete steps: {list(steps)})")
   return path / str(step)
 
 

@@ -397,6 +397,10 @@ def main(argv: list[str]) -> int:
     request_cpu_devices(count)  # before anything imports jax (configs import it)
   from infllava_jax.config import load_config
   config = load_config(args.config, overrides)
+  missing = [key for key in ("train", "data", "model") if key not in config]
+  if missing:
+    parser.error(f"{args.config} has no {', '.join(missing)} section: compile takes a "
+                 "training config (e.g. configs/infllava_8b_stage2.py)")
   if args.mesh:
     config.mesh = args.mesh
   if not accum_override:

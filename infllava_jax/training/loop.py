@@ -337,8 +337,11 @@ def main(argv: list[str]) -> int:
                            "GKE TPU slices are joined without it")
   parser.add_argument("--coordinator", default=None,
                       help="host:port of process 0 for a multi-process run")
-  parser.add_argument("--num-processes", type=int, default=None)
-  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--num-processes", type=int, default=None,
+                      help="processes in a multi-process run (with --coordinator)")
+  parser.add_argument("--process-id", type=int, default=None,
+                      help="this process's index, 0 .. num-processes - 1 (0 is the "
+                           "coordinator)")
   args, overrides = parser.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
