@@ -64,6 +64,18 @@ def checkpoint_config(path: str, step: int | None = None) -> ConfigDict:
   return checkpoint.read_config(path, step)
 
 
+def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any]:
+  """(config, params) of a training run folder (its latest step, or `step`) or a converted
+  checkpoint folder, params in the dtypes the config's model builds."""
+  path = checkpoint.run_checkpoints(path)
+  config = checkpoint_config(path, step)
+  model = infllava.build_model(config.model)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               *infllava.dummy_inputs(config.model)))
+  return config, checkpoint.restore_params_only(path, nn.meta.unbox(abstract["params"]),
+                                                step=step)
+
+
 @dataclasses.dataclass(frozen=True)
 class Answer:
   """One generated answer.
@@ -181,13 +193,7 @@ class Assistant:
 
     kwargs go to the constructor (`tokenizer`, `length_bucket`).
     """
-    path = checkpoint.run_checkpoints(path)
-    config = checkpoint_config(path, step)
-    model = infllava.build_model(config.model)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                 *infllava.dummy_inputs(config.model)))
-    params = checkpoint.restore_params_only(path, nn.meta.unbox(abstract["params"]), step=step)
-    return cls(config, params, **kwargs)
+    return cls(*load_checkpoint(path, step), **kwargs)
 
   @property
   def context_length(self) -> int:

@@ -4,7 +4,7 @@
   infllava convert from-pytorch --llama Meta-Llama-3-8B-Instruct/ \
       --clip clip-vit-large-patch14-336/ [--projector mm_projector.bin] --out ckpt/
   infllava convert from-pytorch --llava-hf llava-1.5-7b-hf/ --out ckpt/
-  infllava convert to-pytorch --checkpoint ckpt/ --out release/
+  infllava convert to-pytorch --checkpoint ckpt/ --out release/    # or a training run folder
 
 Errors from the checkpoint (missing / unexpected / mis-shaped tensors, a bad file) are
 printed as one list and exit with status 1.
@@ -81,11 +81,12 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--quiet", action="store_true", help="no progress lines")
 
   dst = commands.add_parser(
-      "to-pytorch", help="converted checkpoint -> INF-LLaVA release layout",
+      "to-pytorch", help="converted checkpoint or training run -> INF-LLaVA release layout",
       description="Writes safetensors shards + model.safetensors.index.json + config.json "
                   "in the INF-LLaVA release layout (the released checkpoint's tensor names).")
   dst.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="converted checkpoint (DIR/params + DIR/model_config.json)")
+                   help="converted checkpoint (DIR/params + DIR/model_config.json) or a "
+                        "training run folder (its latest step)")
   dst.add_argument("--out", required=True, metavar="DIR", help="folder to write")
   dst.add_argument("--dtype", choices=DTYPES, help="cast every tensor (default: as stored)")
   dst.add_argument("--max-shard-size", dest="max_shard_size", type=float, default=5.0,

@@ -18,6 +18,7 @@ import math
 import os
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import save_file
@@ -103,12 +104,18 @@ def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
 def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
                    max_shard_bytes: int = 5 * 10**9,
                    on_write: Callable[[str, int, int, int], None] | None = None) -> None:
-  """Writes the release layout of a converted checkpoint into `out_dir`.
+  """Writes the release layout of a converted checkpoint, or of a training run folder's
+  latest step, into `out_dir`.
 
   dtype: None keeps each param's stored dtype; else every tensor is cast.
   on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
   """
-  model_cfg, params = checkpoint_io.load_converted(checkpoint_dir)
+  if checkpoint_io.is_converted(checkpoint_dir):  # each param in its stored dtype
+    model_cfg, params = checkpoint_io.load_converted(checkpoint_dir)
+  else:  # a training run's latest step, in the run's param dtypes
+    from infllava_jax.inference import load_checkpoint
+    config, params = load_checkpoint(checkpoint_dir)
+    model_cfg, params = config.model, jax.tree.map(np.asarray, params)
   table = hf.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from ml_collections import ConfigDict
 from safetensors import safe_open
 
 from infllava_jax.config import load_config
@@ -16,6 +17,7 @@ from infllava_jax.convert import checkpoint_io, cli, export, hf
 from infllava_jax.convert import inspect as inspect_cli
 from infllava_jax.convert.mapping import flatten
 from infllava_jax.model import clip, llama
+from infllava_jax.training import checkpoint
 from tests.convert import tiny_checkpoints as tc
 
 LOGITS_TOL = 1e-4
@@ -129,6 +131,28 @@ def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path):
           config["tokenizer_padding_side"]) == ("pad", 2048, "right")
   assert "eos_token_id" not in config
   assert not (tmp_path / "exported" / "generation_config.json").exists()
+
+
+def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f32, tmp_path):
+  *_, model_cfg, params, root = release_f32
+  converted = root / "converted"
+  with checkpoint.Checkpointer(tmp_path / "run" / checkpoint.RUN_CHECKPOINTS,  # as Trainer's
+                               checkpoint.default_checkpoint_config(),
+                               config=ConfigDict({"model": model_cfg})) as run:
+    run.save(7, params, {"count": np.zeros((), np.int32)}, force=True)
+  for source, out in ((converted, "from_converted"), (tmp_path / "run", "from_run")):
+    assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(source),
+                     "--out", str(tmp_path / out)]) == 0
+  tensors = {}
+  for out in ("from_converted", "from_run"):
+    for name, ref in hf.folder_refs(str(tmp_path / out)).items():
+      with safe_open(ref.file, "numpy") as f:
+        tensors.setdefault(name, []).append(f.get_tensor(name))
+  assert all(len(pair) == 2 for pair in tensors.values())
+  for name, (want, got) in tensors.items():
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  assert ((tmp_path / "from_run" / "config.json").read_text()
+          == (tmp_path / "from_converted" / "config.json").read_text())
 
 
 def test_llama3_exports_carry_its_stop_and_pad_ids(tiny_config):
