@@ -30,6 +30,17 @@ def _prompts(cfg, rng, lengths):
   return prompts
 
 
+def _prompt_batch(cfg, seed, lengths):
+  """Random prompts with image slots, left-padded: (prompts, tokens [B, T], mask [B, T],
+  pixels [B, 1, S, S, 3])."""
+  rng = np.random.default_rng(seed)
+  prompts = _prompts(cfg, rng, lengths)
+  side = cfg.dcm.image_size
+  pixels = jnp.asarray(rng.normal(size=(len(lengths), 1, side, side, 3)), jnp.float32)
+  tokens, mask = generate.left_pad(prompts, pad_id=0)
+  return prompts, jnp.asarray(tokens), jnp.asarray(mask), pixels
+
+
 def _argmax_loop(model, params, prompt, pixels, steps):
   """Reference: re-run the full forward (no cache) for every new token."""
   seq = list(prompt)
@@ -41,15 +52,10 @@ def _argmax_loop(model, params, prompt, pixels, steps):
 
 def test_greedy_batch_equals_single_rows_and_uncached_loop(tiny):
   cfg, model, params = tiny
-  rng = np.random.default_rng(0)
-  prompts = _prompts(cfg, rng, [3, 9, 5])
-  side = cfg.dcm.image_size
-  pixels = jnp.asarray(rng.normal(size=(3, 1, side, side, 3)), jnp.float32)
+  prompts, tokens, mask, pixels = _prompt_batch(cfg, 0, [3, 9, 5])
   sampling = generate.Sampling(max_new_tokens=6)
   run = generate.compiled_generate(model, sampling, pad_id=0)
-  tokens, mask = generate.left_pad(prompts, pad_id=0)
-  batched, lengths = run(params, jnp.asarray(tokens), jnp.asarray(mask), pixels,
-                         jax.random.key(0))
+  batched, lengths = run(params, tokens, mask, pixels, jax.random.key(0))
   assert lengths.tolist() == [6, 6, 6]
   for row, prompt in enumerate(prompts):
     t, m = generate.left_pad([prompt], pad_id=0)
@@ -65,12 +71,8 @@ def test_for_decoding_unrolls_the_llm_and_generates_the_same(tiny):
   assert flat["projector"] is params["projector"]
   again, same = generate.for_decoding(unrolled, flat)
   assert same is flat and not again.llm_scan_layers
-  rng = np.random.default_rng(2)
-  prompts = _prompts(cfg, rng, [2, 7])
-  side = cfg.dcm.image_size
-  pixels = jnp.asarray(rng.normal(size=(2, 1, side, side, 3)), jnp.float32)
-  tokens, mask = generate.left_pad(prompts, pad_id=0)
-  args = (jnp.asarray(tokens), jnp.asarray(mask), pixels)
+  _, tokens, mask, pixels = _prompt_batch(cfg, 2, [2, 7])
+  args = (tokens, mask, pixels)
   want, _ = model.apply({"params": params}, *args[:1], pixels)
   got, _ = unrolled.apply({"params": flat}, *args[:1], pixels)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -84,11 +86,7 @@ def test_for_decoding_unrolls_the_llm_and_generates_the_same(tiny):
 
 def test_sampling_values_are_arguments_of_one_compiled_program(tiny):
   cfg, model, params = tiny
-  rng = np.random.default_rng(3)
-  prompts = _prompts(cfg, rng, [3, 6])
-  side = cfg.dcm.image_size
-  pixels = jnp.asarray(rng.normal(size=(2, 1, side, side, 3)), jnp.float32)
-  tokens, mask = map(jnp.asarray, generate.left_pad(prompts, pad_id=0))
+  _, tokens, mask, pixels = _prompt_batch(cfg, 3, [3, 6])
   generate._compiled_program.cache_clear()
   for values in (dict(temperature=0.7, top_p=0.9, top_k=5),
                  dict(temperature=1.3, top_p=0.6, top_k=40)):
@@ -106,18 +104,13 @@ def test_sampling_values_are_arguments_of_one_compiled_program(tiny):
 
 def test_stop_ids_end_rows_and_pad_after(tiny):
   cfg, model, params = tiny
-  rng = np.random.default_rng(1)
-  prompts = _prompts(cfg, rng, [4, 4])
-  side = cfg.dcm.image_size
-  pixels = jnp.asarray(rng.normal(size=(2, 1, side, side, 3)), jnp.float32)
-  tokens, mask = generate.left_pad(prompts, pad_id=0)
+  _, tokens, mask, pixels = _prompt_batch(cfg, 1, [4, 4])
   free = generate.compiled_generate(model, generate.Sampling(max_new_tokens=5), pad_id=0)
-  out, _ = free(params, jnp.asarray(tokens), jnp.asarray(mask), pixels, jax.random.key(0))
+  out, _ = free(params, tokens, mask, pixels, jax.random.key(0))
   stop = int(out[0, 1])  # make row 0 stop at its second token
   stopped = generate.compiled_generate(
       model, generate.Sampling(max_new_tokens=5, stop_ids=(stop,)), pad_id=-1)
-  out2, lengths = stopped(params, jnp.asarray(tokens), jnp.asarray(mask), pixels,
-                          jax.random.key(0))
+  out2, lengths = stopped(params, tokens, mask, pixels, jax.random.key(0))
   first_stop = out[0].tolist().index(stop)
   assert lengths[0] == first_stop + 1
   assert out2[0, :first_stop + 1].tolist() == out[0, :first_stop + 1].tolist()
