@@ -24,7 +24,7 @@ COMMANDS = {
     "inspect": ("infllava_jax.convert.inspect", "list the tensors, shapes, dtypes and counts of a checkpoint"),
 }
 
-USAGE = """usage: infllava <command> [options]
+USAGE = """usage: infllava <command> [options]   (or: infllava --version)
 
 commands:
 {commands}
@@ -38,6 +38,12 @@ def _describe() -> str:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if len(argv) == 2 and argv[0] == "help":  # `infllava help train` = `infllava train --help`
+    argv = [argv[1], "--help"]
+  if argv[:1] == ["--version"]:
+    from importlib.metadata import version
+    print(f"infllava-jax {version('infllava-jax')}")
+    return 0
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE.format(commands=_describe()))
     return 0

@@ -13,6 +13,14 @@ def test_help_lists_every_command(capsys):
   assert all(f"  {name} " in out for name in cli.COMMANDS)
 
 
+def test_help_for_a_command_and_the_version(capsys):
+  with pytest.raises(SystemExit) as done:
+    cli.main(["help", "generate"])
+  assert done.value.code == 0 and "usage: infllava generate" in capsys.readouterr().out
+  assert cli.main(["--version"]) == 0
+  assert capsys.readouterr().out.startswith("infllava-jax ")
+
+
 def test_an_unknown_command_is_named_and_exits_2(capsys):
   assert cli.main(["trian"]) == 2
   assert "unknown command 'trian'" in capsys.readouterr().err

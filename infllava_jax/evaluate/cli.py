@@ -90,6 +90,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if not os.path.exists(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+  if args.benchmark == "synthetic" and (args.data or args.images):
+    parser.error("--benchmark synthetic takes no --data or --images: its held-out split is "
+                 "generated from the run's config")
   if args.benchmark != "synthetic":
     if not args.data:
       parser.error(f"--data is required for --benchmark {args.benchmark}")
