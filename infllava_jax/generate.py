@@ -57,10 +57,12 @@ class Sampling:
 
   def program(self) -> "Sampling":
     """What a compiled generation is built for: this Sampling with the `settings` values
-    replaced by stand-ins that keep only which steps run (greedy or sampled, a top-k cut, a
-    top-p cut), so settings differing in those values alone share one program."""
+    replaced by stand-ins that keep only which steps run (greedy or sampled, a top-p cut)
+    and, for a top-k cut, k rounded up to a power of two (the static width of its
+    `lax.top_k`), so settings differing in those values alone share one program."""
+    top_k = 1 << (self.top_k - 1).bit_length() if self.top_k else 0
     return dataclasses.replace(self, temperature=float(self.temperature > 0),
-                               top_p=0.5 if self.top_p < 1 else 1.0, top_k=int(self.top_k > 0))
+                               top_p=0.5 if self.top_p < 1 else 1.0, top_k=top_k)
 
 
 def _is_count(value) -> bool:
@@ -100,18 +102,15 @@ def sampling_logits(logits: jax.Array, sampling: Sampling,
   `sampling`'s; the values are `settings`' (see `choose_next`)."""
   settings = sampling.settings() if settings is None else settings
   logits = logits / settings["temperature"]
-  if sampling.top_k == 0 and sampling.top_p == 1.0:
-    return logits
-  # One sort serves both cuts; k is a traced value, so no lax.top_k (its k is static).
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
   if sampling.top_k > 0:  # a k beyond the vocabulary keeps every token, as HF's
-    k = jnp.clip(settings["top_k"], 1, logits.shape[-1])
-    kth = lax.dynamic_slice_in_dim(sorted_logits, k - 1, 1, axis=-1)
+    # The k largest of `sampling.top_k` (the program's width, >= the k of `settings`).
+    width = min(sampling.top_k, logits.shape[-1])
+    k = jnp.clip(settings["top_k"], 1, width)
+    kth = lax.dynamic_slice_in_dim(lax.top_k(logits, width)[0], k - 1, 1, axis=-1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
   if sampling.top_p < 1.0:
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= settings["top_p"]
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
@@ -237,7 +236,8 @@ def compiled_generate(model: InfLlava, sampling: Sampling, pad_id: int,
 
   The program is compiled once per (model, `sampling.program()`, pad_id, on_token) and
   reused: temperature, top_p and top_k reach it as arguments, so a chat or a server whose
-  requests differ in those values alone compiles nothing new.
+  requests differ in those values alone (top_k within the same power of two) compiles
+  nothing new.
   """
   run = _compiled_program(model, sampling.program(), pad_id, on_token)
   settings = sampling.settings()

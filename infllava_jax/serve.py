@@ -38,8 +38,9 @@ allow for queueing). A streamed request whose client goes away still finishes it
 generation before the next starts. Prompts are padded to a multiple of `--length-bucket`
 tokens so that most requests reuse one compiled generation; each new (bucket,
 max_tokens) pair compiles once, and once more per sampling mode (greedy, or sampled with
-or without top-k and top-p cuts): the temperature, top_p and top_k values themselves are
-arguments of the compiled program (`generate.compiled_generate`).
+or without a top-p cut, and a top-k cut per power of two k rounds up to): the temperature,
+top_p and top_k values themselves are arguments of the compiled program
+(`generate.compiled_generate`).
 """
 
 from __future__ import annotations
