@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -218,9 +218,15 @@ class Trainer:
     return flops.train_step_flops(cfg.model, self.global_batch, cfg.data.max_length, images,
                                   llm_trainable, self.n_img)
 
-  def run(self, until_step: int | None = None) -> TrainState:
+  def run(self, until_step: int | None = None,
+          on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> TrainState:
     """Trains from the current step to `total_steps`, or stops after `until_step` as a
-    preemption would (saving it): the schedule still spans `total_steps`."""
+    preemption would (saving it): the schedule still spans `total_steps`.
+
+    on_metrics(step, {"loss", "lr", "grad_norm", "tokens"}) is called for every step, in
+    order, once per progress line (when the metrics are fetched anyway), e.g. to plot the
+    loss in a notebook; it runs on process 0 only, as the TensorBoard scalars do.
+    """
     cfg = self.config.train
     last_step_to_run = self.total_steps if until_step is None else min(until_step,
                                                                        self.total_steps)
@@ -265,6 +271,8 @@ class Trainer:
           for s, m in host:
             for name, value in m.items():
               writer.add_scalar(f"train/{name}", value, s)
+            if on_metrics and jax.process_index() == 0:
+              on_metrics(s, m)
           writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
           pending, last_time, last_step = [], now, step
           self.checkpointer.save(step, self.state.params, self.state.opt_state,

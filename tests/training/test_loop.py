@@ -77,7 +77,8 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   n = 12
   overrides = [f"--config.train.steps={2 * n}", f"--config.checkpoint.every_steps={n}"]
   straight = make_trainer(tmp_path / "straight", overrides)
-  straight.run()
+  history = []
+  straight.run(on_metrics=lambda step, metrics: history.append((step, metrics["loss"])))
   lines = [PROGRESS.search(line) for line in capsys.readouterr().out.splitlines()]
   progress = [m for m in lines if m]
   assert [int(m.group(1)) for m in progress] == list(range(1, 2 * n + 1))
@@ -92,6 +93,8 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   assert sorted(scalars["train/loss"]) == list(range(1, 2 * n + 1))
   np.testing.assert_allclose([scalars["train/loss"][s] for s in range(1, 2 * n + 1)], losses,
                              atol=1e-4)
+  assert [s for s, _ in history] == list(range(1, 2 * n + 1))  # every step, in order
+  np.testing.assert_allclose([loss for _, loss in history], losses, atol=1e-4)
 
   first_half = make_trainer(tmp_path / "resumed", overrides)
   first_half.run(until_step=n)
