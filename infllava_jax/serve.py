@@ -40,7 +40,8 @@ tokens so that most requests reuse one compiled generation; each new (bucket,
 max_tokens) pair compiles once, and once more per sampling mode (greedy, or sampled with
 or without a top-p cut, and a top-k cut per power of two k rounds up to): the temperature,
 top_p and top_k values themselves are arguments of the compiled program
-(`generate.compiled_generate`).
+(`generate.compiled_generate`). A request body over 64 MiB (`MAX_BODY_BYTES`) gets a 413
+before it is read whole.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ from infllava_jax.data import images
 from infllava_jax.inference import Answer, Assistant
 
 MAX_STOPS = 4
+
+
+# Request bodies above this get a 413: a few base64 images of tens of MB fit, a runaway
+# upload does not reach memory whole.
+MAX_BODY_BYTES = 64 << 20
 
 
 class RequestError(ValueError):
@@ -374,8 +380,9 @@ def sampling_for(assistant: Assistant, request: ChatRequest,
 # ---- the app ----
 
 def create_app(assistant: Assistant, model_name: str = "infllava",
-               default_max_tokens: int = 512) -> FastAPI:
-  """The FastAPI app serving `assistant` under /v1 (see the module docstring)."""
+               default_max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+  """The FastAPI app serving `assistant` under /v1 (see the module docstring); request
+  bodies over `max_body_bytes` get a 413."""
   app = FastAPI(title="infllava-jax", docs_url=None, redoc_url=None)
   started = int(time.time())
 
@@ -397,9 +404,20 @@ def create_app(assistant: Assistant, model_name: str = "infllava",
     return {"object": "list", "data": [{"id": model_name, "object": "model",
                                         "created": started, "owned_by": "infllava-jax"}]}
 
+  def too_large(size: int) -> JSONResponse:
+    return error_response(RequestError(
+        f"the request body is {size} bytes, over this server's limit of {max_body_bytes} "
+        "(an image travels base64-encoded in its data URL)", status=413,
+        code="request_too_large"))
+
   @app.post("/v1/chat/completions")
   async def chat_completions(http: Request):
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:  # refused before it is read
+      return too_large(int(declared))
     raw = await http.body()
+    if len(raw) > max_body_bytes:  # a chunked body declares no length
+      return too_large(len(raw))
     try:
       body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse

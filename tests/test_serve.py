@@ -183,6 +183,20 @@ def test_protocol_errors_and_two_images(client, image):
   assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
 
 
+def test_bodies_over_the_limit_get_413_and_the_server_stays_up(assistant):
+  client = TestClient(serve.create_app(assistant, max_body_bytes=1000))
+  body = {"messages": [{"role": "user", "content": "x" * 2000}]}
+  response = client.post("/v1/chat/completions", json=body)
+  assert response.status_code == 413
+  error = response.json()["error"]
+  assert error["code"] == "request_too_large" and "over this server's limit of 1000" in error[
+      "message"]
+  chunked = client.post("/v1/chat/completions", content=iter([b"{", b" " * 2000, b"}"]),
+                        headers={"Content-Type": "application/json"})
+  assert chunked.status_code == 413  # no Content-Length: measured once read
+  assert client.get("/v1/models").status_code == 200
+
+
 def test_history_system_stop_and_text_only(client, assistant, image, expected):
   pixels, url = image
   first = expected.text
