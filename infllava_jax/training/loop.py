@@ -93,11 +93,7 @@ def init_sources(init_base: str | None, init_from: str | None,
                  init_include: Sequence[str] | None) -> list[checkpoint.InitSource]:
   """The command line's sources, in the order they apply: `--init_base` (every param it
   holds, e.g. a converted LLaMA-3 + CLIP), then `--init_from` (the `train.init_include`
-  params, e.g. a stage-1 run's DEM + projector, or all it holds when that is None).
-  A path that holds no checkpoint raises FileNotFoundError here, before a run folder is made."""
-  for path in (init_base, init_from):
-    if path:
-      checkpoint.locate_params(path)
+  params, e.g. a stage-1 run's DEM + projector, or all it holds when that is None)."""
   out = []
   if init_base:
     out.append(checkpoint.InitSource(init_base))
