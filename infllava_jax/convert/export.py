@@ -65,8 +65,7 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   # 2048 tokens, padded on the right.
   config.update(image_aspect_ratio="pad", tokenizer_model_max_length=2048,
                 tokenizer_padding_side="right")
-  if llm.vocab_size == LLAMA3_VOCAB_WITH_PAD:
-    config.update(pad_token_id=LLAMA3_VOCAB_WITH_PAD - 1, **LLAMA3_IDS)
+  config.update(generation_config(model_cfg) or {})  # the special ids, where known
   return config
 
 
