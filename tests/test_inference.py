@@ -40,7 +40,7 @@ def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
   assert f"Q: {question}" in out and f"A: {answer}" in out
 
 
-def test_image_marker_in_text_and_prompts_past_the_context_are_refused(tiny_config, capsys):
+def test_image_marker_in_text_and_prompts_past_the_context_are_refused(tiny_config):
   assistant = Assistant(tiny_config, random_params(tiny_config.model))
   with pytest.raises(ValueError, match="the question holds '<image>', the image marker"):
     assistant.prompt("what is <image>?")
