@@ -74,56 +74,71 @@ class SampleDecoder(grain.transforms.Map):
 class _ScreenIterator(grain.DatasetIterator):
   """Counts samples; skips bad/overlong ones (or raises); counts are part of the state.
 
+  A skipped sample is dropped from the stream, or, given `blank` (a sample with no token),
+  replaced by it: the batch then holds an empty, loss-free row in its place, and every
+  later sample keeps its slot, which the modality-grouped order needs (a dropped sample
+  would shift each later batch across the boundary of its group).
+
   `epoch_size` consecutive skips (a whole pass over this host's share without one usable
   sample) raise instead of looping forever on a repeated dataset.
   """
 
-  def __init__(self, parent, skip_bad: bool, epoch_size: int):
+  def __init__(self, parent, skip_bad: bool, epoch_size: int, blank: dict | None):
     super().__init__(parent)
     self._skip_bad = skip_bad
     self._epoch_size = epoch_size
+    self._blank = blank
     self.counts = collections.Counter()
+    self._skipped_in_row = 0
 
   def __next__(self):
-    skipped = 0
     while True:
-      if skipped >= self._epoch_size:
-        raise BadSampleError(
-            f"{skipped} samples in a row were dropped or skipped, a whole epoch of this "
-            f"host's share (counts so far: {dict(self.counts)}): no sample fits. Raise "
-            "data.max_length (the image slots count too) or check the data")
       sample = next(self._parent)
       if "overlong" in sample:
         self.counts["overlong_dropped"] += 1
-        skipped += 1
-        continue
-      if "error" in sample:
+      elif "error" in sample:
         if not self._skip_bad:
           raise BadSampleError(sample["error"] + " (set data.skip_bad_samples=True to skip)")
         self.counts["bad_skipped"] += 1
-        skipped += 1
-        continue
-      self.counts["samples"] += 1
-      self.counts["truncated"] += int(sample.pop("truncated"))
-      return sample
+      else:
+        self._skipped_in_row = 0
+        self.counts["samples"] += 1
+        self.counts["truncated"] += int(sample.pop("truncated"))
+        return sample
+      self._skipped_in_row += 1
+      if self._skipped_in_row >= self._epoch_size:
+        raise BadSampleError(
+            f"{self._skipped_in_row} samples in a row were dropped or skipped, a whole "
+            f"epoch of this host's share (counts so far: {dict(self.counts)}): no sample "
+            "fits. Raise data.max_length (the image slots count too) or check the data")
+      if self._blank is not None:
+        return dict(self._blank)
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "counts": dict(self.counts)}
+    return {"parent": self._parent.get_state(), "counts": dict(self.counts),
+            "skipped_in_row": self._skipped_in_row}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
     self.counts = collections.Counter(state["counts"])
+    self._skipped_in_row = state.get("skipped_in_row", 0)
 
 
 class _Screen(grain.IterDataset):
 
-  def __init__(self, parent, skip_bad: bool, epoch_size: int):
+  def __init__(self, parent, skip_bad: bool, epoch_size: int, blank: dict | None):
     super().__init__(parent)
-    self._skip_bad = skip_bad
-    self._epoch_size = epoch_size
+    self._args = skip_bad, epoch_size, blank
 
   def __iter__(self):
-    return _ScreenIterator(self._parent.__iter__(), self._skip_bad, self._epoch_size)
+    return _ScreenIterator(self._parent.__iter__(), *self._args)
+
+
+def _blank_sample(image_size: int) -> dict:
+  """A sample of no token and no image: padded, it is a row that takes no part in the loss."""
+  return {"tokens": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
+          "loss_mask": np.zeros(0, np.float32),
+          "pixels": np.zeros((0, image_size, image_size, 3), np.float32)}
 
 
 class _ModalityGroupedOrder(grain.MapDataset):
@@ -242,6 +257,9 @@ def make_dataset(config, source, *, process_index: int | None = None,
   tok = load_tokenizer(data.tokenizer_path)
   ds = grain.MapDataset.source(source)
   if data.group_by_modality:
+    if data.packing:
+      raise ValueError("data.group_by_modality needs data.packing=False: a packed row holds "
+                       "several samples, so batches cannot follow the modality groups")
     is_image = np.array([source.has_image(i) for i in range(len(source))])
     ds = _ModalityGroupedOrder(ds, is_image, data.batch_size * process_count, data.seed)
   elif shuffle:
@@ -259,7 +277,9 @@ def make_dataset(config, source, *, process_index: int | None = None,
   if data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
-  it = _Screen(it, data.skip_bad_samples, epoch_size)
+  # Grouped order: a skipped sample leaves an empty row, so batches stay on the groups.
+  blank = _blank_sample(model.dcm.image_size) if data.group_by_modality else None
+  it = _Screen(it, data.skip_bad_samples, epoch_size, blank)
   length = data.max_length
   if data.packing:
     it = grain.experimental.FirstFitPackIterDataset(

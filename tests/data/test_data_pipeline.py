@@ -148,6 +148,43 @@ def test_group_by_modality_batches_are_single_modality(tmp_path):
   assert len(kinds) == 10 and sum(kinds) == 6  # 2 epochs: 3 image and 2 text batches each
 
 
+def test_group_by_modality_keeps_each_skipped_samples_slot(tmp_path):
+  # 4 image and 4 text records, groups of 2; one image file is missing. Dropping that
+  # sample would shift every later batch across its group's boundary.
+  cfg = _config(group_by_modality=True, batch_size=2, skip_bad_samples=True)
+  source = _mixed_json(tmp_path, num_image=4, num_text=4)
+  (tmp_path / "2.png").unlink()
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1, num_epochs=1)
+  batches = list(it)
+  assert len(batches) == 4
+  blanks = 0
+  for b in batches:
+    used = b["segment_ids"].any(1)
+    has = (b["tokens"] == IMG).any(1)
+    assert has[used].all() or not has[used].any()
+    for r in np.flatnonzero(~used):  # the missing image's slot: no token, no loss
+      blanks += 1
+      assert not b["loss_mask"][r].any() and not b["pixels"][r].any()
+  assert blanks == 1
+  assert it.counts == {"samples": 7, "bad_skipped": 1, "truncated": 0, "overlong_dropped": 0}
+
+
+def test_group_by_modality_with_every_sample_bad_still_raises(tmp_path):
+  cfg = _config(group_by_modality=True, batch_size=2, skip_bad_samples=True)
+  source = _mixed_json(tmp_path, num_image=2, num_text=0)
+  for i in range(2):
+    (tmp_path / f"{i}.png").unlink()
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1)
+  with pytest.raises(pipeline.BadSampleError, match="2 samples in a row"):
+    next(it)
+
+
+def test_group_by_modality_refuses_packing(tmp_path):
+  cfg = _config(group_by_modality=True, packing=True)
+  with pytest.raises(ValueError, match="group_by_modality needs data.packing=False"):
+    pipeline.make_iterator(cfg, _mixed_json(tmp_path, 2, 2), process_index=0, process_count=1)
+
+
 BAD = {
     "missing image": ({"id": "r1", "image": "nope.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]},
