@@ -311,7 +311,7 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
       "flops_xla": float(cost.get("flops", 0.0)),
       "flops_formula": flops.train_step_flops(
           config.model, global_batch, length, global_batch * config.data.max_images_per_row,
-          any(p.startswith("llm/") for p in paths), infllava.num_image_tokens(config.model)),
+          infllava.num_image_tokens(config.model), paths),
   }
 
 

@@ -209,10 +209,10 @@ class Trainer:
   def step_flops(self) -> float:
     cfg = self.config
     images = self.global_batch * cfg.data.max_images_per_row
-    llm_trainable = any(m for p, m in zip(jax.tree.leaves(optim.param_paths(self.state.params)),
-                                          jax.tree.leaves(self.mask)) if p.startswith("llm/"))
+    trainable = [p for p, m in zip(jax.tree.leaves(optim.param_paths(self.state.params)),
+                                   jax.tree.leaves(self.mask)) if m]
     return flops.train_step_flops(cfg.model, self.global_batch, cfg.data.max_length, images,
-                                  llm_trainable, self.n_img)
+                                  self.n_img, trainable)
 
   def run(self, until_step: int | None = None,
           on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> TrainState:
