@@ -34,7 +34,9 @@ bad requests; the server keeps serving.
 
 Generation runs one request at a time: the model sits on one device, and the
 `Assistant`'s lock serialises requests (the others wait their turn, so clients should
-allow for queueing). A streamed request whose client goes away still finishes its
+allow for queueing). At most `--max-pending` requests (default 16) generate or wait at a
+time; one more gets a 503 with a `Retry-After` header, which the OpenAI client retries
+after a pause. A streamed request whose client goes away still finishes its
 generation before the next starts. Prompts are padded to a multiple of `--length-bucket`
 tokens so that most requests reuse one compiled generation; each new (bucket,
 max_tokens) pair compiles once, and once more per sampling mode (greedy, or sampled with
@@ -59,7 +61,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -72,6 +74,9 @@ from infllava_jax.inference import Answer, Assistant
 
 MAX_STOPS = 4
 
+
+# Requests generating or waiting their turn; more get a 503. Each waits on a thread.
+MAX_PENDING = 16
 
 # Request bodies above this get a 413: a few base64 images of tens of MB fit, a runaway
 # upload does not reach memory whole.
@@ -310,12 +315,15 @@ def _event(payload: dict | str) -> str:
 
 
 def stream_events(assistant: Assistant, request: ChatRequest, sampling: generate.Sampling,
-                  model: str, ident: str, created: int) -> Iterator[str]:
-  """Server-sent events of one streamed answer: role chunk, content chunks, final chunk
-  with the finish reason, usage chunk if asked, then `data: [DONE]`.
+                  model: str, ident: str, created: int,
+                  on_done: Callable[[], None] = lambda: None) -> Iterator[str]:
+  """Starts generating `request` and returns the server-sent events of its answer: role
+  chunk, content chunks, final chunk with the finish reason, usage chunk if asked, then
+  `data: [DONE]`.
 
-  The generation runs in its own thread (it holds the Assistant's lock until done, even
-  if the client leaves); this generator relays its text pieces as they come.
+  The generation runs in its own thread, started now: it holds the Assistant's lock until
+  done, even if the client leaves or never reads the events, and then calls `on_done`.
+  The returned iterator relays its text pieces as they come.
   """
   pieces: queue.Queue = queue.Queue()
 
@@ -327,8 +335,16 @@ def stream_events(assistant: Assistant, request: ChatRequest, sampling: generate
       pieces.put(("done", answer))
     except Exception as e:  # reported to the client in the stream
       pieces.put(("error", e))
+    finally:
+      on_done()
 
   threading.Thread(target=work, name=f"generate-{ident}", daemon=True).start()
+  return _relay_events(pieces, request, model, ident, created)
+
+
+def _relay_events(pieces: queue.Queue, request: ChatRequest, model: str, ident: str,
+                  created: int) -> Iterator[str]:
+  """The events of `stream_events`, from the ("text" | "error" | "done", value) pieces."""
 
   def chunk(delta: dict, finish: str | None = None) -> str:
     return _event({"id": ident, "object": "chat.completion.chunk", "created": created,
@@ -380,11 +396,13 @@ def sampling_for(assistant: Assistant, request: ChatRequest,
 # ---- the app ----
 
 def create_app(assistant: Assistant, model_name: str = "infllava",
-               default_max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               default_max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES,
+               max_pending: int = MAX_PENDING) -> FastAPI:
   """The FastAPI app serving `assistant` under /v1 (see the module docstring); request
-  bodies over `max_body_bytes` get a 413."""
+  bodies over `max_body_bytes` get a 413, requests beyond `max_pending` a 503."""
   app = FastAPI(title="infllava-jax", docs_url=None, redoc_url=None)
   started = int(time.time())
+  pending = threading.BoundedSemaphore(max_pending)
 
   def error_response(e: RequestError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
@@ -427,16 +445,27 @@ def create_app(assistant: Assistant, model_name: str = "infllava",
       sampling = await run_in_threadpool(sampling_for, assistant, request, default_max_tokens)
     except RequestError as e:
       return error_response(e)
+    if not pending.acquire(blocking=False):
+      response = error_response(RequestError(
+          f"the server is busy: {max_pending} requests are generating or waiting their "
+          "turn (--max-pending); retry later", status=503, code="server_busy",
+          kind="server_error"))
+      response.headers["Retry-After"] = "1"
+      return response
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if request.stream:
       return StreamingResponse(
-          stream_events(assistant, request, sampling, model_name, ident, created),
+          stream_events(assistant, request, sampling, model_name, ident, created,
+                        on_done=pending.release),
           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def answer() -> Answer:
-      with assistant.lock:
-        return assistant.generate_batch([request.image], [request.question],
-                                        [request.history], sampling, request.seed)[0]
+      try:
+        with assistant.lock:
+          return assistant.generate_batch([request.image], [request.question],
+                                          [request.history], sampling, request.seed)[0]
+      finally:
+        pending.release()
 
     return completion_body(await run_in_threadpool(answer), request, model_name, ident, created)
 
@@ -470,11 +499,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--length-bucket", type=int, default=64,
                       help="pad prompts to a multiple of this many tokens, fewer compiles "
                            "(default: %(default)s)")
+  parser.add_argument("--max-pending", type=int, default=MAX_PENDING,
+                      help="requests that may generate or wait their turn at once; more get "
+                           "a 503 with Retry-After (default: %(default)s)")
   args = parser.parse_args(argv)
   if not os.path.exists(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
-  if args.max_tokens < 1 or args.length_bucket < 1:
-    parser.error("--max-tokens and --length-bucket must be >= 1")
+  if min(args.max_tokens, args.length_bucket, args.max_pending) < 1:
+    parser.error("--max-tokens, --length-bucket and --max-pending must be >= 1")
   if not is_loopback(args.host):
     print(f"warning: binding {args.host}: anyone who can reach this address can use the model "
           "(no authentication); use 127.0.0.1 unless you mean it", file=sys.stderr)
@@ -487,5 +519,6 @@ def main(argv: list[str]) -> int:
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s; serving {name!r} at "
         f"http://{args.host}:{args.port}/v1", file=sys.stderr)
-  uvicorn.run(create_app(assistant, name, args.max_tokens), host=args.host, port=args.port)
+  uvicorn.run(create_app(assistant, name, args.max_tokens, max_pending=args.max_pending),
+              host=args.host, port=args.port)
   return 0

@@ -197,6 +197,46 @@ def test_bodies_over_the_limit_get_413_and_the_server_stays_up(assistant):
   assert client.get("/v1/models").status_code == 200
 
 
+class GatedAssistant:
+  """`assistant`, except that a generation waits for `gate` (after setting `entered`)."""
+
+  def __init__(self, inner):
+    self._inner = inner
+    self.entered, self.gate = threading.Event(), threading.Event()
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def generate_batch(self, *args, **kwargs):
+    self.entered.set()
+    assert self.gate.wait(60)
+    return self._inner.generate_batch(*args, **kwargs)
+
+  def stream(self, *args, **kwargs):
+    self.entered.set()
+    assert self.gate.wait(60)
+    return self._inner.stream(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_beyond_max_pending_get_503_until_a_slot_frees(assistant, stream):
+  gated = GatedAssistant(assistant)
+  client = TestClient(serve.create_app(gated, default_max_tokens=MAX_TOKENS, max_pending=1))
+  body = {"messages": [user("Hi")], "temperature": 0, "stream": stream}
+  first = {}
+  thread = threading.Thread(
+      target=lambda: first.update(response=client.post("/v1/chat/completions", json=body)))
+  thread.start()
+  assert gated.entered.wait(60)  # the first request holds the only slot
+  busy = client.post("/v1/chat/completions", json=body)
+  assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+  assert busy.json()["error"]["code"] == "server_busy"
+  gated.gate.set()
+  thread.join(60)
+  assert first["response"].status_code == 200
+  assert client.post("/v1/chat/completions", json=body).status_code == 200  # slot freed
+
+
 def test_history_system_stop_and_text_only(client, assistant, image, expected):
   pixels, url = image
   first = expected.text
