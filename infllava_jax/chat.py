@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from infllava_jax import generate
 from infllava_jax.data import images
 from infllava_jax.generate_cli import add_sampling_flags, sampling_from_flags
-from infllava_jax.inference import Answer, Assistant
+from infllava_jax.inference import Answer, Assistant, ContextLengthError
 
 HELP = """commands: /reset (new conversation), /image PATH (switch image, new conversation),
 /help, /quit (or Ctrl-D)"""
@@ -102,8 +102,10 @@ def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
       out.flush()
       try:
         session.ask(line, out)
-      except ValueError as e:
-        out.write(f"(cannot answer: {e}; /reset starts a new conversation)")
+      except ValueError as e:  # the image marker in the text, or too long a conversation
+        hint = ("; /reset starts a new conversation"
+                if isinstance(e, ContextLengthError) and session.history else "")
+        out.write(f"(cannot answer: {e}{hint})")
       out.write("\n")
 
 

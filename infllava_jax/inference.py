@@ -76,6 +76,10 @@ def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any
                                                 step=step)
 
 
+class ContextLengthError(ValueError):
+  """Prompt + max_new_tokens over the model's positions."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Answer:
   """One generated answer.
@@ -237,7 +241,7 @@ class Assistant:
     for row, prompt in enumerate(prompts):
       if len(prompt) + sampling.max_new_tokens > self.context_length:
         which = f"row {row}'s prompt" if len(prompts) > 1 else "the prompt"
-        raise ValueError(f"{which} has {len(prompt)} tokens and max_new_tokens "
+        raise ContextLengthError(f"{which} has {len(prompt)} tokens and max_new_tokens "
                          f"is {sampling.max_new_tokens}: together over the model's "
                          f"{self.context_length} positions")
     tokens, mask = generate.left_pad(prompts, self.tokenizer.pad_token_id)

@@ -2,6 +2,7 @@
 history into the prompt, /reset and /image start over, the end of input ends the chat."""
 
 import io
+import re
 import sys
 
 import numpy as np
@@ -33,7 +34,8 @@ def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsy
 
   monkeypatch.setattr(Assistant, "stream", spy)
   q1, q2 = "What is in the picture?", "And its colour?"
-  script = [q1, q2, "/reset", q1, "/bogus", f"/image {tmp_path / 'missing.png'}",
+  too_long = "zebra " * 2100  # over the tiny model's 2048 positions with the history
+  script = [q1, q2, too_long, "/reset", q1, "/bogus", f"/image {tmp_path / 'missing.png'}",
             "what is <image>?", f"/image {second}", q1]
   monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
   assert chat.main(["--checkpoint", str(checkpoint), "--image", str(first),
@@ -52,9 +54,12 @@ def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsy
   printed = [part[:part.index("\nyou> ")] for part in out.split("assistant> ")[1:]]
   refused = [p for p in printed if p.startswith("(cannot answer")]
   assert [p for p in printed if p not in refused] == answers, out
-  assert refused == ["(cannot answer: the question holds '<image>', the image marker; the image "
-                     "is passed on its own and its slots are added to the prompt; /reset "
-                     "starts a new conversation)"]
+  assert len(refused) == 2
+  assert re.fullmatch(r"\(cannot answer: the prompt has \d+ tokens and max_new_tokens is 8: "
+                      r"together over the model's 2048 positions; /reset starts a new "
+                      r"conversation\)", refused[0]), refused
+  assert refused[1] == ("(cannot answer: the question holds '<image>', the image marker; the "
+                        "image is passed on its own and its slots are added to the prompt)")
   assert all(c["answer"].token_ids for c in calls)
   assert "(new conversation)" in out and "unknown command /bogus" in out
   assert "cannot use that image" in out and "not found" in out
