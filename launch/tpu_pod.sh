@@ -5,6 +5,11 @@
 #
 #   launch/tpu_pod.sh NAME ZONE configs/infllava_8b_stage1.py gs://bucket/run1 [options...]
 #
+# The run lasts as long as this ssh session unless LOG is set: LOG=train.log detaches it on
+# every worker (nohup, output to that file under $REPO_DIR), so a dropped connection or a
+# closed laptop does not stop it; follow it with
+#   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 --command "tail -f ~/infllava-jax/train.log"
+#
 # The repository must already be cloned and installed at $REPO_DIR (default ~/infllava-jax)
 # on every worker, e.g. with
 #   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \
@@ -28,5 +33,9 @@ fi
 # there are no options). --distributed: every worker joins the others (jax.distributed finds
 # the coordinator and its process id from the TPU VM metadata).
 args=$(printf ' %q' --config "$config" --workdir "$workdir" --distributed "$@")
+run="infllava train$args"
+if [ -n "${LOG:-}" ]; then
+  run="nohup $run > $(printf '%q' "$LOG") 2>&1 < /dev/null &"
+fi
 exec gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command \
-  "cd $repo && infllava train$args"
+  "cd $repo && $run"

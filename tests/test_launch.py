@@ -35,6 +35,28 @@ def test_tpu_pod_quotes_each_argument_for_the_remote_shell(tmp_path):
                    "gs://bucket/run1", "--distributed"]
 
 
+def test_tpu_pod_with_log_detaches_the_run_on_each_worker(tmp_path):
+  stub(tmp_path, "gcloud", f'printf "%s\\n" "$@" > {tmp_path}/argv\n')
+  subprocess.run([f"{REPO}/launch/tpu_pod.sh", "pod", "zone-a", "cfg.py", "gs://b/r", "--x"],
+                 check=True, env={**env_with(tmp_path), "LOG": "my run.log"})
+  argv = (tmp_path / "argv").read_text().splitlines()
+  command = argv[argv.index("--command") + 1]
+  # Run by a remote shell (here with stub infllava and nohup), the ssh command returns at
+  # once, and the run's output lands in the log file.
+  stub(tmp_path, "infllava", 'sleep 2; echo "args: $*"\n')
+  stub(tmp_path, "nohup", '"$@"\n')
+  remote = command.replace("cd ~/infllava-jax", f"cd {tmp_path}")
+  start = time.monotonic()
+  subprocess.run(["bash", "-c", remote], check=True, env=env_with(tmp_path))
+  assert time.monotonic() - start < 1.5
+  log = tmp_path / "my run.log"
+  deadline = time.monotonic() + 10
+  while "args" not in (log.read_text() if log.exists() else ""):
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  assert log.read_text() == "args: train --config cfg.py --workdir gs://b/r --distributed --x\n"
+
+
 def test_local_launcher_passes_sigterm_to_every_process(tmp_path):
   # Each stub process writes its id, then waits; on SIGTERM it writes 'saved' and exits 0.
   stub(tmp_path, "infllava", f'''
