@@ -58,9 +58,8 @@ def data_config() -> ConfigDict:
       # rather than stopping a multi-hour run.
       skip_bad_samples=True,
       group_by_modality=False,  # every record has an image
-      # Rows per host per step: the global batch of 256 on one host; divide it by the
-      # number of hosts (the loop multiplies by jax.process_count()).
-      batch_size=256,
+      # Rows per process: train.global_batch_size (256) / the number of processes.
+      batch_size=config_dict.placeholder(int),
       worker_count=4,        # the reference's dataloader_num_workers
   ))
   return data

@@ -56,9 +56,8 @@ def data_config() -> ConfigDict:
       # Each global batch all-image or all-text, as the reference's group_by_modality_length
       # (the mix holds text-only ShareGPT samples).
       group_by_modality=True,
-      # Rows per host per step: the global batch of 128 on one host; divide it by the
-      # number of hosts (the loop multiplies by jax.process_count()).
-      batch_size=128,
+      # Rows per process: train.global_batch_size (128) / the number of processes.
+      batch_size=config_dict.placeholder(int),
       worker_count=4,        # the reference's dataloader_num_workers
   ))
   return data

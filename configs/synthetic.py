@@ -66,6 +66,7 @@ def train_config() -> ConfigDict:
       lr=1e-3,
       max_grad_norm=1.0,
       steps=800,            # optimiser steps (overrides num_epochs): ~3 min on 2 CPU cores
+      global_batch_size=config_dict.placeholder(int),  # None: data.batch_size per process
       trainable=(r"^vision/", r"^dem/", r"^projector/", r"^llm/"),
       log_every=50,
       seed=0,               # parameter init

@@ -35,15 +35,16 @@ import threading
 from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 from grain import checkpoint as grain_checkpoint
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from infllava_jax.config import ConfigError
 from infllava_jax.convert import checkpoint_io
 
 
@@ -89,6 +90,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, ckpt_cfg: ConfigDict,
                config: ConfigDict | None = None):
+    if int(ckpt_cfg.every_steps) < 1:
+      raise ConfigError(f"checkpoint.every_steps must be >= 1, got {ckpt_cfg.every_steps} "
+                        "(a large value saves only at the end and on preemption)")
     self.directory = absolute(directory)
     self._config = None if config is None else json.loads(config.to_json())
     policies = ocp.checkpoint_managers
@@ -147,10 +151,23 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardRestore(abstract_params),
                  opt_state=ocp.args.StandardRestore(abstract_opt_state))
     if data_iterator is not None:
+      self._check_data_processes(step)
       items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     return Restored(step, out.params, out.opt_state,
                     out.data if data_iterator is not None else None)
+
+  def _check_data_processes(self, step: int) -> None:
+    """Each process restores its own data position (grain writes one file per process):
+    a run saved by another number of processes cannot go on from it."""
+    saved = sorted(p.name for p in (epath.Path(self.directory) / str(step) / "data").glob(
+        "process_*-of-*.json"))
+    if saved and f"-of-{jax.process_count()}.json" not in saved[0]:
+      raise ValueError(
+          f"{self.directory}: step {step}'s data position was saved by "
+          f"{saved[0].rsplit('-of-', 1)[1].removesuffix('.json')} processes and this run has "
+          f"{jax.process_count()}: resume with as many processes as saved it (the mesh "
+          "over their devices may differ)")
 
   def _resolve_step(self, step: int | None) -> int:
     if step is None:
@@ -446,6 +463,20 @@ def read_config(path: str | os.PathLike, step: int | None = None) -> ConfigDict:
     return ConfigDict(checkpointer.restore(directory, args=ocp.args.JsonRestore()))
 
 
+@jax.jit
+def _any_true(flags: jax.Array) -> jax.Array:
+  return jnp.any(flags)
+
+
+def _any_process(flag: bool) -> jax.Array:
+  """Whether `flag` is true on any process: a scalar computed on the devices (not waited for)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+  local = np.full((jax.local_device_count(),), flag, np.bool_)
+  flags = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("all")),
+                                                 local)
+  return _any_true(flags)
+
+
 class PreemptionFlag:
   """Set by SIGTERM (or `signals`); the train loop polls it, saves and exits cleanly.
 
@@ -456,6 +487,7 @@ class PreemptionFlag:
   def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
     self._event = threading.Event()
     self.signal: int | None = None
+    self._exchange: jax.Array | None = None
     self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
   def _handle(self, signum, frame):
@@ -468,14 +500,18 @@ class PreemptionFlag:
     return self._event.is_set()
 
   def should_stop(self) -> bool:
-    """Whether any process received it: the same answer on every host.
+    """Whether any process had received it by the previous call: the same answer on every
+    process, and with one process whether it has been received.
 
     With several processes this is a collective: call it at the same steps everywhere.
+    Each call queues this process's flag for an exchange behind the work in flight and
+    reads the previous call's exchange, so a train loop that calls it after dispatching a
+    step waits for the step before, not for that one: one step stays queued.
     """
     if jax.process_count() == 1:
       return self.is_set()
-    flags = multihost_utils.process_allgather(np.array(self.is_set(), np.int32))
-    return bool(np.any(flags))
+    previous, self._exchange = self._exchange, _any_process(self.is_set())
+    return previous is not None and bool(previous)
 
   def restore(self):
     for sig, handler in self._previous.items():

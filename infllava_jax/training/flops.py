@@ -77,6 +77,7 @@ PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p's device_kind
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,

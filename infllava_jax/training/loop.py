@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
-from infllava_jax.config import load_config
+from infllava_jax.config import ConfigError, load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint, flops, optim
@@ -49,6 +49,26 @@ def initialize_distributed(args) -> None:
   elif args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in (
       os.environ.get("TPU_WORKER_HOSTNAMES", "")):
     jax.distributed.initialize()
+
+
+def host_batch_size(config: ConfigDict, process_count: int) -> int:
+  """Rows each process feeds per step: train.global_batch_size / processes, or, where that
+  is None, data.batch_size. Both set must agree; raises ConfigError otherwise."""
+  global_batch = config.train.get("global_batch_size")
+  per_host = config.data.get("batch_size")
+  if global_batch is None:
+    if per_host is None:
+      raise ConfigError("set train.global_batch_size (rows per step over all processes) or "
+                        "data.batch_size (rows per process)")
+    return per_host
+  if global_batch % process_count:
+    raise ConfigError(f"train.global_batch_size {global_batch} does not divide over "
+                      f"{process_count} processes")
+  if per_host is not None and per_host * process_count != global_batch:
+    raise ConfigError(
+        f"data.batch_size {per_host} x {process_count} processes disagrees with "
+        f"train.global_batch_size {global_batch}: set one of them and the other to None")
+  return global_batch // process_count
 
 
 def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
@@ -149,6 +169,9 @@ class Trainer:
     devices: what `config.mesh` spans (default: all of them, every process's)."""
     if isinstance(init, (str, os.PathLike)):
       raise TypeError("Trainer(init=...) takes a list of checkpoint.InitSource, not a path")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():  # the pipeline reads the rows per process from here
+      config.data.batch_size = host_batch_size(config, jax.process_count())
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -242,34 +265,39 @@ class Trainer:
           f"{dict(self.mesh.shape)}, {self.mesh.size} devices, {sum(sizes):,} params "
           f"({trainable:,} trainable)")
       pending: list[tuple[int, dict]] = []
-      last_time, last_step = time.perf_counter(), self.start_step
-      step = self.start_step
+      step = int(self.state.step)  # a second run() goes on where the first stopped
+      first_step, last_step, last_time = step + 1, step, time.perf_counter()
       while step < last_step_to_run:
         batch = global_batch_from_host(next(self.data), self.mesh)
         self.state, metrics = self.step_fn(self.state, batch)
         step += 1
         pending.append((step, metrics))
-        stop = preempted.should_stop() if jax.process_count() > 1 else preempted.is_set()
+        if step == first_step:  # timed apart from the progress lines' speeds
+          jax.block_until_ready(metrics)
+          took, last_step, last_time = time.perf_counter() - last_time, step, time.perf_counter()
+          log(f"step {step} took {took:.1f}s (the step compiles on its first call)")
+        stop = preempted.should_stop()
         if step % cfg.log_every == 0 or step == last_step_to_run or stop or \
             self.checkpointer.should_save(step):
           host = check_finite(pending)  # one host sync per interval, not per step
           now = time.perf_counter()
-          steps_done = step - last_step
-          rate = steps_done / (now - last_time)
           last = host[-1][1]
-          tokens_per_s = rate * self.global_batch * self.config.data.max_length
-          mfu = (f"{100 * rate * step_flops / (peak * self.mesh.size):.1f}%"
-                 if peak else "n/a")
+          speed = ""
+          if step > last_step:
+            rate = (step - last_step) / (now - last_time)
+            tokens_per_s = rate * self.global_batch * self.config.data.max_length
+            mfu = (f"{100 * rate * step_flops / (peak * self.mesh.size):.1f}%"
+                   if peak else "n/a")
+            speed = f" tokens/s {tokens_per_s:,.0f} step_time {1 / rate:.3f}s MFU {mfu}"
+            writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
           log(f"step {step}/{self.total_steps} loss {last['loss']:.4f} lr {last['lr']:.2e} "
-              f"grad_norm {last['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
-              f"step_time {1 / rate:.3f}s MFU {mfu} samples {self.data.counts['samples']} "
-              f"skipped {self.data.counts['bad_skipped']}")
+              f"grad_norm {last['grad_norm']:.3f}{speed} samples "
+              f"{self.data.counts['samples']} skipped {self.data.counts['bad_skipped']}")
           for s, m in host:
             for name, value in m.items():
               writer.add_scalar(f"train/{name}", value, s)
             if on_metrics and jax.process_index() == 0:
               on_metrics(s, m)
-          writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
           pending, last_time, last_step = [], now, step
           self.checkpointer.save(step, self.state.params, self.state.opt_state,
                                  self.data.grain_iterator, force=stop)

@@ -31,7 +31,10 @@ the reference's values):
                       device keeps its own rows and gathers lm_head this many vocabulary
                       columns at a time (`blockwise_cross_entropy`; the 8B configs). Needs
                       lm_head's vocabulary unsplit (mesh tensor=1); otherwise the loss above.
-  global_batch_size, num_epochs  read by the train loop (256 / 128 sequences, 1 epoch).
+  global_batch_size   rows per optimiser step over all processes (256 / 128); each process
+                      feeds its share (`loop.host_batch_size`). None: data.batch_size rows
+                      per process.
+  num_epochs          passes over the data when `steps` is unset (1).
 
 Frozen params get no optimiser state: `optax.multi_transform` routes them to
 `optax.set_to_zero()`, whose state is empty, so AdamW moments exist only for trainable leaves.
@@ -78,6 +81,9 @@ def default_train_config(stage: int = 2) -> ConfigDict:
       loss_vocab_block=0,
       global_batch_size=256 if stage == 1 else 128,
       num_epochs=1,
+      # FLOP/s per device for the MFU in the progress lines; None: the bf16 peak of a
+      # known TPU or GPU (`flops.PEAK_FLOPS`), no MFU on others.
+      peak_flops_per_device=config_dict.placeholder(float),
   ))
 
 

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from infllava_jax import sharding
+from infllava_jax.config import ConfigError
 from infllava_jax.training import checkpoint, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,6 +101,27 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
   assert stored.train.lr == 1e-3 and stored.train.max_grad_norm is None
   with pytest.raises(FileNotFoundError, match="step 3"):
     checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(params, opt_state, step=3)
+
+
+def test_restore_by_another_number_of_processes_says_so(tmp_path):
+  params = toy_params()
+  opt_state = optim.make_optimizer(optim.default_train_config(1), 10, params).init(params)
+  with checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+    ckpt.save(4, params, opt_state, iter(dataset()), force=True)
+  # As a 2-process run would have left it (grain writes one file per process).
+  data = tmp_path / "run" / "4" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  device = SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(ValueError, match="step 4's data position was saved by 2 processes and "
+                                       "this run has 1: resume with as many processes"):
+    checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(
+        checkpoint.abstract_tree(params, device), checkpoint.abstract_tree(opt_state, device),
+        iter(dataset()))
+
+
+def test_a_save_interval_below_one_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match="checkpoint.every_steps must be >= 1, got 0"):
+    checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg(every_steps=0))
 
 
 def test_relative_run_folder_saves_and_restores(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from infllava_jax.config import load_config
+from infllava_jax.config import ConfigError, load_config
 from infllava_jax.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,8 +26,9 @@ TINY = ["--config.model.vision.depth=1", "--config.model.llm.depth=1",
         "--config.data.read_threads=1", "--config.train.lr=3e-3",
         "--config.train.warmup_ratio=0.0", "--config.train.log_every=1",
         "--config.eval.heldout_examples=0", "--config.checkpoint.async_save=false"]
-PROGRESS = re.compile(r"step (\d+)/(\d+) loss (\S+) lr (\S+) grad_norm \S+ tokens/s [\d,]+ "
-                      r"step_time [\d.]+s MFU (\S+)")
+# The speed figures are missing from the first step's line: it is timed apart (compiling).
+PROGRESS = re.compile(r"step (\d+)/(\d+) loss (\S+) lr (\S+) grad_norm \S+"
+                      r"(?: tokens/s [\d,]+ step_time [\d.]+s MFU (\S+))? samples")
 
 
 def make_trainer(workdir, overrides=(), devices=None):
@@ -68,6 +69,23 @@ def test_batch_not_dividing_the_mesh_names_the_numbers(tmp_path):
     make_trainer(tmp_path, ["--config.mesh=data=8"], devices=jax.devices())
 
 
+def test_host_batch_size_divides_the_global_batch_over_processes():
+  stage1 = load_config("configs/infllava_8b_stage1.py")
+  assert [loop.host_batch_size(stage1, n) for n in (1, 2, 16)] == [256, 128, 16]
+  with pytest.raises(ConfigError, match="global_batch_size 256 does not divide over 3 proc"):
+    loop.host_batch_size(stage1, 3)
+  stage1.data.batch_size = 64
+  with pytest.raises(ConfigError, match=r"data.batch_size 64 x 2 processes disagrees with "
+                                        r"train.global_batch_size 256"):
+    loop.host_batch_size(stage1, 2)
+  assert loop.host_batch_size(stage1, 4) == 64  # both set, and agreeing
+  synthetic = load_config("configs/synthetic.py")  # rows per process only
+  assert loop.host_batch_size(synthetic, 2) == synthetic.data.batch_size == 8
+  synthetic.data.batch_size = None
+  with pytest.raises(ConfigError, match="set train.global_batch_size"):
+    loop.host_batch_size(synthetic, 1)
+
+
 def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   """2N steps straight vs N steps, a new Trainer on the same folder, N more: equal bits.
 
@@ -79,10 +97,12 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   straight = make_trainer(tmp_path / "straight", overrides)
   history = []
   straight.run(on_metrics=lambda step, metrics: history.append((step, metrics["loss"])))
-  lines = [PROGRESS.search(line) for line in capsys.readouterr().out.splitlines()]
-  progress = [m for m in lines if m]
+  out = capsys.readouterr().out
+  progress = [m for m in map(PROGRESS.search, out.splitlines()) if m]
   assert [int(m.group(1)) for m in progress] == list(range(1, 2 * n + 1))
-  assert all(m.group(5) == "n/a" for m in progress)  # no peak FLOP/s known for CPU
+  assert re.search(r"step 1 took [\d.]+s \(the step compiles on its first call\)", out)
+  assert progress[0].group(5) is None
+  assert all(m.group(5) == "n/a" for m in progress[1:])  # no peak FLOP/s known for CPU
   losses = [float(m.group(3)) for m in progress]
   first, last = np.mean(losses[:4]), np.mean(losses[-4:])
   assert last < first - 0.5, f"loss did not fall: {losses}"
@@ -106,6 +126,13 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   assert_trees_equal(host(second_half.state.params), host(straight.state.params))
   assert_trees_equal(host(second_half.state.opt_state), host(straight.state.opt_state))
   assert second_half.data.counts == straight.data.counts
+
+  # One Trainer run twice goes on from where its first run() stopped.
+  again = make_trainer(tmp_path / "again", overrides)
+  again.run(until_step=n)
+  again.run()
+  assert int(again.state.step) == 2 * n and list(again.checkpointer.all_steps()) == [n, 2 * n]
+  assert_trees_equal(host(again.state.params), host(straight.state.params))
 
 
 class NaNAt:
