@@ -278,7 +278,8 @@ def main() -> None:
     defaults = decode_tps[("ours_xla_defaults", b)]
     print(f"         ours under XLA's default options {defaults:8.1f} tokens/s: "
           f"{defaults / decode_tps[('hf', b)]:.2f}x HF (ours' options "
-          f"{options['ours'] or 'none'}: {decode_tps[('ours', b)] / defaults:.2f}x faster)")
+          f"{options['ours'] or 'none'}: {decode_tps[('ours', b)] / defaults:.2f}x their "
+          f"speed)")
   per_token = 1.0 / decode_tps[("ours", 1)]
   bound = weight_bytes / bandwidth
   rates = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in read_rates.items())

@@ -5,7 +5,7 @@ fusions. Two of those are slow on the CPUs we measured (README, "XLA:CPU and YNN
 attention fused whole (dot, softmax and dot in one fusion) and products of a few rows
 (decoding at batch 8). With the fusions off, XLA:CPU runs dots through Eigen instead.
 Measured side by side in one process on 2 cores (AMD EPYC; figures in the README): the
-CLIP tower 0.87-1.13x -> 1.25-1.49x HF's speed (`bench/encode_images.py`), batch-8 decoding
+CLIP tower 1.41x faster (`bench/encode_images.py`), batch-8 decoding
 1.36x faster (`bench/generate.py`), the float32 LLM train step within noise either way,
 a lone 2048^3 matmul slower (137 -> 112 GFLOP/s). So the train step,
 `infllava compile` and the decode loop compile with them off on CPU; GPU and TPU compiles

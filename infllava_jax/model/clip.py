@@ -88,8 +88,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax
   """Softmax attention without a mask, scale 1/sqrt(K). q, k, v: [N, P, H, K] -> [N, P, H, K].
 
   impl: "xla" or "cudnn" go to `jax.nn.dot_product_attention`; "einsum" is the path below;
-  None takes `jax.nn.dot_product_attention`'s own pick on GPU (cuDNN flash attention) and
-  "einsum" elsewhere. On CPU the einsum path runs the whole CLIP tower about 1.35x faster
+  None takes `jax.nn.dot_product_attention`'s own pick on GPU (in jax 0.10 that is its XLA
+  form, not cuDNN's flash kernel: ask for "cudnn" for that, bf16/fp16 only) and "einsum"
+  elsewhere. On CPU the einsum path runs the whole CLIP tower about 1.35x faster
   than jax's XLA attention: heads-first operands make both batched dots plain [P, K] x [K, P]
   GEMMs, and normalising after the PV product divides a [P, K] tile instead of [P, P].
   """
@@ -178,8 +179,8 @@ class VisionTransformer(nn.Module):
       layer_norm_eps, feature_layer, feature_select, param_dtype).
     dtype: compute dtype (`config.model.dtype`).
     remat_policy: a name of `layers.REMAT_POLICIES` (`config.model.remat_policy`).
-    attention_impl: `config.model.attention_impl`, see `attention` (None: cuDNN on GPU,
-      the einsum path elsewhere).
+    attention_impl: `config.model.attention_impl`, see `attention` (None: jax's pick on
+      GPU, the einsum path elsewhere).
   """
 
   cfg: ConfigDict

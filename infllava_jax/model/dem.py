@@ -145,8 +145,8 @@ class CrossAttention(nn.Module):
 
   [N, Tq, D], [N, Tk, D] -> [N, Tq, D]. Heads are contiguous channel chunks, softmax over keys
   with scale 1/sqrt(D/H), no mask or dropout; post-LN residual of the raw, unprojected query.
-  `attention_impl` is `config.model.attention_impl`, as for CLIP (`clip.attention`: fused
-  cuDNN/XLA attention on GPU, heads-first einsums elsewhere).
+  `attention_impl` is `config.model.attention_impl`, as for CLIP (`clip.attention`: jax's
+  attention on GPU, heads-first einsums elsewhere).
   """
 
   heads: int

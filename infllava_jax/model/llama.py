@@ -374,8 +374,9 @@ class Attention(nn.Module):
       new_kv = (write(kv[0], k), write(kv[1], v))
       k, v = (cache.astype(self.dtype) for cache in new_kv)  # [B*KVH, S, K] now
     scale = 1.0 / math.sqrt(k_dim)
-    # The same choice as the CLIP tower (`clip.attention`): jax's fused kernels on GPU
-    # (cuDNN flash attention) or when asked for; our einsum layouts elsewhere, and for
+    # The same choice as the CLIP tower (`clip.attention`): jax's attention on GPU (its own
+    # pick: XLA in jax 0.10; "cudnn" asks for flash) or when asked for; our einsum layouts
+    # elsewhere, and for
     # one-token decode steps on GPU too: a flash kernel saves nothing over one query, and
     # cuDNN's takes [B, S, KVH, K] operands, so it would likely be handed a re-laid-out copy
     # of the whole heads-major cache per layer and token (XLA's own form folds the swap:
@@ -594,7 +595,8 @@ class Llama(nn.Module):
     attention_impl: "einsum" computes attention with `grouped_attention` (the XLA math in a
       layout that runs ~2x faster on CPU); "xla" or "cudnn" call
       `jax.nn.dot_product_attention` with that implementation; None is "einsum", except on
-      GPU where jax picks (cuDNN flash attention where it applies) and on TPU, where
+      GPU where jax picks (in jax 0.10 its XLA form; "cudnn" asks for the flash kernel) and
+      on TPU, where
       uncached self-attention runs `splash_attention` when `uses_splash` says it fits.
     attention_chunk: query block of `causal_chunked_attention` when attention_impl is None
       and no cache is used; 0 disables it.
