@@ -4,7 +4,7 @@ Every fixed number of the reference (spec sections 0-9) lives here, not in code.
 `get_config("llava")` gives the LLaVA-1.5 baseline (one 336 view, no DCM/DEM).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def vision_config() -> ConfigDict:
@@ -51,6 +51,11 @@ def dcm_config() -> ConfigDict:
       # (LLaVA-1.5 baseline).
       crops="dual",
       image_size=1008,       # model input side; grid = image_size // vision.image_size
+      # Side images are preprocessed to (None: image_size). encode_images resizes other
+      # sides bicubically to image_size: 336 reproduces the released repository's
+      # inference, whose CLIP processor stays at 336 (spec 1.4; the paper's evaluation
+      # resolution is not known). Training used image_size.
+      processor_size=config_dict.placeholder(int),
   ))
 
 

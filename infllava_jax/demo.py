@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
   cfg = load_config(args.config, overrides).model
   model = infllava.build_model(cfg)
   n_img = infllava.num_image_tokens(cfg)
-  side = cfg.dcm.image_size
+  side = infllava.input_size(cfg)
   rng = np.random.default_rng(args.seed)
   tokens = rng.integers(1, cfg.llm.vocab_size, size=(args.batch, n_img + 16)).astype(np.int32)
   tokens[:, 1:1 + n_img] = cfg.image_token_id

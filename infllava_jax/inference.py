@@ -211,7 +211,7 @@ class Assistant:
                       history=history, double_bos=self.double_bos)
 
   def pixels(self, image) -> np.ndarray:
-    return images.preprocess(image, self.config.model.dcm.image_size, self.aspect)
+    return images.preprocess(image, infllava.input_size(self.config.model), self.aspect)
 
   def _sampling(self, sampling: generate.Sampling | None) -> generate.Sampling:
     sampling = sampling or generate.Sampling(max_new_tokens=32)
@@ -251,7 +251,7 @@ class Assistant:
       mask = np.pad(mask, ((0, 0), (extra, 0)))
     pixels = None
     if any(im is not None for im in image_list):
-      side = self.config.model.dcm.image_size
+      side = infllava.input_size(self.config.model)
       pixels = np.stack([images.zero_image(side) if im is None else self.pixels(im)
                          for im in image_list])[:, None]
       pixels = jnp.asarray(pixels)

@@ -248,7 +248,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
 
   process_index/count default to jax's; num_epochs None repeats forever.
   """
-  from infllava_jax.model.infllava import num_image_tokens
+  from infllava_jax.model.infllava import input_size, num_image_tokens
   data, model = config.data, config.model
   if process_index is None or process_count is None:
     import jax
@@ -269,7 +269,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
   ds = ds.repeat(num_epochs)
   ds = ds.map(SampleDecoder(
       template=data.template, image_token_id=model.image_token_id,
-      num_image_tokens=num_image_tokens(model), image_size=model.dcm.image_size,
+      num_image_tokens=num_image_tokens(model), image_size=input_size(model),
       image_aspect=data.image_aspect, max_length=data.max_length, overlong=data.overlong,
       double_bos=data.double_bos, tokenizer_path=data.tokenizer_path))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
@@ -278,7 +278,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
   # Grouped order: a skipped sample leaves an empty row, so batches stay on the groups.
-  blank = _blank_sample(model.dcm.image_size) if data.group_by_modality else None
+  blank = _blank_sample(input_size(model)) if data.group_by_modality else None
   it = _Screen(it, data.skip_bad_samples, epoch_size, blank)
   length = data.max_length
   if data.packing:

@@ -31,7 +31,8 @@ import time
 from infllava_jax import generate
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
-from infllava_jax.inference import Assistant
+from infllava_jax.inference import Assistant, load_checkpoint
+from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint
 
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
@@ -85,6 +86,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="pad prompts to a multiple of this many tokens, so batches of "
                            "nearby prompt lengths share one compiled generation (default: "
                            "%(default)s)")
+  parser.add_argument("--processor-size", type=int, default=None,
+                      help="preprocess images to this side, then let the model resize them "
+                           "bicubically to its input side: 336 is the released INF-LLaVA "
+                           "repository's inference path (its CLIP processor); default: the "
+                           "model's input side, as in training")
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar (for logs)")
   args = parser.parse_args(argv)
@@ -102,7 +108,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error(f"--images {args.images!r} is not a folder")
   for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
                       ("--max-new-tokens", args.max_new_tokens),
-                      ("--length-bucket", args.length_bucket)):
+                      ("--length-bucket", args.length_bucket),
+                      ("--processor-size", args.processor_size)):
     if value is not None and value < 1:
       parser.error(f"{flag} must be at least 1, got {value}")
   return args
@@ -113,8 +120,15 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
-    assistant = Assistant.from_run(args.checkpoint, args.step,
-                                   length_bucket=args.length_bucket)
+    config, params = load_checkpoint(args.checkpoint, args.step)
+    if args.processor_size:
+      config.model.dcm.processor_size = args.processor_size
+      try:
+        infllava.input_size(config.model)
+      except ValueError as e:  # the llava baseline, which has no resize
+        print(f"infllava evaluate: --processor-size: {e}", file=sys.stderr)
+        return 2
+    assistant = Assistant(config, params, length_bucket=args.length_bucket)
     print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     if questions is None:
@@ -141,6 +155,7 @@ def main(argv: list[str]) -> int:
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
                  step=checkpoint.params_step(args.checkpoint, args.step),
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
+                 processor_size=infllava.input_size(assistant.config.model),
                  seconds=round(time.perf_counter() - start, 1))
   with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2, ensure_ascii=False)

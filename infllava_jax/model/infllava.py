@@ -77,9 +77,10 @@ class InfLlava(nn.Module):
     self.llm = language_model(cfg, self.llm_scan_layers)
 
   def encode_images(self, pixels: jax.Array) -> jax.Array:
-    """[B, H, W, 3] CLIP-normalised images at `dcm.image_size` -> [B, N_img, D] visual tokens."""
+    """[B, H, W, 3] CLIP-normalised images at `input_size(cfg)` -> [B, N_img, D] visual
+    tokens. The DCM first resizes them to `dcm.image_size` if that differs."""
     cfg = self.cfg
-    side = cfg.dcm.image_size
+    side = input_size(cfg)
     chex.assert_shape(pixels, (None, side, side, 3))
     batch = pixels.shape[0]
     if cfg.variant == "llava":
@@ -140,9 +141,19 @@ def build_model(model_cfg: ConfigDict) -> InfLlava:
   return InfLlava(FrozenConfigDict(model_cfg))
 
 
+def input_size(model_cfg: ConfigDict) -> int:
+  """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`."""
+  size = model_cfg.dcm.get("processor_size") or model_cfg.dcm.image_size
+  if model_cfg.variant == "llava" and size != model_cfg.dcm.image_size:
+    raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant only; "
+                     f"the llava baseline reads images at dcm.image_size "
+                     f"{model_cfg.dcm.image_size}")
+  return size
+
+
 def dummy_inputs(model_cfg: ConfigDict, batch: int = 1, length: int = 8):
   """Smallest (tokens, pixels) that trace every parameter: for init and `jax.eval_shape`."""
-  side = model_cfg.dcm.image_size
+  side = input_size(model_cfg)
   tokens = jnp.zeros((batch, length), jnp.int32)
   pixels = jnp.zeros((batch, 1, side, side, 3), jnp.float32)
   return tokens, pixels

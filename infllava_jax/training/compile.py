@@ -147,7 +147,8 @@ def abstract_batch(config, mesh, rows: int, length: int) -> dict:
   import jax
   import jax.numpy as jnp
   from infllava_jax import sharding
-  side = config.model.dcm.image_size
+  from infllava_jax.model.infllava import input_size
+  side = input_size(config.model)
   shapes = {"tokens": ((rows, length), jnp.int32), "targets": ((rows, length), jnp.int32),
             "loss_mask": ((rows, length), jnp.float32),
             "positions": ((rows, length), jnp.int32),

@@ -42,6 +42,19 @@ def test_scienceqa_through_the_cli(checkpoint, tmp_path, capsys):
   assert json.loads(capsys.readouterr().out) == summary
 
 
+def test_processor_size_flag(checkpoint, tmp_path, capsys):
+  data = bench_files.write_scienceqa(tmp_path / "sqa")
+  runs = {}
+  for size in (None, 84):
+    out = str(tmp_path / f"out{size}")
+    flags = ["--processor-size", str(size)] if size else []
+    assert cli.main(["--checkpoint", checkpoint, "--benchmark", "scienceqa", "--data", data,
+                     "--max-new-tokens", "2", "--out", out, "--no-progress"] + flags) == 0
+    runs[size] = _outputs(out)
+  assert runs[None][1]["processor_size"] == 252 and runs[84][1]["processor_size"] == 84
+  assert [l["id"] for l in runs[84][0]] == [l["id"] for l in runs[None][0]]
+
+
 def test_mmbench_limit_keeps_every_shift(checkpoint, tmp_path):
   data = bench_files.write_mmbench(tmp_path / "MMBench_DEV_EN.tsv")
   out = str(tmp_path / "out")

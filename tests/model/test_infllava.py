@@ -8,7 +8,7 @@ import pytest
 
 from infllava_jax import sharding
 from infllava_jax.config import load_config
-from infllava_jax.model import infllava
+from infllava_jax.model import dcm, infllava
 
 
 def _count(tree) -> int:
@@ -57,6 +57,24 @@ def test_forward_writes_visual_tokens_into_slots(variant):
   # The image matters: another image changes the logits after the slots.
   other, _ = model.apply({"params": params}, jnp.asarray(tokens), pixels[::-1])
   assert np.abs(np.asarray(other - logits)[:, 2 + n_img:]).max() > 1e-4
+
+
+def test_processor_size_images_are_resized_inside_the_model():
+  """dcm.processor_size 84 on the 252 px tiny model: encode_images takes 84 px images and
+  upsamples them as `dcm.resize` does (the released repository's 336 -> 1008 path)."""
+  cfg = load_config("configs/tiny.py").model
+  small = load_config("configs/tiny.py", ["--config.model.dcm.processor_size=84"]).model
+  assert infllava.input_size(cfg) == 252 and infllava.input_size(small) == 84
+  assert infllava.dummy_inputs(small)[1].shape == (1, 1, 84, 84, 3)
+  params = infllava.build_model(cfg).init(jax.random.key(0), *infllava.dummy_inputs(cfg))
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 84, 84, 3)), jnp.float32)
+  encode = lambda c, x: infllava.build_model(c).apply(params, x,
+                                                       method=infllava.InfLlava.encode_images)
+  upsampled = dcm.resize(images, (252, 252), "bicubic")
+  np.testing.assert_allclose(encode(small, images), encode(cfg, upsampled), atol=1e-6)
+  with pytest.raises(ValueError, match="processor_size=42 applies to the infllava variant"):
+    infllava.input_size(load_config("configs/tiny.py:llava",
+                                    ["--config.model.dcm.processor_size=42"]).model)
 
 
 def test_released_config_shapes_without_allocating():
