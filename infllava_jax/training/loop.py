@@ -387,7 +387,11 @@ def main(argv: list[str]) -> int:
   config = load_config(args.config, overrides)
   trainer = Trainer(config, args.workdir, init=init_sources(
       args.init_base, args.init_from, config.train.get("init_include")))
-  state = trainer.run()
+  try:
+    state = trainer.run()
+  except NonFiniteLossError as e:  # its message says it all: no traceback
+    print(f"infllava train: error: {e}", file=sys.stderr)
+    return 1
   if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
     return 0
   if config.get("eval") and config.eval.get("heldout_examples"):

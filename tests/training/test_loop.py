@@ -135,6 +135,16 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   assert_trees_equal(host(again.state.params), host(straight.state.params))
 
 
+def test_cli_stops_on_a_non_finite_loss_with_one_line(tmp_path, capsys):
+  flags = [t for t in TINY if not t.startswith(("--config.train.lr=", "--config.data.batch"))]
+  assert loop.main(["--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+                    "--config.train.steps=4", "--config.train.lr=1e38",
+                    "--config.data.batch_size=8"] + flags) == 1  # a row per device
+  err = capsys.readouterr().err
+  assert re.fullmatch(r"infllava train: error: (loss|grad_norm) is (nan|inf) at step \d; "
+                      r"stopping without saving it\. .*\n", err), err
+
+
 class NaNAt:
   """The trainer's data iterator, with NaN pixels from the `step`-th batch on."""
 
