@@ -51,6 +51,8 @@ class SampleDecoder(grain.transforms.Map):
   tokenizer_path: str | None
 
   def map(self, record: dict) -> dict:
+    if record.get("pad"):  # sources build records without this key
+      return {"pad": True}
     where = f"{record.get('origin')}: record {record.get('id')!r}"
     if "error" in record:
       return {"error": f"{where}: malformed record: {record['error']}"}
@@ -77,7 +79,8 @@ class _ScreenIterator(grain.DatasetIterator):
   A skipped sample is dropped from the stream, or, given `blank` (a sample with no token),
   replaced by it: the batch then holds an empty, loss-free row in its place, and every
   later sample keeps its slot, which the modality-grouped order needs (a dropped sample
-  would shift each later batch across the boundary of its group).
+  would shift each later batch across the boundary of its group). That order's padding
+  (`PAD_RECORD`) becomes `blank` too, and is not counted.
 
   `epoch_size` consecutive skips (a whole pass over this host's share without one usable
   sample) raise instead of looping forever on a repeated dataset.
@@ -94,6 +97,8 @@ class _ScreenIterator(grain.DatasetIterator):
   def __next__(self):
     while True:
       sample = next(self._parent)
+      if "pad" in sample:  # the grouped order's padding: neither a sample nor a skip
+        return dict(self._blank)
       if "overlong" in sample:
         self.counts["overlong_dropped"] += 1
       elif "error" in sample:
@@ -141,11 +146,18 @@ def _blank_sample(image_size: int) -> dict:
           "pixels": np.zeros((0, image_size, image_size, 3), np.float32)}
 
 
+# A record standing for an empty, loss-free row (see `_ModalityGroupedOrder`).
+PAD_RECORD = {"pad": True}
+
+
 class _ModalityGroupedOrder(grain.MapDataset):
   """Per-epoch order in which each run of `group` indices is all-image or all-text.
 
   Like LLaVA's modality grouping: each modality is shuffled and cut into groups of the
-  global batch size, the full groups are shuffled together, and the two leftovers go last.
+  global batch size, the full groups are shuffled together, and the two leftovers go last
+  (together they make the epoch's one mixed batch, as in the reference). The epoch is then
+  padded to whole groups with `PAD_RECORD`s, empty rows where the reference's last batch
+  would be short, so that every epoch starts on a group boundary.
   """
 
   def __init__(self, parent, is_image: np.ndarray, group: int, seed: int):
@@ -153,7 +165,7 @@ class _ModalityGroupedOrder(grain.MapDataset):
     self._is_image, self._group, self._seed = is_image, group, seed
 
   def __len__(self) -> int:
-    return len(self._parent)
+    return -(-len(self._parent) // self._group) * self._group
 
   def __str__(self) -> str:
     return f"ModalityGroupedOrder(group={self._group}, seed={self._seed})"
@@ -168,13 +180,15 @@ class _ModalityGroupedOrder(grain.MapDataset):
       groups += np.split(idx[:full], full // self._group) if full else []
       leftovers.append(idx[full:])
     groups = [groups[i] for i in rng.permutation(len(groups))]
-    return np.concatenate(groups + leftovers).astype(np.int64)
+    pad = np.full(len(self) - len(self._parent), -1)
+    return np.concatenate(groups + leftovers + [pad]).astype(np.int64)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
     epoch, i = divmod(index, len(self))
-    return self._parent[int(self._order(epoch)[i]) + epoch * len(self)]
+    record = int(self._order(epoch)[i])
+    return PAD_RECORD if record < 0 else self._parent[record + epoch * len(self._parent)]
 
 
 def _pad_sample(sample: dict, length: int, pad_id: int) -> dict:
@@ -264,8 +278,9 @@ def make_dataset(config, source, *, process_index: int | None = None,
     ds = _ModalityGroupedOrder(ds, is_image, data.batch_size * process_count, data.seed)
   elif shuffle:
     ds = ds.shuffle(seed=data.seed)
+  # Records (not padding) in this host's share of an epoch: the padding comes last.
+  epoch_size = max(1, len(range(process_index, len(source), process_count)))
   ds = ds[process_index::process_count]
-  epoch_size = max(1, len(ds))
   ds = ds.repeat(num_epochs)
   ds = ds.map(SampleDecoder(
       template=data.template, image_token_id=model.image_token_id,

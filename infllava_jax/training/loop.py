@@ -72,8 +72,12 @@ def host_batch_size(config: ConfigDict, process_count: int) -> int:
 
 
 def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
+  """train.steps, or else num_epochs passes over the data: whole batches, except that the
+  modality-grouped order pads each epoch to whole batches (a last, partly empty one)."""
   if config.train.get("steps"):
     return int(config.train.steps)
+  if config.data.get("group_by_modality"):
+    return max(1, config.train.num_epochs * -(-source_len // global_batch))
   return max(1, config.train.num_epochs * source_len // global_batch)
 
 

@@ -148,6 +148,22 @@ def test_group_by_modality_batches_are_single_modality(tmp_path):
   assert len(kinds) == 10 and sum(kinds) == 6  # 2 epochs: 3 image and 2 text batches each
 
 
+def test_group_by_modality_pads_each_epoch_to_whole_batches(tmp_path):
+  # 5 image and 4 text records, groups of 2: 4 groups, then the leftover image and one
+  # empty row. Without the padding, epoch 2 would start mid-batch, off its groups.
+  cfg = _config(group_by_modality=True, batch_size=2)
+  source = _mixed_json(tmp_path, num_image=5, num_text=4)
+  it = pipeline.make_iterator(cfg, source, process_index=0, process_count=1, num_epochs=2)
+  batches = list(it)
+  assert len(batches) == 10
+  for i, b in enumerate(batches):
+    used = b["segment_ids"].any(1)
+    has = (b["tokens"] == IMG).any(1)[used]
+    assert has.all() or not has.any(), i
+    assert used.all() == (i not in (4, 9)), i  # each epoch's last batch: image + empty row
+  assert it.counts["samples"] == 18
+
+
 def test_group_by_modality_keeps_each_skipped_samples_slot(tmp_path):
   # 4 image and 4 text records, groups of 2; one image file is missing. Dropping that
   # sample would shift every later batch across its group's boundary.

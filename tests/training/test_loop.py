@@ -86,6 +86,17 @@ def test_host_batch_size_divides_the_global_batch_over_processes():
     loop.host_batch_size(synthetic, 1)
 
 
+def test_total_steps_of_the_stage_recipes():
+  # Spec 10: 558,128 / 256 -> 2,180 steps; 665,298 / 128 -> 5,198 (the modality-grouped
+  # epoch ends on a partly empty batch, as the reference's ends on a short one).
+  stage1 = load_config("configs/infllava_8b_stage1.py")
+  stage2 = load_config("configs/infllava_8b_stage2.py")
+  assert loop.total_steps(stage1, 558128, 256) == 2180
+  assert loop.total_steps(stage2, 665298, 128) == 5198
+  stage2.train.steps = 10
+  assert loop.total_steps(stage2, 665298, 128) == 10
+
+
 def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
   """2N steps straight vs N steps, a new Trainer on the same folder, N more: equal bits.
 
