@@ -19,7 +19,9 @@ import functools
 
 import grain
 import numpy as np
+from ml_collections import ConfigDict
 
+from infllava_jax.config import ConfigError
 from infllava_jax.data import images, sources, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 
@@ -255,6 +257,26 @@ def _find_screen(iterator):
   return iterator
 
 
+def host_batch_size(config: ConfigDict, process_count: int) -> int:
+  """Rows each process feeds per step: train.global_batch_size / processes, or, where that
+  is None, data.batch_size. Both set must agree; raises ConfigError otherwise."""
+  global_batch = config.train.get("global_batch_size")
+  per_host = config.data.get("batch_size")
+  if global_batch is None:
+    if per_host is None:
+      raise ConfigError("set train.global_batch_size (rows per step over all processes) or "
+                        "data.batch_size (rows per process)")
+    return per_host
+  if global_batch % process_count:
+    raise ConfigError(f"train.global_batch_size {global_batch} does not divide over "
+                      f"{process_count} processes")
+  if per_host is not None and per_host * process_count != global_batch:
+    raise ConfigError(
+        f"data.batch_size {per_host} x {process_count} processes disagrees with "
+        f"train.global_batch_size {global_batch}: set one of them and the other to None")
+  return global_batch // process_count
+
+
 def make_dataset(config, source, *, process_index: int | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
                  shuffle: bool | None = None) -> grain.IterDataset:
@@ -267,6 +289,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
+  batch_size = host_batch_size(config, process_count)
   shuffle = data.shuffle if shuffle is None else shuffle
   tok = load_tokenizer(data.tokenizer_path)
   ds = grain.MapDataset.source(source)
@@ -275,7 +298,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
       raise ValueError("data.group_by_modality needs data.packing=False: a packed row holds "
                        "several samples, so batches cannot follow the modality groups")
     is_image = np.array([source.has_image(i) for i in range(len(source))])
-    ds = _ModalityGroupedOrder(ds, is_image, data.batch_size * process_count, data.seed)
+    ds = _ModalityGroupedOrder(ds, is_image, batch_size * process_count, data.seed)
   elif shuffle:
     ds = ds.shuffle(seed=data.seed)
   # Records (not padding) in this host's share of an epoch: the padding comes last.
@@ -300,13 +323,13 @@ def make_dataset(config, source, *, process_index: int | None = None,
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": length, "targets": length, "loss_mask": length,
                            "pixels": data.max_images_per_row},
-        num_packing_bins=data.batch_size, shuffle_bins=False,
+        num_packing_bins=batch_size, shuffle_bins=False,
         padding_struct={"tokens": tok.pad_token_id, "targets": 0, "loss_mask": 0,
                         "pixels": 0})
     it = it.map(_from_packed)
   else:
     it = it.map(functools.partial(_pad_sample, length=length, pad_id=tok.pad_token_id))
-  return it.batch(data.batch_size, drop_remainder=data.drop_remainder)
+  return it.batch(batch_size, drop_remainder=data.drop_remainder)
 
 
 def make_iterator(config, source=None, split: str = "train", **kwargs) -> DataIterator:

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
-from infllava_jax.config import ConfigError, load_config
+from infllava_jax.config import load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint, flops, optim
@@ -49,26 +49,6 @@ def initialize_distributed(args) -> None:
   elif args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in (
       os.environ.get("TPU_WORKER_HOSTNAMES", "")):
     jax.distributed.initialize()
-
-
-def host_batch_size(config: ConfigDict, process_count: int) -> int:
-  """Rows each process feeds per step: train.global_batch_size / processes, or, where that
-  is None, data.batch_size. Both set must agree; raises ConfigError otherwise."""
-  global_batch = config.train.get("global_batch_size")
-  per_host = config.data.get("batch_size")
-  if global_batch is None:
-    if per_host is None:
-      raise ConfigError("set train.global_batch_size (rows per step over all processes) or "
-                        "data.batch_size (rows per process)")
-    return per_host
-  if global_batch % process_count:
-    raise ConfigError(f"train.global_batch_size {global_batch} does not divide over "
-                      f"{process_count} processes")
-  if per_host is not None and per_host * process_count != global_batch:
-    raise ConfigError(
-        f"data.batch_size {per_host} x {process_count} processes disagrees with "
-        f"train.global_batch_size {global_batch}: set one of them and the other to None")
-  return global_batch // process_count
 
 
 def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
@@ -175,7 +155,7 @@ class Trainer:
       raise TypeError("Trainer(init=...) takes a list of checkpoint.InitSource, not a path")
     config = config.copy_and_resolve_references()
     with config.unlocked():  # the pipeline reads the rows per process from here
-      config.data.batch_size = host_batch_size(config, jax.process_count())
+      config.data.batch_size = pipeline.host_batch_size(config, jax.process_count())
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infllava_jax.config import load_config
+from infllava_jax.config import ConfigError, load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model.infllava import num_image_tokens
 
@@ -28,6 +28,23 @@ def _batches(it, n):
 
 def _equal(a, b):
   return all(np.array_equal(a[k], b[k]) for k in pipeline.BATCH_KEYS)
+
+
+def test_host_batch_size_divides_the_global_batch_over_processes():
+  stage1 = load_config("configs/infllava_8b_stage1.py")
+  assert [pipeline.host_batch_size(stage1, n) for n in (1, 2, 16)] == [256, 128, 16]
+  with pytest.raises(ConfigError, match="global_batch_size 256 does not divide over 3 proc"):
+    pipeline.host_batch_size(stage1, 3)
+  stage1.data.batch_size = 64
+  with pytest.raises(ConfigError, match=r"data.batch_size 64 x 2 processes disagrees with "
+                                        r"train.global_batch_size 256"):
+    pipeline.host_batch_size(stage1, 2)
+  assert pipeline.host_batch_size(stage1, 4) == 64  # both set, and agreeing
+  synthetic = load_config("configs/synthetic.py")  # rows per process only
+  assert pipeline.host_batch_size(synthetic, 2) == synthetic.data.batch_size == 8
+  synthetic.data.batch_size = None
+  with pytest.raises(ConfigError, match="set train.global_batch_size"):
+    pipeline.host_batch_size(synthetic, 1)
 
 
 def test_batch_layout():

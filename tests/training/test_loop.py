@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from infllava_jax.config import ConfigError, load_config
+from infllava_jax.config import load_config
 from infllava_jax.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,23 +67,6 @@ def test_batch_not_dividing_the_mesh_names_the_numbers(tmp_path):
   with pytest.raises(ValueError, match=r"global batch 4 .*grad_accum_steps=1.*"
                                        r"data x fsdp = 8 x 1 = 8 batch shards"):
     make_trainer(tmp_path, ["--config.mesh=data=8"], devices=jax.devices())
-
-
-def test_host_batch_size_divides_the_global_batch_over_processes():
-  stage1 = load_config("configs/infllava_8b_stage1.py")
-  assert [loop.host_batch_size(stage1, n) for n in (1, 2, 16)] == [256, 128, 16]
-  with pytest.raises(ConfigError, match="global_batch_size 256 does not divide over 3 proc"):
-    loop.host_batch_size(stage1, 3)
-  stage1.data.batch_size = 64
-  with pytest.raises(ConfigError, match=r"data.batch_size 64 x 2 processes disagrees with "
-                                        r"train.global_batch_size 256"):
-    loop.host_batch_size(stage1, 2)
-  assert loop.host_batch_size(stage1, 4) == 64  # both set, and agreeing
-  synthetic = load_config("configs/synthetic.py")  # rows per process only
-  assert loop.host_batch_size(synthetic, 2) == synthetic.data.batch_size == 8
-  synthetic.data.batch_size = None
-  with pytest.raises(ConfigError, match="set train.global_batch_size"):
-    loop.host_batch_size(synthetic, 1)
 
 
 def test_total_steps_of_the_stage_recipes():
