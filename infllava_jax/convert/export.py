@@ -18,12 +18,11 @@ import math
 import os
 from typing import Callable, Iterator
 
-import jax
 import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
-from infllava_jax.convert import checkpoint_io, hf
+from infllava_jax.convert import hf
 from infllava_jax.convert.mapping import ConversionError, flatten, params_to_torch
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,12 +108,13 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
   dtype: None keeps each param's stored dtype; else every tensor is cast.
   on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
   """
-  if checkpoint_io.is_converted(checkpoint_dir):  # each param in its stored dtype
-    model_cfg, params = checkpoint_io.load_converted(checkpoint_dir)
-  else:  # a training run's latest step, in the run's param dtypes
-    from infllava_jax.inference import load_checkpoint
-    config, params = load_checkpoint(checkpoint_dir)
-    model_cfg, params = config.model, jax.tree.map(np.asarray, params)
+  from infllava_jax.inference import checkpoint_config
+  from infllava_jax.training import checkpoint
+  path = checkpoint.run_checkpoints(checkpoint_dir)
+  model_cfg = checkpoint_config(path).model
+  # Each param in its stored dtype, read from disk as its tensors are written: the host
+  # holds one param and one shard at a time, not the whole tree.
+  params = checkpoint.lazy_params(path)
   table = hf.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)

@@ -274,6 +274,28 @@ def restore_params_only(path: str | os.PathLike, target: Any,
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+class LazyParam:
+  """One saved param: `shape` and `dtype` from the metadata, read when made an array."""
+
+  def __init__(self, directory: epath.Path, path: str, shape: tuple, dtype: np.dtype):
+    self.directory, self.path, self.shape, self.dtype = directory, path, shape, dtype
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # a fresh array every time
+    wanted = {self.path: jax.ShapeDtypeStruct(self.shape, self.dtype)}
+    array = np.asarray(_read(self.directory, wanted)[self.path])
+    return array if dtype is None else array.astype(dtype)
+
+
+def lazy_params(path: str | os.PathLike, step: int | None = None) -> dict[str, LazyParam]:
+  """{'/'-joined path: LazyParam} of the params `restore_params_only(path, step=step)` would
+  read, in their saved dtypes. Each is read only when used, so a tool can walk a tree
+  larger than host memory one param at a time."""
+  directory = _step_dir(absolute(path), step, "params") / "params"
+  return {k: LazyParam(directory, k, tuple(meta.shape), np.dtype(meta.dtype))
+          for k, meta in _saved_params(directory).items()}
+
+
 def _select(flat: dict, include: Sequence[str], where: str) -> list[str]:
   """The paths of `flat` some `include` regex matches; a regex matching none raises (a typo
   must not silently leave a module at its random init)."""

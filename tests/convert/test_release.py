@@ -155,6 +155,24 @@ def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f
           == (tmp_path / "from_converted" / "config.json").read_text())
 
 
+def test_export_reads_one_param_at_a_time(release_f32, tmp_path, monkeypatch):
+  *_, root = release_f32
+  reads = []
+  read = checkpoint._read
+
+  def spy(directory, wanted):
+    reads.append(sorted(wanted))
+    return read(directory, wanted)
+
+  monkeypatch.setattr(checkpoint, "_read", spy)
+  assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(root / "converted"),
+                   "--out", str(tmp_path / "out")]) == 0
+  saved = checkpoint.lazy_params(root / "converted")
+  assert all(len(paths) == 1 for paths in reads), reads[:3]
+  # Each param the release holds is read once (CLIP's unused layers are not kept).
+  assert sorted(p for (p,) in reads) == sorted(saved)
+
+
 def test_llama3_exports_carry_its_stop_and_pad_ids(tiny_config):
   model_cfg = tiny_config.model.copy_and_resolve_references()
   model_cfg.llm.vocab_size = export.LLAMA3_VOCAB_WITH_PAD
