@@ -1,10 +1,14 @@
-"""Peak host memory of `infllava convert from-pytorch` on a >= 4 GB bf16 release checkpoint.
+"""Peak host memory of `infllava convert` both ways on a >= 4 GB bf16 release checkpoint.
 
 Writes a synthetic INF-LLaVA release (LLaMA-shaped LLM: width 2048, 22 layers, vocabulary
 128257; a CLIP-L/14-336 copy; DEM; projector) as bf16 safetensors shards + index into a
-temp folder, converts it with the real CLI in a subprocess, and prints that subprocess's
-peak RSS beside the checkpoint size and the largest tensor. The bound it checks:
-peak RSS <= 1.5 GB + 2 x the largest tensor. Everything written is deleted at the end.
+temp folder, converts it with the real CLI in a subprocess (`from-pytorch`), exports the
+result back (`to-pytorch`, 1 GB shards) in another, and prints each subprocess's peak RSS
+beside the checkpoint size. The bounds it checks:
+  from-pytorch: peak RSS <= 1.5 GB + 2 x the largest tensor;
+  to-pytorch:   peak RSS <= 1.5 GB + the largest param (a stacked layer tensor) + 2 x the
+                shard size (the shard being written and its serialised copy).
+Everything written is deleted at the end.
 
   python bench/convert_memory.py [--layers 22] [--keep DIR]
 """
@@ -14,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -105,6 +108,25 @@ def write_release(directory: str, layers: int,
   return total, max(int(np.prod(s)) * 2 for s in shapes.values()), len(groups)
 
 
+def peak_rss(argv: list[str]) -> tuple[float, float]:
+  """(peak RSS in bytes, seconds) of `infllava ARGV` run in a fresh Python process."""
+  probe = ("import resource, sys\n"
+           "from infllava_jax.cli import main\n"
+           "code = main(sys.argv[1:])\n"
+           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+           "sys.exit(code)\n")
+  start = time.time()
+  out = subprocess.run([sys.executable, "-c", probe, *argv], check=True, cwd=REPO,
+                       capture_output=True, text=True).stdout
+  return float(out.split()[-1]), time.time() - start  # ru_maxrss is in KiB on Linux
+
+
+def largest_param_bytes(converted: str) -> int:
+  from infllava_jax.training import checkpoint
+  return max(int(np.prod(p.shape)) * p.dtype.itemsize
+             for p in checkpoint.lazy_params(converted).values())
+
+
 def folder_bytes(directory: str) -> int:
   return sum(os.path.getsize(os.path.join(root, f))
              for root, _, files in os.walk(directory) for f in files)
@@ -116,26 +138,36 @@ def main() -> int:
   parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files")
   args = parser.parse_args()
   work = args.keep or tempfile.mkdtemp(prefix="convert_memory_", dir=os.environ.get("TMPDIR"))
-  release, out = os.path.join(work, "release"), os.path.join(work, "converted")
+  release, out, exported = (os.path.join(work, name)
+                            for name in ("release", "converted", "exported"))
   os.makedirs(release, exist_ok=True)
   try:
     start = time.time()
     total, largest, shards = write_release(release, args.layers)
     print(f"wrote a synthetic bf16 release: {total / GB:.2f} GB in {shards} shards, largest "
           f"tensor {largest / GB:.3f} GB ({time.time() - start:.0f} s)", flush=True)
-    start = time.time()
-    subprocess.run([sys.executable, "-m", "infllava_jax.cli", "convert", "from-pytorch",
-                    "--model", release, "--out", out, "--quiet"], check=True, cwd=REPO)
-    seconds = time.time() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    peak, seconds = peak_rss(["convert", "from-pytorch", "--model", release, "--out", out,
+                              "--quiet"])
     bound = 1.5 * GB + 2 * largest
     print(f"checkpoint      {total / GB:8.2f} GB  ({shards} shards)")
     print(f"largest tensor  {largest / GB:8.3f} GB")
     print(f"converted       {folder_bytes(out) / GB:8.2f} GB on disk, {seconds:.0f} s "
           f"({total / GB / seconds:.2f} GB/s)")
-    print(f"peak RSS        {peak / GB:8.2f} GB  = {peak / total:.2f} x the checkpoint; bound "
-          f"1.5 GB + 2 x largest = {bound / GB:.2f} GB: {'OK' if peak <= bound else 'OVER'}")
-    return 0 if peak <= bound else 1
+    ok = peak <= bound
+    print(f"from-pytorch peak RSS {peak / GB:6.2f} GB = {peak / total:.2f} x the checkpoint; "
+          f"bound 1.5 GB + 2 x largest = {bound / GB:.2f} GB: {'OK' if ok else 'OVER'}",
+          flush=True)
+    shard = 1.0 * GB
+    peak, seconds = peak_rss(["convert", "to-pytorch", "--checkpoint", out, "--out", exported,
+                              "--max-shard-size", str(shard / GB), "--quiet"])
+    param = largest_param_bytes(out)
+    bound = 1.5 * GB + param + 2 * shard
+    print(f"to-pytorch   peak RSS {peak / GB:6.2f} GB = {peak / total:.2f} x the checkpoint, "
+          f"{seconds:.0f} s; bound 1.5 GB + largest param {param / GB:.2f} GB + 2 x "
+          f"{shard / GB:.0f} GB shards = {bound / GB:.2f} GB: "
+          f"{'OK' if peak <= bound else 'OVER'}")
+    ok = ok and peak <= bound
+    return 0 if ok else 1
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
