@@ -79,6 +79,13 @@ class Restored(NamedTuple):
   data_iterator: Any   # the iterator passed to `restore`, with its state set; or None
 
 
+def check_config(ckpt_cfg: ConfigDict) -> None:
+  """Raises ConfigError for a `checkpoint` section the Checkpointer cannot use."""
+  if int(ckpt_cfg.every_steps) < 1:
+    raise ConfigError(f"checkpoint.every_steps must be >= 1, got {ckpt_cfg.every_steps} "
+                      "(a large value saves only at the end and on preemption)")
+
+
 class Checkpointer:
   """Saves and restores the steps of one run under `directory`.
 
@@ -90,9 +97,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, ckpt_cfg: ConfigDict,
                config: ConfigDict | None = None):
-    if int(ckpt_cfg.every_steps) < 1:
-      raise ConfigError(f"checkpoint.every_steps must be >= 1, got {ckpt_cfg.every_steps} "
-                        "(a large value saves only at the end and on preemption)")
+    check_config(ckpt_cfg)
     self.directory = absolute(directory)
     self._config = None if config is None else json.loads(config.to_json())
     policies = ocp.checkpoint_managers
@@ -213,7 +218,7 @@ def _step_dir(path: epath.Path, step: int | None, item: str) -> epath.Path:
     return path
   if (path / RUN_CHECKPOINTS).is_dir():
     path = path / RUN_CHECKPOINTS
-  steps = _complete_steps(path)
+  steps = complete_steps(path)
   if step is None:
     step = max(steps, default=None)
   if step is None or step not in steps:
@@ -223,8 +228,9 @@ def _step_dir(path: epath.Path, step: int | None, item: str) -> epath.Path:
   return path / str(step)
 
 
-def _complete_steps(path: epath.Path) -> list[int]:
+def complete_steps(path: str | os.PathLike) -> list[int]:
   """The complete steps Orbax finds in a run's checkpoint folder (none if it is missing)."""
+  path = absolute(path)
   if not path.is_dir():
     return []
   # Finalized steps only: a save cut short leaves a temporary folder, never a step.
@@ -380,7 +386,7 @@ def locate_params(path: str | os.PathLike) -> tuple[epath.Path, str]:
       return root / "params", "converted"
     return root / "params", f"step {root.name}" if root.name.isdigit() else "params"
   runs = root / RUN_CHECKPOINTS if (root / RUN_CHECKPOINTS).is_dir() else root
-  steps = _complete_steps(runs)
+  steps = complete_steps(runs)
   if not steps:
     why = "does not exist" if not root.exists() else (
         f"holds no complete checkpoint step (looked in {runs}) and no params/ folder")

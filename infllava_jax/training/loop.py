@@ -166,9 +166,9 @@ class Trainer:
     self.global_batch = config.data.batch_size * jax.process_count()
     check_divisible(self.global_batch, self.mesh, train.grad_accum_steps)
     self.total_steps = total_steps(config, len(self.source), self.global_batch)
-    self.checkpointer = checkpoint.Checkpointer(
-        os.path.join(workdir, checkpoint.RUN_CHECKPOINTS), config.checkpoint, config=config)
-    resuming = self.checkpointer.latest_step() is not None
+    checkpoint.check_config(config.checkpoint)
+    checkpoints = os.path.join(workdir, checkpoint.RUN_CHECKPOINTS)
+    resuming = bool(checkpoint.complete_steps(checkpoints))
 
     init_args = (jax.random.key(train.seed), *infllava.dummy_inputs(config.model))
     abstract = jax.eval_shape(self.model.init, *init_args)
@@ -181,6 +181,9 @@ class Trainer:
       params = zeros_like_sharded(target)  # overwritten by the restore below
     else:
       params = initial_params(self.model.init, init_args, target, self.mesh, init)
+    # Created once the init sources have been read: a start that fails on one of them
+    # leaves no checkpoint folder behind.
+    self.checkpointer = checkpoint.Checkpointer(checkpoints, config.checkpoint, config=config)
     self.mask = optim.trainable_mask(params, train)
     self.schedule = optim.learning_rate_schedule(train, self.total_steps)
     self.tx = optim.make_optimizer(train, self.total_steps, params)

@@ -100,6 +100,7 @@ def test_init_errors_name_the_path_the_param_and_the_regex(sources, tmp_path):
                      match=rf"init source {re.escape(nowhere)}: does not exist; expected a run "
                            r"folder .* or a converted checkpoint"):
     trainer(tmp_path / "a", loop.init_sources(nowhere, None, None))
+  assert not (tmp_path / "a" / checkpoint.RUN_CHECKPOINTS).exists()  # nothing left behind
   os.makedirs(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match=r"empty: holds no complete checkpoint step"):
     trainer(tmp_path / "b", loop.init_sources(base_path, str(tmp_path / "empty"), None))
