@@ -242,8 +242,8 @@ class Assistant:
       if len(prompt) + sampling.max_new_tokens > self.context_length:
         which = f"row {row}'s prompt" if len(prompts) > 1 else "the prompt"
         raise ContextLengthError(f"{which} has {len(prompt)} tokens and max_new_tokens "
-                         f"is {sampling.max_new_tokens}: together over the model's "
-                         f"{self.context_length} positions")
+                                 f"is {sampling.max_new_tokens}: together over the model's "
+                                 f"{self.context_length} positions")
     tokens, mask = generate.left_pad(prompts, self.tokenizer.pad_token_id)
     extra = -tokens.shape[1] % self.length_bucket
     if extra:

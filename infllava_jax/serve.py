@@ -316,7 +316,7 @@ def _event(payload: dict | str) -> str:
 
 def stream_events(assistant: Assistant, request: ChatRequest, sampling: generate.Sampling,
                   model: str, ident: str, created: int,
-                  on_done: Callable[[], None] = lambda: None) -> Iterator[str]:
+                  on_done: Callable[[], None]) -> Iterator[str]:
   """Starts generating `request` and returns the server-sent events of its answer: role
   chunk, content chunks, final chunk with the finish reason, usage chunk if asked, then
   `data: [DONE]`.

@@ -27,6 +27,7 @@ gives it): e.g. a converted LLaMA-3 + CLIP checkpoint, then a stage-1 run's DEM 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -496,13 +497,16 @@ def _any_true(flags: jax.Array) -> jax.Array:
   return jnp.any(flags)
 
 
+@functools.cache
+def _one_per_device() -> NamedSharding:
+  return NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+                       PartitionSpec("all"))
+
+
 def _any_process(flag: bool) -> jax.Array:
   """Whether `flag` is true on any process: a scalar computed on the devices (not waited for)."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
   local = np.full((jax.local_device_count(),), flag, np.bool_)
-  flags = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("all")),
-                                                 local)
-  return _any_true(flags)
+  return _any_true(jax.make_array_from_process_local_data(_one_per_device(), local))
 
 
 class PreemptionFlag:

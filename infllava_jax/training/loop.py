@@ -261,8 +261,9 @@ class Trainer:
         pending.append((step, metrics))
         if step == first_step:  # timed apart from the progress lines' speeds
           jax.block_until_ready(metrics)
-          took, last_step, last_time = time.perf_counter() - last_time, step, time.perf_counter()
-          log(f"step {step} took {took:.1f}s (the step compiles on its first call)")
+          now = time.perf_counter()
+          log(f"step {step} took {now - last_time:.1f}s (the step compiles on its first call)")
+          last_step, last_time = step, now
         stop = preempted.should_stop()
         if step % cfg.log_every == 0 or step == last_step_to_run or stop or \
             self.checkpointer.should_save(step):
