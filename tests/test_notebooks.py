@@ -73,7 +73,7 @@ def test_quickstart_runs(monkeypatch):
   closed = set(synthetic.PATTERNS)
   assert {expected for _, expected in answers} <= closed
   assert any(answer in closed for answer, _ in answers), answers
-  assert count_images(nb) == 3  # input + low-res view, the crop grids, the loss curve
+  assert count_images(nb) == 3  # the input and its 84 px views, the crop grids, the loss curve
 
 
 @pytest.mark.slow

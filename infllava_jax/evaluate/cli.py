@@ -76,7 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=int, default=8,
                       help="questions per generate call (default: %(default)s)")
   parser.add_argument("--limit", type=int, default=None,
-                      help="only the first N questions (MMBench: N questions, all shifts)")
+                      help="only the first N questions (default: all; synthetic: the run's "
+                           "data.synthetic.num_heldout, of which `infllava train` scores the "
+                           "first eval.heldout_examples; MMBench: N questions, all shifts)")
   parser.add_argument("--max-new-tokens", type=int, default=None,
                       help=f"default: {MAX_NEW_TOKENS} (synthetic: the run's "
                            "eval.max_new_tokens, else 8)")

@@ -1,4 +1,4 @@
-"""`infllava compile`: ahead-of-time compile the real train step at full size, on CPU.
+"""`infllava compile`: ahead-of-time compile the real train step at full size, on this machine.
 
   infllava compile --config configs/infllava_8b_stage2.py --mesh fsdp=8 \\
       [--batch 1] [--length 2048] [--grad-accum 1] [--device-memory 80GiB] [--config.a.b=v ...]
