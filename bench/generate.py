@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import flax.linen as nn  # noqa: E402
 from ml_collections import FrozenConfigDict  # noqa: E402
 
-from bench.train_step import CFG, build_hf  # noqa: E402
+from bench.train_step import CFG, build_hf, reference_layer, reference_norm  # noqa: E402
 from infllava_jax import generate, xla_options  # noqa: E402
 from infllava_jax.convert import mapping  # noqa: E402
 from infllava_jax.convert.llama_table import llama_table  # noqa: E402
@@ -81,21 +81,11 @@ def reference_generate(params, prompts: jax.Array, new_tokens: int) -> jax.Array
 
   The yardstick the issue names ("a jitted prefill + `fori_loop` decode with a fixed KV
   cache"): no masks for padding, no sampling, no stop ids, nothing shared with our model code
-  but the weights. Call under `jax.jit`.
+  but the weights (its layers are `bench.train_step.reference_layer`). Call under `jax.jit`.
   """
   c = CFG
   batch, length = prompts.shape
   slots = length + new_tokens
-  inv_freq = 1.0 / c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim)
-
-  def norm(x, scale):
-    return x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + c.rms_norm_eps) * scale
-
-  def rope(x, pos):  # x [B, T, heads, K], pos [T]
-    angle = pos[:, None] * inv_freq
-    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
   def forward(tokens, start, cache):  # tokens [B, T] at positions start..start+T-1
     t = tokens.shape[1]
@@ -103,24 +93,18 @@ def reference_generate(params, prompts: jax.Array, new_tokens: int) -> jax.Array
     x = params["embed"]["embedding"][tokens]
     visible = jnp.arange(slots)[None, :] <= pos[:, None]  # [T, slots]
     new_cache = []
-    for i in range(c.depth):
-      p = params[f"layers_{i}"]
-      h = norm(x, p["attn_norm"]["scale"])
-      q = rope((h @ p["attn"]["q"]["kernel"]).reshape(batch, t, c.heads, c.head_dim), pos)
-      k = rope((h @ p["attn"]["k"]["kernel"]).reshape(batch, t, c.kv_heads, c.head_dim), pos)
-      v = (h @ p["attn"]["v"]["kernel"]).reshape(batch, t, c.kv_heads, c.head_dim)
-      ck = lax.dynamic_update_slice(cache[i][0], k, (0, start, 0, 0))
-      cv = lax.dynamic_update_slice(cache[i][1], v, (0, start, 0, 0))
+
+    def attend(q, k, v):  # over the layer's cache, with this step's k, v written in
+      ck = lax.dynamic_update_slice(cache[len(new_cache)][0], k, (0, start, 0, 0))
+      cv = lax.dynamic_update_slice(cache[len(new_cache)][1], v, (0, start, 0, 0))
       new_cache.append((ck, cv))
-      q = q.reshape(batch, t, c.kv_heads, c.heads // c.kv_heads, c.head_dim)
       scores = jnp.einsum("btkgd,bskd->bkgts", q, ck) / np.sqrt(c.head_dim)
       probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-      att = jnp.einsum("bkgts,bskd->btkgd", probs, cv).reshape(batch, t, c.heads * c.head_dim)
-      x = x + att @ p["attn"]["o"]["kernel"]
-      h = norm(x, p["mlp_norm"]["scale"])
-      x = x + (jax.nn.silu(h @ p["mlp"]["gate"]["kernel"]) * (h @ p["mlp"]["up"]["kernel"])
-               ) @ p["mlp"]["down"]["kernel"]
-    logits = norm(x[:, -1], params["final_norm"]["scale"]) @ params["lm_head"]["kernel"]
+      return jnp.einsum("bkgts,bskd->btkgd", probs, cv).reshape(batch, t, c.heads * c.head_dim)
+
+    for i in range(c.depth):
+      x = reference_layer(params[f"layers_{i}"], x, pos, attend)
+    logits = reference_norm(x[:, -1], params["final_norm"]["scale"]) @ params["lm_head"]["kernel"]
     return jnp.argmax(logits, -1).astype(jnp.int32), new_cache
 
   empty = jnp.zeros((batch, slots, c.kv_heads, c.head_dim), jnp.float32)
