@@ -8,6 +8,7 @@ batch; `fsdp` splits the batch and shards params (ZeRO-3 style, gathered per lay
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -108,8 +109,60 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh,
 
 def param_shardings(abstract_variables: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for a (boxed, abstract) variable tree from `jax.eval_shape(model.init)`."""
-  return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+  """NamedShardings for a (boxed, abstract) variable tree from `jax.eval_shape(model.init)`.
+
+  The rules' specs, fitted to each param's shape (`fit_spec`): jax refuses an array whose
+  dimension its mesh axes do not divide at every jit boundary, which LLaMA-3's vocabulary
+  of 128,257 rows over `tensor` would be. An axis that cannot be placed anywhere leaves the
+  param replicated over it, with a warning naming the params.
+  """
+  specs = logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+  unplaced = []
+
+  def fit(path, named: NamedSharding, leaf) -> NamedSharding:
+    spec, left_out = fit_spec(named.spec, leaf.shape, dict(mesh.shape))
+    if left_out:
+      unplaced.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+                      f"{list(leaf.shape)} ({', '.join(left_out)})")
+    return NamedSharding(mesh, spec)
+
+  fitted = jax.tree_util.tree_map_with_path(fit, specs, nn.meta.unbox(abstract_variables))
+  if unplaced:
+    warnings.warn(f"mesh {dict(mesh.shape)}: no dimension of {len(unplaced)} param(s) divides "
+                  f"by the axis in brackets, so they are replicated over it (more memory per "
+                  f"device): {'; '.join(unplaced)}", stacklevel=2)
+  return fitted
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int],
+             mesh_shape: Mapping[str, int]) -> tuple[PartitionSpec, list[str]]:
+  """`spec` with every mesh axis on a dimension it divides: (spec, axes left out).
+
+  An axis whose dimension it does not divide (with the axes before it on that dimension)
+  moves to the dimension with the most elements per device that it does divide, so the
+  param stays as finely sharded: LLaMA-3's embedding [128257, 4096] under (tensor, fsdp)
+  becomes [128257, 4096] under (None, (fsdp, tensor)). An axis that divides no dimension is
+  left out (replicated).
+  """
+  dims = [[] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+          for entry in tuple(spec) + (None,) * (len(shape) - len(spec))]
+
+  def ways(axes) -> int:
+    return int(np.prod([mesh_shape[a] for a in axes]))
+
+  homeless = []
+  for size, axes in zip(shape, dims):
+    while axes and size % ways(axes):
+      homeless.append(axes.pop())
+  left_out = []
+  for axis in homeless:
+    fits = [i for i, size in enumerate(shape) if size % (ways(dims[i]) * mesh_shape[axis]) == 0]
+    if fits:
+      dims[max(fits, key=lambda i: shape[i] // ways(dims[i]))].append(axis)
+    else:
+      left_out.append(axis)
+  entries = [None if not axes else axes[0] if len(axes) == 1 else tuple(axes) for axes in dims]
+  return PartitionSpec(*entries), left_out
 
 
 def logical_axis_size(name: str) -> int:

@@ -1,6 +1,11 @@
-"""Mesh shapes from the config's `mesh` field, and the errors for ones that cannot be built."""
+"""Mesh shapes from the config's `mesh` field, the errors for ones that cannot be built, and
+param specs fitted to shapes their mesh axes do not divide."""
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from infllava_jax import sharding
 
@@ -27,3 +32,35 @@ def test_parse_mesh_errors_say_what_is_wrong(spec, words):
   with pytest.raises(ValueError) as error:
     sharding.parse_mesh(spec, 8)
   assert words in str(error.value)
+
+
+MESH = {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+@pytest.mark.parametrize("spec, shape, fitted, left_out", [
+    # LLaMA-3's embedding and lm_head: 128,257 rows; `tensor` joins `fsdp` on the width.
+    (P("tensor", "fsdp"), (128257, 4096), P(None, ("fsdp", "tensor")), []),
+    (P("fsdp", "tensor"), (4096, 128257), P(("fsdp", "tensor"), None), []),
+    (P("fsdp", "tensor"), (4096, 1024), P("fsdp", "tensor"), []),  # divides: unchanged
+    (P(None, "fsdp", "tensor"), (3, 4096, 1024), P(None, "fsdp", "tensor"), []),
+    # Of the two axes on a dimension of 6, `tensor` (2) stays; `fsdp` (4) divides nothing.
+    (P(("fsdp", "tensor")), (6,), P("tensor"), ["fsdp"]),
+    # The moved axis goes where the most elements per device are left.
+    (P("tensor", None, "fsdp"), (5, 4096, 64), P(None, "tensor", "fsdp"), []),
+    (P("tensor", None, "fsdp"), (5, 64, 4096), P(None, None, ("fsdp", "tensor")), []),
+])
+def test_fit_spec_moves_axes_to_dimensions_they_divide(spec, shape, fitted, left_out):
+  assert sharding.fit_spec(spec, shape, MESH) == (fitted, left_out)
+
+
+def test_param_shardings_fit_shapes_and_warn_of_replication():
+  mesh = jax.make_mesh((1, 4, 2), sharding.MESH_AXES, devices=jax.devices()[:8])
+
+  def init():
+    return {"embed": nn.with_logical_partitioning(jnp.zeros, ("vocab", "embed"))((513, 64)),
+            "odd": nn.with_logical_partitioning(jnp.zeros, ("embed", "mlp"))((6, 3))}
+
+  with pytest.warns(UserWarning, match=r"1 param\(s\).*odd \[6, 3\] \(fsdp\)"):
+    got = sharding.param_shardings(jax.eval_shape(init), mesh)
+  assert got["embed"].spec == P(None, ("fsdp", "tensor"))
+  assert got["odd"].spec == P("tensor", None)  # 3 takes no axis; 6 takes `tensor` only

@@ -159,16 +159,17 @@ def abstract_batch(config, mesh, rows: int, length: int) -> dict:
 
 
 def activation_bound(config, mask_paths: list[str], rows_per_device: int, length: int,
-                     tensor: int) -> list[tuple[str, int]]:
+                     fsdp: int, tensor: int) -> list[tuple[str, int]]:
   """(label, bytes per device) of activations every remat policy must hold at once.
 
   Under remat each scanned layer keeps at least its input carry for the backward pass (all
   that "nothing_saveable" keeps; other policies keep more). Only towers that gradients flow
   through keep anything: the LLM always (the projector's gradient passes through it, frozen
   or not), CLIP only when one of its params trains. The loss holds float32 logits for
-  `train.loss_chunk` tokens of each row at a time (all T when 0), vocab split over `tensor`
-  (`act_vocab`); or, with `train.loss_vocab_block` on a mesh without `tensor`, for every
-  token of the device's rows and one block of the vocabulary.
+  `train.loss_chunk` tokens of each row at a time (all T when 0), vocabulary-parallel: the
+  rows of every fsdp shard, the vocabulary split over fsdp x tensor (`loss_vocab`); or, with
+  `train.loss_vocab_block` on a mesh without `tensor`, for every token of the device's rows
+  and one block of the vocabulary.
   """
   import jax.numpy as jnp
   from infllava_jax.model import clip, dcm
@@ -187,12 +188,12 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
                   used * images * tokens * v.width * compute.itemsize))
   block = optim.vocab_block(config.train, tensor)  # lm_head's vocabulary is split over tensor
   if block > 0:  # `optim.blockwise_cross_entropy`
-    tokens, vocab = length, min(block, llm.vocab_size)
+    rows, tokens, vocab = rows_per_device, length, min(block, llm.vocab_size)
   else:
     chunk = config.train.get("loss_chunk", 0)
-    tokens, vocab = (min(chunk, length) if chunk > 0 else length), -(-llm.vocab_size // tensor)
-  terms.append((f"logits [{rows_per_device}, {tokens}, {vocab}] float32",
-                rows_per_device * tokens * vocab * 4))
+    rows, tokens = rows_per_device * fsdp, (min(chunk, length) if chunk > 0 else length)
+    vocab = -(-llm.vocab_size // (fsdp * tensor))
+  terms.append((f"logits [{rows}, {tokens}, {vocab}] float32", rows * tokens * vocab * 4))
   return terms
 
 
@@ -304,7 +305,8 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   bound += [("AdamW state", tree_shard_bytes(state.opt_state)),
             ("batch", tree_shard_bytes(batch))]
   paths = [p for p, m in zip(jax.tree.leaves(optim.param_paths(state.params)), flags) if m]
-  bound += activation_bound(config, paths, rows_per_shard, length, mesh.shape["tensor"])
+  bound += activation_bound(config, paths, rows_per_shard, length, mesh.shape["fsdp"],
+                            mesh.shape["tensor"])
   return {
       "mesh": dict(mesh.shape), "devices": len(devices), "global_batch": global_batch,
       "device_kind": devices[0].device_kind,
@@ -341,8 +343,26 @@ def report(figures: dict, limit: int | None) -> str:
   lines += [f"FLOPs per step: formula (training/flops.py, no remat recompute) "
             f"{figures['flops_formula']:.4g}; XLA cost_analysis {figures['flops_xla']:.4g} per "
             f"device x {figures['devices']} = {xla_total:.4g} ({xla_total / figures['flops_formula']:.3f} "
-            f"of the formula: XLA counts a scanned layer stack's loop body once, not once per layer)"]
+            f"of the formula: XLA counts a loop's body once, not once per trip, and the step "
+            f"loops over layers, MLP column sets, loss chunks and micro-batches)"]
   return "\n".join(lines)
+
+
+def configured_batch_note(config, mesh_shape: dict, rows_per_shard: int,
+                          accum: int) -> str | None:
+  """A note when the run `config` describes has another micro-batch than the compiled one
+  (`rows_per_shard` rows per batch shard, `accum` micro-batches), with the flags for it."""
+  global_batch, wanted_accum = config.train.get("global_batch_size"), config.train.grad_accum_steps
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  if not global_batch or global_batch % (shards * wanted_accum):
+    return None
+  rows = global_batch // (shards * wanted_accum)
+  if (rows, wanted_accum) == (rows_per_shard, accum):
+    return None
+  return (f"note: the config trains {rows} row(s) per batch shard per micro-batch x "
+          f"{wanted_accum} micro-batches (train.global_batch_size {global_batch} over "
+          f"{shards} batch shards); this compile measured {rows_per_shard} x {accum}. Add "
+          f"--batch {rows} --grad-accum {wanted_accum} for the memory of that run.")
 
 
 def main(argv: list[str]) -> int:
@@ -404,6 +424,7 @@ def main(argv: list[str]) -> int:
                  "training config (e.g. configs/infllava_8b_stage2.py)")
   if args.mesh:
     config.mesh = args.mesh
+  configured = config.copy_and_resolve_references()  # the run the config describes
   if not accum_override:
     config.train.grad_accum_steps = 1 if args.grad_accum is None else args.grad_accum
   if not args.topology:
@@ -412,6 +433,10 @@ def main(argv: list[str]) -> int:
   figures = compile_train_step(config, devices, args.batch,
                                args.length or config.data.max_length, log)
   print(report(figures, args.device_memory), flush=True)
+  note = configured_batch_note(configured, figures["mesh"], args.batch,
+                               config.train.grad_accum_steps)
+  if note:
+    print(note, flush=True)
   total = figures["memory"]["total"]
   if args.device_memory is not None and total > args.device_memory:
     print(f"infllava compile: per-device total {format_bytes(total).strip()} exceeds "

@@ -75,6 +75,10 @@ def default_train_config(stage: int = 2) -> ConfigDict:
       grad_accum_steps=1,
       trainable=(r"^dem/", r"^projector/") + (() if stage == 1 else (r"^llm/",)),
       param_groups=(),
+      # Every supervised token weighs the same, however the batch is split. The reference
+      # averages per-micro-batch means instead (spec 9.6), which "micro_batch_mean" with
+      # these group sizes (its per-device micro-batches) reproduces, up to its stage-2
+      # sampler sorting each global batch by length before splitting it (ours does not).
       loss_normalisation="global_token_mean",
       loss_group_size=16 if stage == 1 else 8,
       loss_chunk=512,

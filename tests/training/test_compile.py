@@ -76,6 +76,21 @@ def test_main_reports_and_fails_over_device_memory(tiny_figures, monkeypatch, ca
   assert "both set the micro-batch count" in capsys.readouterr().err
 
 
+def test_note_names_the_flags_for_the_configs_own_micro_batch():
+  """The default compile (1 row, 1 micro-batch) measures less than stage 2 trains: 128 rows
+  over 8 fsdp shards in 4 micro-batches are 4 rows per shard per micro-batch."""
+  stage2 = load_config("configs/infllava_8b_stage2.py")
+  mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+  note = compile_cli.configured_batch_note(stage2, mesh, 1, 1)
+  assert "trains 4 row(s) per batch shard per micro-batch x 4 micro-batches" in note
+  assert "--batch 4 --grad-accum 4" in note
+  assert compile_cli.configured_batch_note(stage2, mesh, 4, 4) is None
+  assert compile_cli.configured_batch_note(stage2, {"data": 2, "fsdp": 4, "tensor": 1}, 1,
+                                           1).count("4 row(s)") == 1
+  synthetic = load_config("configs/synthetic.py")  # rows per process, no global batch
+  assert compile_cli.configured_batch_note(synthetic, mesh, 1, 1) is None
+
+
 def test_main_rejects_a_mesh_larger_than_the_devices():
   with pytest.raises(SystemExit, match="needs 16 devices but jax has 8"):
     compile_cli.main(["--config", "configs/synthetic.py", "--mesh", "fsdp=16"])
