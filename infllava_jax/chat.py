@@ -30,7 +30,8 @@ from typing import Any, TextIO
 
 from infllava_jax import generate
 from infllava_jax.data import images
-from infllava_jax.generate_cli import add_sampling_flags, sampling_from_flags
+from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags,
+                                       sampling_from_flags, tokenizer_from_flags)
 from infllava_jax.inference import Answer, Assistant, ContextLengthError
 
 HELP = """commands: /reset (new conversation), /image PATH (switch image, new conversation),
@@ -112,17 +113,16 @@ def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava chat", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
-  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  add_checkpoint_flags(parser)
   parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
   add_sampling_flags(parser, max_new_tokens=512, temperature=0.2)
   parser.add_argument("--length-bucket", type=int, default=64,
                       help="pad prompts to a multiple of this many tokens, fewer compiles "
                            "(default: %(default)s)")
   args = parser.parse_args(argv)
-  for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
-    if not os.path.exists(path):
-      parser.error(f"{flag} {path!r} does not exist")
+  tokenizer = tokenizer_from_flags(parser, args)
+  if not os.path.exists(args.image):
+    parser.error(f"--image {args.image!r} does not exist")
   if args.length_bucket < 1:
     parser.error("--length-bucket must be >= 1")
   sampling = sampling_from_flags(parser, args)
@@ -132,7 +132,12 @@ def main(argv: list[str]) -> int:
     parser.error(f"--image: {e}")
 
   start = time.perf_counter()
-  assistant = Assistant.from_run(args.checkpoint, args.step, length_bucket=args.length_bucket)
+  try:
+    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer,
+                                   length_bucket=args.length_bucket)
+  except ValueError as e:  # a tokenizer that is not the model's
+    print(f"infllava chat: error: {e}", file=sys.stderr)
+    return 2
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s. {HELP}", file=sys.stderr)
   try:

@@ -15,7 +15,27 @@ import sys
 import time
 
 from infllava_jax import generate
+from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --step and --tokenizer: what the inference commands load."""
+  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
+  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                      help="the model's Hugging Face tokenizer folder (default: the "
+                           "checkpoint's: a run's data.tokenizer_path, a converted "
+                           "checkpoint's DIR/tokenizer, else the package's small one)")
+
+
+def tokenizer_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
+  """The tokenizer --tokenizer names (None: the checkpoint's); a missing folder exits via
+  parser.error. Also checks that --checkpoint exists."""
+  for flag, path in (("--checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)):
+    if path is not None and not os.path.exists(path):
+      parser.error(f"{flag} {path!r} does not exist")
+  return load_tokenizer(args.tokenizer) if args.tokenizer else None
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int,
@@ -46,19 +66,22 @@ def sampling_from_flags(parser: argparse.ArgumentParser,
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava generate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
-  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  add_checkpoint_flags(parser)
   parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
   parser.add_argument("--prompt", required=True, help="the question")
   add_sampling_flags(parser, max_new_tokens=64, temperature=0.0)
   args = parser.parse_args(argv)
-  for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
-    if not os.path.exists(path):
-      parser.error(f"{flag} {path!r} does not exist")
+  tokenizer = tokenizer_from_flags(parser, args)
+  if not os.path.exists(args.image):
+    parser.error(f"--image {args.image!r} does not exist")
   sampling = sampling_from_flags(parser, args)
 
   start = time.perf_counter()
-  assistant = Assistant.from_run(args.checkpoint, args.step)
+  try:
+    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer)
+  except ValueError as e:  # a tokenizer that is not the model's
+    print(f"infllava generate: error: {e}", file=sys.stderr)
+    return 2
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
   print(f"Q: {args.prompt}")

@@ -58,10 +58,34 @@ def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool 
 
 
 def checkpoint_config(path: str, step: int | None = None) -> ConfigDict:
-  """The config stored with a checkpoint: a run's whole config, or a converted one's model."""
+  """The config stored with a checkpoint: a run's whole config, or a converted one's model
+  (and `data.tokenizer_path`, its DIR/tokenizer, when the conversion copied one)."""
   if checkpoint_io.is_converted(path):
-    return ConfigDict({"model": checkpoint_io.read_model_config(path)})
+    config = ConfigDict({"model": checkpoint_io.read_model_config(path)})
+    tokenizer = checkpoint_io.tokenizer_dir(path)
+    if tokenizer:
+      config.data = ConfigDict({"tokenizer_path": tokenizer})
+    return config
   return checkpoint.read_config(path, step)
+
+
+# How far a model's vocabulary may outnumber its tokenizer's entries: tables are padded to
+# multiples of 64 or 128 rows at most (llava-hf's LLaMA-3: 128,320 rows for 128,258 entries).
+VOCAB_PADDING = 128
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+  """Raises ValueError when `tokenizer` cannot be the model's: more entries than embedding
+  rows (its ids would index past the table), or a vocabulary padded far past its entries
+  (such as the package's 512-entry tokenizer on LLaMA-3's 128,257 rows, which would encode
+  the prompt wrongly, never stop, and decode every answer to nothing)."""
+  entries = len(tokenizer)
+  if entries > vocab_size or vocab_size - entries >= VOCAB_PADDING:
+    raise ValueError(
+        f"the tokenizer at {tokenizer.name_or_path} has {entries:,} entries and the model's "
+        f"vocabulary {vocab_size:,} rows: it is not the model's tokenizer. Give the model's "
+        "Hugging Face tokenizer folder (--tokenizer DIR, or the run's data.tokenizer_path; "
+        "`infllava convert from-pytorch` copies the source's into the converted checkpoint)")
 
 
 def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any]:
@@ -180,10 +204,11 @@ class Assistant:
       raise ValueError(f"Assistant: length_bucket must be >= 1, got {length_bucket}")
     self.config = config
     self.length_bucket = length_bucket
-    # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
-    self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params)
     data = config.get("data", ConfigDict())
     self.tokenizer = tokenizer or load_tokenizer(data.get("tokenizer_path"))
+    check_tokenizer(self.tokenizer, config.model.llm.vocab_size)
+    # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
+    self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params)
     self.aspect = data.get("image_aspect", "pad")
     self.double_bos = data.get("double_bos", True)
     stops = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]

@@ -70,6 +70,7 @@ from starlette.exceptions import HTTPException
 
 from infllava_jax import generate
 from infllava_jax.data import images
+from infllava_jax.generate_cli import add_checkpoint_flags, tokenizer_from_flags
 from infllava_jax.inference import Answer, Assistant
 
 MAX_STOPS = 4
@@ -484,8 +485,7 @@ def is_loopback(host: str) -> bool:
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava serve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
-  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  add_checkpoint_flags(parser)
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default loopback only; anything else exposes the "
                            "model, unauthenticated, to the network)")
@@ -503,8 +503,7 @@ def main(argv: list[str]) -> int:
                       help="requests that may generate or wait their turn at once; more get "
                            "a 503 with Retry-After (default: %(default)s)")
   args = parser.parse_args(argv)
-  if not os.path.exists(args.checkpoint):
-    parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+  tokenizer = tokenizer_from_flags(parser, args)
   if min(args.max_tokens, args.length_bucket, args.max_pending) < 1:
     parser.error("--max-tokens, --length-bucket and --max-pending must be >= 1")
   if not is_loopback(args.host):
@@ -514,7 +513,12 @@ def main(argv: list[str]) -> int:
   import uvicorn
 
   start = time.perf_counter()
-  assistant = Assistant.from_run(args.checkpoint, args.step, length_bucket=args.length_bucket)
+  try:
+    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer,
+                                   length_bucket=args.length_bucket)
+  except ValueError as e:  # a tokenizer that is not the model's
+    print(f"infllava serve: error: {e}", file=sys.stderr)
+    return 2
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
         f"{time.perf_counter() - start:.1f}s; serving {name!r} at "

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infllava_jax import generate, generate_cli
+from infllava_jax import generate, generate_cli, inference
 from infllava_jax.config import load_config
 from infllava_jax.data import synthetic
+from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
 from infllava_jax.training import loop
 from tests.random_params import random_params
@@ -57,3 +58,18 @@ def test_image_marker_in_text_and_prompts_past_the_context_are_refused(tiny_conf
   with pytest.raises(ValueError, match="row 1's prompt has"):
     assistant.ask_batch([None, None], ["hi", "hi " * room],
                         sampling=generate.Sampling(max_new_tokens=1))
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_config):
+  """The package's 512-entry tokenizer on LLaMA-3's vocabulary would encode the prompt with
+  the wrong ids, never meet a stop id and decode every answer to nothing: refused, before
+  the params are touched. A table padded a little past the tokenizer is fine."""
+  config = tiny_config.copy_and_resolve_references()
+  config.model.llm.vocab_size = 128257
+  with pytest.raises(ValueError, match=r"has 512 entries and the model's vocabulary 128,257 "
+                                       r"rows: it is not the model's tokenizer"):
+    Assistant(config, params=None)
+  config.model.llm.vocab_size = 511  # the pad id would index past the table
+  with pytest.raises(ValueError, match="has 512 entries and the model's vocabulary 511 rows"):
+    Assistant(config, params=None)
+  inference.check_tokenizer(load_tokenizer(), 512 + inference.VOCAB_PADDING - 1)

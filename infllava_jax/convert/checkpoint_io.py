@@ -7,6 +7,8 @@ A converted checkpoint is a folder:
   DIR/params/             an Orbax PyTree checkpoint of the param tree
                           {'vision', 'dem' (INF-LLaVA only), 'projector', 'llm'}
                           (what `model.apply({'params': params}, ...)` takes)
+  DIR/tokenizer/          the source's Hugging Face tokenizer, when it held one (inference
+                          reads the prompt and the answer with it)
 
     model_cfg, params = load_converted("ckpt/")            # numpy arrays on the host
     model_cfg, params = load_converted("ckpt/", shardings)  # jax.Arrays, each born sharded
@@ -37,6 +39,9 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+# A Hugging Face tokenizer folder holds at least one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,24 @@ def save_converted(directory: str, model_cfg: ConfigDict, params: dict) -> None:
   checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     f.write(model_cfg.to_json(indent=2, sort_keys=True))
+
+
+def save_tokenizer(directory: str, source: str) -> str | None:
+  """Copies the Hugging Face tokenizer of folder `source` to DIR/tokenizer, where inference
+  finds it (`tokenizer_dir`). Returns that folder, or None when `source` holds no tokenizer
+  (none of `TOKENIZER_FILES`)."""
+  if not any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer
+  target = os.path.join(os.path.abspath(directory), TOKENIZER_DIR)
+  AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(target)
+  return target
+
+
+def tokenizer_dir(directory: str) -> str | None:
+  """DIR/tokenizer of a converted checkpoint, if the conversion found one to copy."""
+  path = os.path.join(os.path.abspath(directory), TOKENIZER_DIR)
+  return path if os.path.isdir(path) else None
 
 
 def read_model_config(directory: str) -> ConfigDict:

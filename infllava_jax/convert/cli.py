@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
   src = commands.add_parser(
       "from-pytorch", help="PyTorch checkpoint -> converted checkpoint",
-      description="Streams one tensor at a time into an Orbax checkpoint (DIR/params) and "
-                  "writes DIR/model_config.json. Give exactly one source: --model, "
-                  "--llama with --clip, or --llava-hf.")
+      description="Streams one tensor at a time into an Orbax checkpoint (DIR/params), "
+                  "writes DIR/model_config.json and copies the source's tokenizer to "
+                  "DIR/tokenizer. Give exactly one source: --model, --llama with --clip, or "
+                  "--llava-hf.")
   src.add_argument("--out", required=True, help="new folder for the converted checkpoint")
   src.add_argument("--model", metavar="DIR",
                    help="INF-LLaVA release folder (config.json with model_type llava_llama, "
@@ -129,8 +130,14 @@ def from_pytorch(args, parser) -> None:
           + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
              if source.init else ""))
   checkpoint_io.save_converted(args.out, model_cfg, params)
+  folder = args.model or args.llama or args.llava_hf
+  tokenizer = checkpoint_io.save_tokenizer(args.out, folder)
+  if tokenizer is None:
+    print(f"note: {folder} holds no tokenizer ({', '.join(checkpoint_io.TOKENIZER_FILES)}): "
+          "give generate, chat, serve and evaluate the model's tokenizer folder with "
+          "--tokenizer DIR", file=sys.stderr)
   if not args.quiet:
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" (tokenizer copied from {folder})" if tokenizer else ""))
 
 
 def to_pytorch(args) -> None:

@@ -3,8 +3,9 @@
 Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`, a
 `config.json` (model_type llava_llama, the LLaMA fields in the old `rope_theta` /
 `rope_scaling` spelling that released checkpoints use, the `mm_*` fields, and the
-reference's input settings) and, for LLaMA-3's vocabulary, `generation_config.json` (its
-stop ids). The names come
+reference's input settings), for LLaMA-3's vocabulary `generation_config.json` (its stop
+ids), and the model's tokenizer where the checkpoint names one (a converted checkpoint's
+DIR/tokenizer, a run's data.tokenizer_path). The names come
 from the same table `from-pytorch` reads with (`hf.release_table`), so the round trip is
 exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
 `post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
@@ -24,6 +25,7 @@ from safetensors.numpy import save_file
 
 from infllava_jax.convert import hf
 from infllava_jax.convert.mapping import ConversionError, flatten, params_to_torch
+from infllava_jax.data.tokenizer import load_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 CLIP_NAME = "openai/clip-vit-large-patch14-336"
@@ -111,7 +113,8 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
   from infllava_jax.inference import checkpoint_config
   from infllava_jax.training import checkpoint
   path = checkpoint.run_checkpoints(checkpoint_dir)
-  model_cfg = checkpoint_config(path).model
+  config = checkpoint_config(path)
+  model_cfg = config.model
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
   params = checkpoint.lazy_params(path)
@@ -143,3 +146,5 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
   if generation:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(generation, f, indent=2)
+  if "data" in config:  # a run's (None: the package's tokenizer) or a copied one
+    load_tokenizer(config.data.get("tokenizer_path")).save_pretrained(out_dir)

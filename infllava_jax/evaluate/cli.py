@@ -31,6 +31,7 @@ import time
 from infllava_jax import generate
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
+from infllava_jax.generate_cli import add_checkpoint_flags, tokenizer_from_flags
 from infllava_jax.inference import Assistant, load_checkpoint
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint
@@ -64,8 +65,7 @@ def default_out(checkpoint: str, benchmark: str) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="infllava evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
-  parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
+  add_checkpoint_flags(parser)
   parser.add_argument("--benchmark", required=True, choices=BENCHMARKS,
                       help="which benchmark's files --data holds (see above)")
   parser.add_argument("--data", default=None,
@@ -96,8 +96,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar (for logs)")
   args = parser.parse_args(argv)
-  if not os.path.exists(args.checkpoint):
-    parser.error(f"--checkpoint {args.checkpoint!r} does not exist")
+  args.tokenizer = tokenizer_from_flags(parser, args)  # the folder's tokenizer, or None
   if args.benchmark == "synthetic" and (args.data or args.images):
     parser.error("--benchmark synthetic takes no --data or --images: its held-out split is "
                  "generated from the run's config")
@@ -130,7 +129,13 @@ def main(argv: list[str]) -> int:
       except ValueError as e:  # the llava baseline, which has no resize
         print(f"infllava evaluate: --processor-size: {e}", file=sys.stderr)
         return 2
-    assistant = Assistant(config, params, length_bucket=args.length_bucket)
+    try:
+      assistant = Assistant(config, params, tokenizer=args.tokenizer,
+                            length_bucket=args.length_bucket)
+    except ValueError as e:  # a tokenizer that is not the model's
+      print(f"infllava evaluate: error: {e}", file=sys.stderr)
+      return 2
+    del params  # the Assistant holds them with the layers unrolled (a copy of the LLM)
     print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     if questions is None:

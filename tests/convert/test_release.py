@@ -99,9 +99,11 @@ def test_load_converted_places_params_on_a_mesh(release_f32, tmp_path):
     np.testing.assert_array_equal(np.asarray(array), flatten(params)[path])
 
 
-def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path):
+def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path, capsys):
   _, _, tensors = tc.write_release(str(tmp_path / "release"), tiny_config.model, torch.bfloat16)
   convert(["--model", str(tmp_path / "release"), "--out", str(tmp_path / "first")])
+  assert "holds no tokenizer" in capsys.readouterr().err  # and says what to do about it
+  assert checkpoint_io.tokenizer_dir(str(tmp_path / "first")) is None
   assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(tmp_path / "first"),
                    "--out", str(tmp_path / "exported"), "--max-shard-size", "0.0001"]) == 0
   convert(["--model", str(tmp_path / "exported"), "--out", str(tmp_path / "second")])

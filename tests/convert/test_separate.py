@@ -1,19 +1,24 @@
-"""HF LLaMA-3 + HF CLIP folders (+ a stage-1 mm_projector.bin): the <pad> row and spec 5.7 init."""
+"""HF LLaMA-3 + HF CLIP folders (+ a stage-1 mm_projector.bin): the <pad> row, spec 5.7 init
+and the tokenizer copied beside the params."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from infllava_jax import inference
 from infllava_jax.convert import checkpoint_io, cli, hf
 from infllava_jax.convert.mapping import flatten
+from infllava_jax.data import tokenizer
 from tests.convert import tiny_checkpoints as tc
 
 
 @pytest.fixture(scope="module")
 def folders(tiny_config, tmp_path_factory):
-  """HF folders of a LLaMA with one row fewer than the model (no <pad>) and a CLIP."""
+  """HF folders of a LLaMA with one row fewer than the model (no <pad>), with a tokenizer
+  (the package's, whose <pad> the loader adds), and a CLIP."""
   root = tmp_path_factory.mktemp("separate")
   model_cfg = tiny_config.model
   llm_cfg = model_cfg.llm.copy_and_resolve_references()
@@ -23,6 +28,7 @@ def folders(tiny_config, tmp_path_factory):
   clip = tc.transformers.CLIPVisionModel(tc.clip_config(model_cfg.vision))
   tc.perturb_norms(clip)
   llama.save_pretrained(str(root / "llama"))
+  shutil.copytree(tokenizer.DEFAULT_PATH, str(root / "llama"), dirs_exist_ok=True)
   clip.save_pretrained(str(root / "clip"))
   projector = tc.dem_projector_tensors(model_cfg)
   torch.save(projector, str(root / "mm_projector.bin"))
@@ -68,3 +74,26 @@ def test_stage1_projector_file_is_loaded(folders):
   for rule in rules:
     np.testing.assert_array_equal(flat[rule.path],
                                   rule.transform.to_flax(projector[rule.torch].numpy()))
+
+
+def test_the_sources_tokenizer_goes_with_the_checkpoint(folders, capsys):
+  root = folders[0]
+  convert(root, "with_tokenizer")
+  out = root / "with_tokenizer"
+  assert "tokenizer copied from" not in capsys.readouterr().out  # --quiet
+  copied = checkpoint_io.tokenizer_dir(str(out))
+  assert copied == str(out / "tokenizer")
+  assert inference.checkpoint_config(str(out)).data.tokenizer_path == copied
+  loaded = tokenizer.load_tokenizer(copied)
+  shipped = tokenizer.load_tokenizer()
+  assert len(loaded) == len(shipped)
+  text = "What letter is in the top-left cell?"
+  assert loaded.encode(text) == shipped.encode(text)
+  # The release layout carries it on, and converting that copies it again.
+  assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(out),
+                   "--out", str(root / "exported")]) == 0
+  assert (root / "exported" / "tokenizer.json").is_file()
+  assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py", "--model",
+                   str(root / "exported"), "--out", str(root / "reconverted")]) == 0
+  again = tokenizer.load_tokenizer(checkpoint_io.tokenizer_dir(str(root / "reconverted")))
+  assert again.encode(text) == shipped.encode(text) and len(again) == len(shipped)
