@@ -13,6 +13,7 @@ import functools
 import numbers
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,22 +120,24 @@ def sampling_logits(logits: jax.Array, sampling: Sampling,
   return logits
 
 
-def for_decoding(model: InfLlava | llama.Llama, params) -> tuple[InfLlava | llama.Llama, Any]:
+def for_decoding(model: InfLlava | llama.Llama, params, consume: bool = False
+                 ) -> tuple[InfLlava | llama.Llama, Any]:
   """The same model with its LLM layers unrolled, and params to match (call once, outside jit).
 
   A scanned decode step slices every layer's weights out of the `[depth, ...]` stacks, and
   XLA:CPU copies each slice before its matmul, at every generated token: a second pass over
   the weights in a loop that is bound by reading them (bench/generate.py: 7.8 -> 6.1 ms per
   token at batch 1). Unrolled layers read their own arrays. Params already unrolled are
-  returned as they are.
+  returned as they are. `consume`: see `llama.unstack_layers`.
   """
   if isinstance(model, llama.Llama):
     if "layers" not in params:
       return model.clone(scan_layers=False), params
-    return model.clone(scan_layers=False), llama.unstack_layers(params, model.cfg.depth)
+    return (model.clone(scan_layers=False),
+            llama.unstack_layers(params, model.cfg.depth, consume))
   if "layers" not in params["llm"]:
     return model.clone(llm_scan_layers=False), params
-  llm = llama.unstack_layers(params["llm"], model.cfg.llm.depth)
+  llm = llama.unstack_layers(params["llm"], model.cfg.llm.depth, consume)
   return model.clone(llm_scan_layers=False), {**params, "llm": llm}
 
 
@@ -155,26 +158,38 @@ def generate_tokens(model: InfLlava, params, tokens: jax.Array, mask: jax.Array,
     (generated [B, N] int32 with `pad_id` after a row stops, lengths [B] int32), where a
     row's length counts its tokens up to and including its stop id.
   """
-  def forward(step_tokens, positions, segment_ids, cache, prefill):
-    return model.apply({"params": params}, step_tokens, pixels if prefill else None, positions,
-                       segment_ids, cache)
+  dtype = layers.dtype_of(model.cfg.dtype)
 
-  return decode(forward, model.cfg.llm, layers.dtype_of(model.cfg.dtype), tokens, mask, rng,
-                sampling, pad_id, on_token, per_layer_cache=not model.llm_scan_layers,
-                settings=settings)
+  def forward(step_tokens, positions, segment_ids, cache, prefill):
+    hidden, cache = model.apply({"params": params}, step_tokens, pixels if prefill else None,
+                                positions, segment_ids, cache, head=False)
+    return last_logits(hidden, nn.meta.unbox(params["llm"]["lm_head"]["kernel"]), dtype), cache
+
+  return decode(forward, model.cfg.llm, dtype, tokens, mask, rng, sampling, pad_id, on_token,
+                per_layer_cache=not model.llm_scan_layers, settings=settings)
 
 
 def generate_text_tokens(llm: llama.Llama, params, tokens: jax.Array, mask: jax.Array,
                          rng: jax.Array, sampling: Sampling, pad_id: int,
                          on_token: Callable | None = None) -> tuple[jax.Array, jax.Array]:
   """`generate_tokens` for the language model alone (`llama.Llama` params, no image slots)."""
+  dtype = layers.dtype_of(llm.dtype)
+
   def forward(step_tokens, positions, segment_ids, cache, prefill):
     del prefill
-    return llm.apply({"params": params}, step_tokens, positions, segment_ids, cache,
-                     method="tokens_to_logits")
+    hidden, cache = llm.apply({"params": params}, step_tokens, positions, segment_ids, cache,
+                              head=False, method="tokens_to_logits")
+    return last_logits(hidden, nn.meta.unbox(params["lm_head"]["kernel"]), dtype), cache
 
-  return decode(forward, llm.cfg, layers.dtype_of(llm.dtype), tokens, mask, rng, sampling,
-                pad_id, on_token, per_layer_cache=not llm.scan_layers)
+  return decode(forward, llm.cfg, dtype, tokens, mask, rng, sampling, pad_id, on_token,
+                per_layer_cache=not llm.scan_layers)
+
+
+def last_logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+  """The lm_head on the last position only: hidden [B, T, D] -> [B, V] float32 logits. The
+  prefill needs no others, and whole ones would be its largest buffer (8B, batch 8, a
+  704-token prompt: 2.7 GiB of float32)."""
+  return llama.project_to_vocab(hidden[:, -1:], kernel, dtype)[:, 0]
 
 
 def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax.Array,
@@ -184,8 +199,8 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
   """The prefill and the decode loop shared by `generate_tokens` and `generate_text_tokens`.
 
   `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
-  (logits [B, T, V], cache); it is called once on the prompts (prefill=True), then on one
-  token per row per step; `per_layer_cache` is `llama.init_cache`'s (for unrolled layers).
+  (the last position's logits [B, V], cache); it is called once on the prompts
+  (prefill=True), then on one token per row per step; `per_layer_cache` is `llama.init_cache`'s (for unrolled layers).
   `settings`: as `choose_next`'s. Returns what `generate_tokens` does.
   """
   batch, length = tokens.shape
@@ -200,7 +215,7 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
     return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
   rng, first_rng = jax.random.split(rng)
-  first = choose_next(logits[:, -1], first_rng, sampling, settings)
+  first = choose_next(logits, first_rng, sampling, settings)
   out = jnp.full((batch, steps), pad_id, jnp.int32).at[:, 0].set(first)
   done = is_stop(first)
   lengths = jnp.ones((batch,), jnp.int32)
@@ -217,7 +232,7 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
     logits, cache = forward(prev[:, None], (next_pos + step - 1)[:, None],
                             jnp.ones((batch, 1), jnp.int32), cache, False)
     rng, step_rng = jax.random.split(rng)
-    tok = jnp.where(done, pad_id, choose_next(logits[:, -1], step_rng, sampling, settings))
+    tok = jnp.where(done, pad_id, choose_next(logits, step_rng, sampling, settings))
     if on_token is not None:
       jax.debug.callback(on_token, step, tok)
     lengths = lengths + jnp.logical_not(done).astype(jnp.int32)

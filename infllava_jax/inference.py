@@ -89,15 +89,28 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
 
 
 def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any]:
-  """(config, params) of a training run folder (its latest step, or `step`) or a converted
-  checkpoint folder, params in the dtypes the config's model builds."""
+  """(config, params) for inference from a training run folder (its latest step, or `step`)
+  or a converted checkpoint folder, on one device (the first), in the dtypes the config's
+  model builds, except that the LLM's params come in the compute dtype (`model.dtype`) where
+  that is narrower than their stored one (the config returned says so).
+
+  The LLM casts every param to the compute dtype before using it (products, norms, the
+  embedding lookup), so narrowing them on load changes no answer, bit for bit; a training
+  run's float32 master weights (8B: 30.6 GB) then take half the memory, and decoding reads
+  half the bytes per token.
+  """
   path = checkpoint.run_checkpoints(path)
   config = checkpoint_config(path, step)
+  llm = config.model.llm
+  if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
+    llm.param_dtype = config.model.dtype
   model = infllava.build_model(config.model)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                *infllava.dummy_inputs(config.model)))
-  return config, checkpoint.restore_params_only(path, nn.meta.unbox(abstract["params"]),
-                                                step=step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nn.meta.unbox(abstract["params"]))
+  return config, checkpoint.restore_params_only(path, target, step=step)
 
 
 class ContextLengthError(ValueError):
@@ -192,14 +205,19 @@ class _TokenRelay:
 class Assistant:
   """A model, its params and tokenizer, ready to answer questions about images.
 
-  `length_bucket` > 1 left-pads prompts to a multiple of it, so prompts of nearby lengths
-  share one compiled generation (a chat or a server would otherwise compile per length);
-  padding slots are masked, so answers are the same up to float rounding. `params` are
+  `length_bucket` (default 64; 1: none) left-pads prompts to a multiple of it, so prompts of
+  nearby lengths share one compiled generation (each new question would otherwise compile
+  the whole model again); padding slots are masked, so answers are the same up to float
+  rounding. `params` are
   held with the LLM's layers unrolled (`generate.for_decoding`); `Assistant(config,
   assistant.params)` accepts them back.
   """
 
-  def __init__(self, config: ConfigDict, params: Any, tokenizer=None, length_bucket: int = 1):
+  def __init__(self, config: ConfigDict, params: Any, tokenizer=None, length_bucket: int = 64,
+               consume_params: bool = False):
+    """consume_params: `params` are handed over, and each stacked layer array is deleted once
+    unrolled, so loading peaks at the params plus one such array, not twice the LLM
+    (`from_run` does this with the params it loads)."""
     if length_bucket < 1:
       raise ValueError(f"Assistant: length_bucket must be >= 1, got {length_bucket}")
     self.config = config
@@ -207,8 +225,11 @@ class Assistant:
     data = config.get("data", ConfigDict())
     self.tokenizer = tokenizer or load_tokenizer(data.get("tokenizer_path"))
     check_tokenizer(self.tokenizer, config.model.llm.vocab_size)
+    # Host arrays go to the device once, not at every generation.
+    params = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, params)
     # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
-    self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params)
+    self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params,
+                                                    consume=consume_params)
     self.aspect = data.get("image_aspect", "pad")
     self.double_bos = data.get("double_bos", True)
     stops = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
@@ -222,7 +243,7 @@ class Assistant:
 
     kwargs go to the constructor (`tokenizer`, `length_bucket`).
     """
-    return cls(*load_checkpoint(path, step), **kwargs)
+    return cls(*load_checkpoint(path, step), consume_params=True, **kwargs)
 
   @property
   def context_length(self) -> int:

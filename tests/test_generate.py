@@ -82,6 +82,12 @@ def test_for_decoding_unrolls_the_llm_and_generates_the_same(tiny):
   unrolled_out, _ = generate.compiled_generate(unrolled, sampling, pad_id=0)(
       flat, *args, jax.random.key(0))
   np.testing.assert_array_equal(unrolled_out, scanned_out)
+  # Handed over (`consume`), the stacked arrays are freed once unrolled; the layers agree.
+  owned = jax.tree.map(jnp.array, params)
+  _, consumed = generate.for_decoding(model, owned, consume=True)
+  assert all(x.is_deleted() for x in jax.tree.leaves(owned["llm"]["layers"]))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(consumed))
+  jax.tree.map(np.testing.assert_array_equal, consumed, flat)
 
 
 def test_sampling_values_are_arguments_of_one_compiled_program(tiny):

@@ -4,6 +4,7 @@ the model cannot take are refused before anything runs."""
 import jax
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 from PIL import Image
 
 from infllava_jax import generate, generate_cli, inference
@@ -11,7 +12,8 @@ from infllava_jax.config import load_config
 from infllava_jax.data import synthetic
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
-from infllava_jax.training import loop
+from infllava_jax.model import infllava
+from infllava_jax.training import checkpoint, loop
 from tests.random_params import random_params
 
 
@@ -32,6 +34,9 @@ def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
   np.testing.assert_array_equal(  # the restored params are the trained ones
       assistant.params["projector"]["fc1"]["kernel"],
       np.asarray(trainer.state.params["projector"]["fc1"]["kernel"]))
+  # On one device, not copied onto each of the 8 (a multi-GPU host's every GPU).
+  assert {d for x in jax.tree.leaves(assistant.params) for d in x.devices()} == {
+      jax.devices()[0]}
   answer = assistant.ask(str(image), question)
   assert isinstance(answer, str)
 
@@ -73,3 +78,26 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_config):
   with pytest.raises(ValueError, match="has 512 entries and the model's vocabulary 511 rows"):
     Assistant(config, params=None)
   inference.check_tokenizer(load_tokenizer(), 512 + inference.VOCAB_PADDING - 1)
+
+
+def test_a_runs_float32_llm_loads_in_the_compute_dtype_and_answers_the_same(tiny_config,
+                                                                           tmp_path):
+  """A run keeps float32 master weights; inference computes in bfloat16 with every LLM param
+  cast first, so loading them as bfloat16 halves their memory and changes no logit."""
+  model_cfg = tiny_config.model.copy_and_resolve_references()
+  model_cfg.dtype = "bfloat16"  # llm.param_dtype stays float32
+  params = random_params(model_cfg)
+  with checkpoint.Checkpointer(tmp_path / "run" / checkpoint.RUN_CHECKPOINTS,
+                               checkpoint.default_checkpoint_config(),
+                               config=ConfigDict({"model": model_cfg})) as run:
+    run.save(3, params, {"count": np.zeros((), np.int32)}, force=True)
+  config, loaded = inference.load_checkpoint(str(tmp_path / "run"))
+  assert config.model.llm.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(loaded["llm"])} == {np.dtype("bfloat16")}
+  assert {x.dtype for x in jax.tree.leaves(loaded["projector"])} == {np.dtype("float32")}
+  tokens = np.arange(1, 12, dtype=np.int32)[None]
+  logits = {}
+  for name, cfg, p in (("stored", model_cfg, params), ("loaded", config.model, loaded)):
+    model = infllava.build_model(cfg)
+    logits[name], _ = jax.jit(model.apply)({"params": p}, tokens)
+  np.testing.assert_array_equal(logits["loaded"], logits["stored"])

@@ -131,11 +131,11 @@ def main(argv: list[str]) -> int:
         return 2
     try:
       assistant = Assistant(config, params, tokenizer=args.tokenizer,
-                            length_bucket=args.length_bucket)
+                            length_bucket=args.length_bucket, consume_params=True)
     except ValueError as e:  # a tokenizer that is not the model's
       print(f"infllava evaluate: error: {e}", file=sys.stderr)
       return 2
-    del params  # the Assistant holds them with the layers unrolled (a copy of the LLM)
+    del params  # handed over: the Assistant holds them with the layers unrolled
     print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     if questions is None:
