@@ -51,19 +51,27 @@ class Sampling:
       raise ValueError("Sampling: " + "; ".join(problems))
 
   def settings(self) -> dict[str, jax.Array]:
-    """The values a compiled generation takes as arguments: temperature, top_p and top_k as
-    scalars (`compiled_generate`)."""
+    """The values a compiled generation takes as arguments: temperature, top_p, top_k and
+    max_new_tokens as scalars (`compiled_generate`)."""
     return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
-            "top_k": jnp.int32(self.top_k)}
+            "top_k": jnp.int32(self.top_k), "max_new_tokens": jnp.int32(self.max_new_tokens)}
 
   def program(self) -> "Sampling":
     """What a compiled generation is built for: this Sampling with the `settings` values
-    replaced by stand-ins that keep only which steps run (greedy or sampled, a top-p cut)
-    and, for a top-k cut, k rounded up to a power of two (the static width of its
-    `lax.top_k`), so settings differing in those values alone share one program."""
+    replaced by stand-ins that keep only which steps run (greedy or sampled, a top-p cut),
+    a top-k cut's k rounded up to a power of two (the static width of its `lax.top_k`) and
+    max_new_tokens rounded up to a power of two, at least `MIN_PROGRAM_TOKENS` (the static
+    size of the output and cache buffers), so settings differing in those values alone
+    share one program: a server whose clients each send their own max_tokens compiles a
+    few programs, not one per value."""
     top_k = 1 << (self.top_k - 1).bit_length() if self.top_k else 0
+    tokens = max(MIN_PROGRAM_TOKENS, 1 << (self.max_new_tokens - 1).bit_length())
     return dataclasses.replace(self, temperature=float(self.temperature > 0),
-                               top_p=0.5 if self.top_p < 1 else 1.0, top_k=top_k)
+                               top_p=0.5 if self.top_p < 1 else 1.0, top_k=top_k,
+                               max_new_tokens=tokens)
+
+
+MIN_PROGRAM_TOKENS = 16
 
 
 def _is_count(value) -> bool:
@@ -200,11 +208,14 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
 
   `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
   (the last position's logits [B, V], cache); it is called once on the prompts
-  (prefill=True), then on one token per row per step; `per_layer_cache` is `llama.init_cache`'s (for unrolled layers).
-  `settings`: as `choose_next`'s. Returns what `generate_tokens` does.
+  (prefill=True), then on one token per row per step; `per_layer_cache` is
+  `llama.init_cache`'s (for unrolled layers). `settings`: as `choose_next`'s; its
+  max_new_tokens (at most `sampling`'s, the buffers' size) ends the loop. Returns what
+  `generate_tokens` does.
   """
   batch, length = tokens.shape
-  steps = sampling.max_new_tokens
+  steps = sampling.max_new_tokens  # the buffers' size
+  limit = steps if settings is None else settings["max_new_tokens"]  # <= steps
   cache = llama.init_cache(llm_cfg, batch, length + steps, cache_dtype, per_layer_cache)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   logits, cache = forward(tokens, positions, mask.astype(jnp.int32), cache, True)
@@ -224,7 +235,7 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
 
   def cond(state):
     step, _, _, done, *_ = state
-    return jnp.logical_and(step < steps, jnp.logical_not(jnp.all(done)))
+    return jnp.logical_and(step < limit, jnp.logical_not(jnp.all(done)))
 
   def body(state):
     step, out, cache, done, lengths, rng = state
@@ -250,14 +261,18 @@ def compiled_generate(model: InfLlava, sampling: Sampling, pad_id: int,
   (generated, lengths).
 
   The program is compiled once per (model, `sampling.program()`, pad_id, on_token) and
-  reused: temperature, top_p and top_k reach it as arguments, so a chat or a server whose
-  requests differ in those values alone (top_k within the same power of two) compiles
-  nothing new.
+  reused: temperature, top_p, top_k and max_new_tokens reach it as arguments, so a chat or
+  a server whose requests differ in those values alone (top_k and max_new_tokens within
+  the same power of two) compiles nothing new. generated: [B, sampling.max_new_tokens].
   """
   run = _compiled_program(model, sampling.program(), pad_id, on_token)
-  settings = sampling.settings()
-  return lambda params, tokens, mask, pixels, rng: run(params, tokens, mask, pixels, rng,
-                                                         settings=settings)
+  settings, width = sampling.settings(), sampling.max_new_tokens
+
+  def generate_with(params, tokens, mask, pixels, rng):
+    out, lengths = run(params, tokens, mask, pixels, rng, settings=settings)
+    return out[:, :width], lengths
+
+  return generate_with
 
 
 @functools.lru_cache(maxsize=16)

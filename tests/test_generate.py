@@ -110,6 +110,12 @@ def test_sampling_values_are_arguments_of_one_compiled_program(tiny):
       assert generate._compiled_program.cache_info().currsize == 1
       assert generate._compiled_program(model, sampling.program(), 0, None)._cache_size() == 1
   assert generate._compiled_program.cache_info().currsize == 2
+  # max_new_tokens 3 and 9 share the 16-token program; greedy, 3 tokens are 9's first 3.
+  greedy = {n: generate.compiled_generate(model, generate.Sampling(max_new_tokens=n), pad_id=0)(
+      params, tokens, mask, pixels, jax.random.key(0)) for n in (3, 9)}
+  assert generate._compiled_program.cache_info().currsize == 3
+  assert greedy[3][0].shape == (2, 3) and greedy[3][1].tolist() == [3, 3]
+  np.testing.assert_array_equal(greedy[3][0], greedy[9][0][:, :3])
 
 
 def test_stop_ids_end_rows_and_pad_after(tiny):
