@@ -23,6 +23,9 @@ from infllava_jax import xla_options
 from infllava_jax.model import layers, llama
 from infllava_jax.model.infllava import InfLlava
 
+# The smallest max_new_tokens a compiled generation's buffers take (`Sampling.program`).
+MIN_PROGRAM_TOKENS = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -69,9 +72,6 @@ class Sampling:
     return dataclasses.replace(self, temperature=float(self.temperature > 0),
                                top_p=0.5 if self.top_p < 1 else 1.0, top_k=top_k,
                                max_new_tokens=tokens)
-
-
-MIN_PROGRAM_TOKENS = 16
 
 
 def _is_count(value) -> bool:
