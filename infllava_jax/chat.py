@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any, TextIO
 
 from infllava_jax import generate
 from infllava_jax.data import images
-from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags,
+from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags, load_assistant,
                                        sampling_from_flags, tokenizer_from_flags)
 from infllava_jax.inference import Answer, Assistant, ContextLengthError
 
@@ -131,15 +130,10 @@ def main(argv: list[str]) -> int:
   except images.ImageError as e:
     parser.error(f"--image: {e}")
 
-  start = time.perf_counter()
-  try:
-    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer,
-                                   length_bucket=args.length_bucket)
-  except ValueError as e:  # a tokenizer that is not the model's
-    print(f"infllava chat: error: {e}", file=sys.stderr)
+  assistant = load_assistant("infllava chat", args, tokenizer, f". {HELP}",
+                             length_bucket=args.length_bucket)
+  if assistant is None:
     return 2
-  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
-        f"{time.perf_counter() - start:.1f}s. {HELP}", file=sys.stderr)
   try:
     run(ChatSession(assistant, image, sampling, args.seed), sys.stdin, sys.stdout)
   except KeyboardInterrupt:

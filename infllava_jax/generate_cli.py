@@ -38,6 +38,22 @@ def tokenizer_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
   return load_tokenizer(args.tokenizer) if args.tokenizer else None
 
 
+def load_assistant(prog: str, args: argparse.Namespace, tokenizer, suffix: str = "",
+                   **kwargs) -> Assistant | None:
+  """`Assistant.from_run` on the flags of `add_checkpoint_flags` (kwargs: the constructor's),
+  its load time on stderr (then `suffix`); None, after saying why, for a tokenizer that is
+  not the model's."""
+  start = time.perf_counter()
+  try:
+    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer, **kwargs)
+  except ValueError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return None
+  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
+        f"{time.perf_counter() - start:.1f}s{suffix}", file=sys.stderr)
+  return assistant
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int,
                        temperature: float) -> None:
   """--max-new-tokens, --temperature, --top-p, --top-k and --seed, with these defaults."""
@@ -76,14 +92,9 @@ def main(argv: list[str]) -> int:
     parser.error(f"--image {args.image!r} does not exist")
   sampling = sampling_from_flags(parser, args)
 
-  start = time.perf_counter()
-  try:
-    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer)
-  except ValueError as e:  # a tokenizer that is not the model's
-    print(f"infllava generate: error: {e}", file=sys.stderr)
+  assistant = load_assistant("infllava generate", args, tokenizer)
+  if assistant is None:
     return 2
-  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
-        f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
   print(f"Q: {args.prompt}")
   try:
     answer = assistant.ask(args.image, args.prompt, sampling=sampling, seed=args.seed)

@@ -70,7 +70,7 @@ from starlette.exceptions import HTTPException
 
 from infllava_jax import generate
 from infllava_jax.data import images
-from infllava_jax.generate_cli import add_checkpoint_flags, tokenizer_from_flags
+from infllava_jax.generate_cli import add_checkpoint_flags, load_assistant, tokenizer_from_flags
 from infllava_jax.inference import Answer, Assistant
 
 MAX_STOPS = 4
@@ -512,17 +512,12 @@ def main(argv: list[str]) -> int:
 
   import uvicorn
 
-  start = time.perf_counter()
-  try:
-    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer,
-                                   length_bucket=args.length_bucket)
-  except ValueError as e:  # a tokenizer that is not the model's
-    print(f"infllava serve: error: {e}", file=sys.stderr)
-    return 2
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
-        f"{time.perf_counter() - start:.1f}s; serving {name!r} at "
-        f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+  assistant = load_assistant("infllava serve", args, tokenizer,
+                             f"; serving {name!r} at http://{args.host}:{args.port}/v1",
+                             length_bucket=args.length_bucket)
+  if assistant is None:
+    return 2
   uvicorn.run(create_app(assistant, name, args.max_tokens, max_pending=args.max_pending),
               host=args.host, port=args.port)
   return 0

@@ -45,6 +45,21 @@ def test_run_folder_answers_through_api_and_cli(tmp_path, capsys, monkeypatch):
   out = capsys.readouterr().out
   assert f"Q: {question}" in out and f"A: {answer}" in out
 
+  # --tokenizer: a folder that is not the model's tokenizer is refused, naming both sizes.
+  from tokenizers import Tokenizer, models, trainers
+  from transformers import PreTrainedTokenizerFast
+  raw = Tokenizer(models.BPE())
+  raw.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=300,
+                                                               show_progress=False))
+  PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path / "other")
+  flags = ["--checkpoint", run, "--image", str(image), "--prompt", question]
+  assert generate_cli.main(flags + ["--tokenizer", str(tmp_path / "other")]) == 2
+  err = capsys.readouterr().err
+  assert f"has {raw.get_vocab_size() + 1} entries and the model's vocabulary 512 rows" in err
+  with pytest.raises(SystemExit):
+    generate_cli.main(flags + ["--tokenizer", str(tmp_path / "missing")])
+  assert "--tokenizer" in capsys.readouterr().err
+
 
 def test_image_marker_in_text_and_prompts_past_the_context_are_refused(tiny_config):
   assistant = Assistant(tiny_config, random_params(tiny_config.model))
