@@ -29,8 +29,9 @@ from typing import Any, TextIO
 
 from infllava_jax import generate
 from infllava_jax.data import images
-from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags, load_assistant,
-                                       sampling_from_flags, tokenizer_from_flags)
+from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags,
+                                       check_checkpoint_flags, load_assistant,
+                                       sampling_from_flags)
 from infllava_jax.inference import Answer, Assistant, ContextLengthError
 
 HELP = """commands: /reset (new conversation), /image PATH (switch image, new conversation),
@@ -119,7 +120,7 @@ def main(argv: list[str]) -> int:
                       help="pad prompts to a multiple of this many tokens, fewer compiles "
                            "(default: %(default)s)")
   args = parser.parse_args(argv)
-  tokenizer = tokenizer_from_flags(parser, args)
+  check_checkpoint_flags(parser, args)
   if not os.path.exists(args.image):
     parser.error(f"--image {args.image!r} does not exist")
   if args.length_bucket < 1:
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
   except images.ImageError as e:
     parser.error(f"--image: {e}")
 
-  assistant = load_assistant("infllava chat", args, tokenizer, f". {HELP}",
+  assistant = load_assistant("infllava chat", args, f". {HELP}",
                              length_bucket=args.length_bucket)
   if assistant is None:
     return 2

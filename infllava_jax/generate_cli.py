@@ -29,23 +29,27 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                            "checkpoint's DIR/tokenizer, else the package's small one)")
 
 
-def tokenizer_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
-  """The tokenizer --tokenizer names (None: the checkpoint's); a missing folder exits via
-  parser.error. Also checks that --checkpoint exists."""
+def check_checkpoint_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Exits via parser.error when --checkpoint or --tokenizer names nothing."""
   for flag, path in (("--checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)):
     if path is not None and not os.path.exists(path):
       parser.error(f"{flag} {path!r} does not exist")
+
+
+def flag_tokenizer(args: argparse.Namespace):
+  """The tokenizer --tokenizer names, or None (the Assistant then takes the checkpoint's)."""
   return load_tokenizer(args.tokenizer) if args.tokenizer else None
 
 
-def load_assistant(prog: str, args: argparse.Namespace, tokenizer, suffix: str = "",
+def load_assistant(prog: str, args: argparse.Namespace, suffix: str = "",
                    **kwargs) -> Assistant | None:
   """`Assistant.from_run` on the flags of `add_checkpoint_flags` (kwargs: the constructor's),
   its load time on stderr (then `suffix`); None, after saying why, for a tokenizer that is
   not the model's."""
   start = time.perf_counter()
   try:
-    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=tokenizer, **kwargs)
+    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=flag_tokenizer(args),
+                                   **kwargs)
   except ValueError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return None
@@ -87,12 +91,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--prompt", required=True, help="the question")
   add_sampling_flags(parser, max_new_tokens=64, temperature=0.0)
   args = parser.parse_args(argv)
-  tokenizer = tokenizer_from_flags(parser, args)
+  check_checkpoint_flags(parser, args)
   if not os.path.exists(args.image):
     parser.error(f"--image {args.image!r} does not exist")
   sampling = sampling_from_flags(parser, args)
 
-  assistant = load_assistant("infllava generate", args, tokenizer)
+  assistant = load_assistant("infllava generate", args)
   if assistant is None:
     return 2
   print(f"Q: {args.prompt}")

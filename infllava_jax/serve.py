@@ -70,7 +70,7 @@ from starlette.exceptions import HTTPException
 
 from infllava_jax import generate
 from infllava_jax.data import images
-from infllava_jax.generate_cli import add_checkpoint_flags, load_assistant, tokenizer_from_flags
+from infllava_jax.generate_cli import add_checkpoint_flags, check_checkpoint_flags, load_assistant
 from infllava_jax.inference import Answer, Assistant
 
 MAX_STOPS = 4
@@ -503,7 +503,7 @@ def main(argv: list[str]) -> int:
                       help="requests that may generate or wait their turn at once; more get "
                            "a 503 with Retry-After (default: %(default)s)")
   args = parser.parse_args(argv)
-  tokenizer = tokenizer_from_flags(parser, args)
+  check_checkpoint_flags(parser, args)
   if min(args.max_tokens, args.length_bucket, args.max_pending) < 1:
     parser.error("--max-tokens, --length-bucket and --max-pending must be >= 1")
   if not is_loopback(args.host):
@@ -513,7 +513,7 @@ def main(argv: list[str]) -> int:
   import uvicorn
 
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-  assistant = load_assistant("infllava serve", args, tokenizer,
+  assistant = load_assistant("infllava serve", args,
                              f"; serving {name!r} at http://{args.host}:{args.port}/v1",
                              length_bucket=args.length_bucket)
   if assistant is None:

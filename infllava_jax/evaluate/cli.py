@@ -31,7 +31,7 @@ import time
 from infllava_jax import generate
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
-from infllava_jax.generate_cli import add_checkpoint_flags, tokenizer_from_flags
+from infllava_jax.generate_cli import add_checkpoint_flags, check_checkpoint_flags, flag_tokenizer
 from infllava_jax.inference import Assistant, load_checkpoint
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint
@@ -96,7 +96,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--no-progress", dest="progress", action="store_false",
                       help="no progress bar (for logs)")
   args = parser.parse_args(argv)
-  args.tokenizer = tokenizer_from_flags(parser, args)  # the folder's tokenizer, or None
+  check_checkpoint_flags(parser, args)
   if args.benchmark == "synthetic" and (args.data or args.images):
     parser.error("--benchmark synthetic takes no --data or --images: its held-out split is "
                  "generated from the run's config")
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
         print(f"infllava evaluate: --processor-size: {e}", file=sys.stderr)
         return 2
     try:
-      assistant = Assistant(config, params, tokenizer=args.tokenizer,
+      assistant = Assistant(config, params, tokenizer=flag_tokenizer(args),
                             length_bucket=args.length_bucket, consume_params=True)
     except ValueError as e:  # a tokenizer that is not the model's
       print(f"infllava evaluate: error: {e}", file=sys.stderr)
