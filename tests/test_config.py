@@ -3,9 +3,12 @@
 import os
 
 import pytest
+from ml_collections import ConfigDict
 
 from infllava_jax import cli
 from infllava_jax.config import ConfigError, load_config, preset_names
+from infllava_jax.convert import hf
+from infllava_jax.evaluate import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every `configs/NAME.py:arg` the project documents or tests (None: no `:arg`).
@@ -35,6 +38,9 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
   assert (config.train.steps, config.model.dtype, config.model.variant) == (3, "bfloat16",
                                                                              "llava")
   assert load_config("synthetic").train.steps == 800  # a fresh copy each time
+  # What the library loads itself: the converter's default model, evaluate's synthetic set.
+  assert hf.base_config(None, "llava") == load_config("infllava_8b:llava").model
+  assert synthetic.synthetic_config(ConfigDict()) == load_config("synthetic").data.synthetic
   with pytest.raises(FileNotFoundError,
                      match=r"'configs/synthetic.py' not found \(the package's preset of that "
                            r"name: --config synthetic\)"):
