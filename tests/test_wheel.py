@@ -8,11 +8,9 @@ tiny random HF LLaMA + CLIP, generate from it, evaluate it on the synthetic benc
 train the `synthetic` preset (the wheel's shipped tokenizer) for two steps.
 """
 
-import importlib.util
 import os
 import pathlib
 import shutil
-import site
 import subprocess
 import sys
 
@@ -37,30 +35,29 @@ def run(argv, cwd, env, timeout=300) -> str:
 
 
 def build_wheel(work: pathlib.Path) -> pathlib.Path:
-  """pip wheel from a copy of the sources: nothing is written into the checkout. With
-  setuptools here no build environment is made (no download)."""
+  """pip wheel from a copy of the sources, nothing written into the checkout; with the test
+  extra's setuptools, so pip downloads no build environment."""
   src = work / "src"
   shutil.copytree(ROOT / "infllava_jax", src / "infllava_jax",
                   ignore=shutil.ignore_patterns("__pycache__"))
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(ROOT / name, src / name)
-  isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-  run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation,
+  run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
        "-w", work / "dist", src], cwd=work, env=os.environ)
   (wheel,) = (work / "dist").glob("infllava_jax-*.whl")
   return wheel
 
 
 def make_venv(work: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
-  """A virtualenv holding the wheel; this environment's site-packages on its path after its
-  own, as plain folders (their .pth files are not processed)."""
+  """A virtualenv holding the wheel; this interpreter's site-packages folders on its path
+  after its own, as plain folders (their .pth files are not processed)."""
   venv = work / "venv"
   run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work, env=os.environ)
   python = venv / "bin" / "python"
   purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                 cwd=work, env=os.environ).strip()
-  pathlib.Path(purelib, "outer_site_packages.pth").write_text(
-      "\n".join(site.getsitepackages()) + "\n")
+  ours = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
+  pathlib.Path(purelib, "outer_site_packages.pth").write_text("\n".join(ours) + "\n")
   run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
        "-q", wheel], cwd=work, env=os.environ)
   return venv
