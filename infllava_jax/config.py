@@ -25,7 +25,8 @@ from infllava_jax import presets
 
 
 class ConfigError(ValueError):
-  """Overrides a config cannot take: an unknown field, or a value of the wrong type."""
+  """A config that cannot be used as given: an unknown preset or argument, an override of an
+  unknown field or of the wrong type, or a value the code using it rejects."""
 
 
 def preset_names() -> list[str]:
