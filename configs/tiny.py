@@ -1,29 +1,8 @@
 """A test-size INF-LLaVA: the released architecture, shrunk (3x3 grid, 6x6 patches per view).
 
-`get_config("llava")` gives the baseline variant at the same size.
+The package's preset `tiny` (infllava_jax/presets/tiny.py): `--config configs/tiny.py[:arg]`
+and `--config tiny[:arg]` load the same config. A config of your own can start from it: `config
+= get_config(arg)`, then change fields.
 """
 
-from ml_collections import ConfigDict
-
-from configs import infllava_8b
-
-
-def model_config(variant: str = "infllava") -> ConfigDict:
-  model = infllava_8b.model_config(variant)
-  model.vision.update(dict(image_size=84, patch_size=14, width=64, depth=3, heads=4,
-                           mlp_dim=128))
-  model.llm.update(dict(vocab_size=512, width=64, depth=2, heads=4, kv_heads=2,
-                        head_dim=16, mlp_dim=128, max_positions=2048))
-  if variant == "infllava":
-    model.dcm.image_size = 252
-  else:
-    model.dcm.image_size = 84
-  model.dem.heads = 4
-  model.dtype = "float32"
-  return model
-
-
-def get_config(arg: str = "infllava") -> ConfigDict:
-  config = ConfigDict()
-  config.model = model_config(arg or "infllava")
-  return config
+from infllava_jax.presets.tiny import get_config  # noqa: F401

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infllava_jax.config import load_config
+from infllava_jax.config import config_help, load_config
 from infllava_jax.model import dcm, infllava
 
 
@@ -21,8 +21,8 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
       prog="infllava demo", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/tiny.py",
-                      help="config file[:arg], e.g. configs/tiny.py:llava (default: %(default)s)")
+  parser.add_argument("--config", default="tiny",
+                      help=config_help("tiny:llava") + " (default: %(default)s)")
   parser.add_argument("--batch", type=int, default=2, help="rows in the batch (default: %(default)s)")
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
   args, overrides = parser.parse_known_args(argv)

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from infllava_jax.config import load_config
+from infllava_jax.config import config_help, load_config
 from infllava_jax.convert.mapping import ConversionError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                         "nn.Linear / nn.Conv2d defaults, as the reference's stage 1 starts")
   src.add_argument("--llava-hf", dest="llava_hf", metavar="DIR",
                    help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline")
-  src.add_argument("--config", metavar="FILE.py[:ARG]",
+  src.add_argument("--config", metavar="NAME|FILE.py[:ARG]",
                    help="config whose `model` section supplies what a checkpoint cannot "
-                        "(DCM, DEM, CLIP heads); default configs/infllava_8b.py "
-                        "(:llava for --llava-hf). Sizes found in the checkpoint win.")
+                        "(DCM, DEM, CLIP heads): " + config_help("tiny") + "; default "
+                        "infllava_8b (:llava for --llava-hf). Sizes found in the checkpoint "
+                        "win.")
   src.add_argument("--dtype", choices=DTYPES,
                    help="cast every param (default: keep each tensor's dtype, bf16 exact)")
   src.add_argument("--no-pad-row", dest="pad_row", action="store_false",

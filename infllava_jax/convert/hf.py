@@ -346,7 +346,7 @@ class Source:
 def base_config(config: ConfigDict | None, variant: str = "infllava") -> ConfigDict:
   """`config.model` to start from: what a checkpoint cannot say (DCM, DEM, heads, ...)."""
   if config is None:
-    config = load_config(f"configs/infllava_8b.py:{variant}").model
+    config = load_config(f"infllava_8b:{variant}").model
   return config.copy_and_resolve_references()
 
 

@@ -21,7 +21,7 @@ from tokenizers.trainers import BpeTrainer
 from infllava_jax.data import synthetic, templates
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
-# Total size, specials and <pad> included: configs/tiny.py sets llm.vocab_size = 512.
+# Total size, specials and <pad> included: the tiny preset sets llm.vocab_size = 512.
 VOCAB_SIZE = 512
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>")

@@ -19,7 +19,7 @@ from infllava_jax.evaluate.records import Question
 from infllava_jax.inference import Assistant
 
 SOURCE = "synthetic held-out split"
-DEFAULT_CONFIG = "configs/synthetic.py"
+DEFAULT_CONFIG = "synthetic"  # the preset
 
 
 def synthetic_config(config: ConfigDict) -> ConfigDict:

@@ -55,7 +55,7 @@ class InfLlava(nn.Module):
   """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline) on one code path.
 
   Attributes:
-    cfg: the `config.model` section (see configs/infllava_8b.py), frozen.
+    cfg: the `config.model` section (see infllava_jax/presets/infllava_8b.py), frozen.
     llm_scan_layers: the language model's `scan_layers` (True: the checkpoint layout; False:
       unrolled layers over `llama.unstack_layers` params, for decoding).
   """

@@ -1,8 +1,8 @@
 """`infllava compile`: ahead-of-time compile the real train step at full size, on this machine.
 
-  infllava compile --config configs/infllava_8b_stage2.py --mesh fsdp=8 \\
+  infllava compile --config infllava_8b_stage2 --mesh fsdp=8 \\
       [--batch 1] [--length 2048] [--grad-accum 1] [--device-memory 80GiB] [--config.a.b=v ...]
-  infllava compile --config configs/infllava_8b_stage1.py --topology v5p:2x2x2 \\
+  infllava compile --config infllava_8b_stage1 --topology v5p:2x2x2 \\
       --device-memory 95GiB                    # for a TPU slice, on this machine (libtpu)
 
 Nothing of model size is ever allocated: params come from `jax.eval_shape(model.init)`, the
@@ -33,6 +33,8 @@ import re
 import sys
 import time
 from typing import Any, NamedTuple
+
+from infllava_jax.config import config_help, load_config  # imports no jax
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -369,7 +371,7 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava compile", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True,
-                      help="config file[:arg], e.g. configs/infllava_8b_stage2.py")
+                      help=config_help("infllava_8b_stage2"))
   parser.add_argument("--mesh", default=None,
                       help="mesh to compile for, 'fsdp=8' or 'data=2,fsdp=2,tensor=2' (one "
                            "simulated CPU device per position); default: the config's mesh "
@@ -416,12 +418,11 @@ def main(argv: list[str]) -> int:
   else:
     count = mesh_device_count(args.mesh, args.devices) if args.mesh else args.devices
     request_cpu_devices(count)  # before anything imports jax (configs import it)
-  from infllava_jax.config import load_config
   config = load_config(args.config, overrides)
   missing = [key for key in ("train", "data", "model") if key not in config]
   if missing:
     parser.error(f"{args.config} has no {', '.join(missing)} section: compile takes a "
-                 "training config (e.g. configs/infllava_8b_stage2.py)")
+                 "training config (e.g. infllava_8b_stage2)")
   if args.mesh:
     config.mesh = args.mesh
   configured = config.copy_and_resolve_references()  # the run the config describes

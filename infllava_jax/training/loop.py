@@ -1,6 +1,6 @@
 """`infllava train`: the training loop around the jitted step.
 
-  infllava train --config configs/synthetic.py[:arg] --workdir DIR [--config.a.b=value ...]
+  infllava train --config synthetic[:arg] --workdir DIR [--config.a.b=value ...]
       [--init_base CONVERTED] [--init_from RUN]
 
 One process per host (TPU VM worker, SLURM task or local process); `jax.distributed`
@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
-from infllava_jax.config import load_config
+from infllava_jax.config import config_help, load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint, flops, optim
@@ -342,7 +342,7 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True,
-                      help="config file[:arg], e.g. configs/synthetic.py:llava")
+                      help=config_help("synthetic:llava"))
   parser.add_argument("--workdir", required=True,
                       help="run folder: checkpoints, TensorBoard logs (resumes if present)")
   parser.add_argument("--init_base", "--init-base", default=None, metavar="PATH",

@@ -11,10 +11,10 @@ import torch
 import transformers
 import flax.linen as nn
 
-from configs import infllava_8b
 from infllava_jax.convert import mapping
 from infllava_jax.convert.clip_table import clip_table, clip_unused
 from infllava_jax.model import clip
+from infllava_jax.presets import infllava_8b
 
 TOL = 1e-5
 

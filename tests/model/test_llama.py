@@ -11,10 +11,10 @@ import transformers
 import flax.linen as nn
 from ml_collections import ConfigDict
 
-from configs import infllava_8b
 from infllava_jax.convert import mapping
 from infllava_jax.convert.llama_table import llama_config_from_hf, llama_table, tie_lm_head
 from infllava_jax.model import layers, llama
+from infllava_jax.presets import infllava_8b
 
 HF_TOL = 1e-4
 TOL = 1e-5

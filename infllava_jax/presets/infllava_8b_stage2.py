@@ -1,0 +1,95 @@
+"""Stage 2 (instruction tuning) of the released INF-LLaVA-8B: DEM + projector + the whole LLM.
+
+  infllava train --config infllava_8b_stage2 --workdir runs/stage2 \\
+      --init_base ckpt/base --init_from runs/stage1 --config.data.json_path=... \\
+      --config.data.image_folder=... --config.data.tokenizer_path=...
+
+ckpt/base is stage 1's converted LLaMA-3-8B-Instruct + CLIP (see infllava_8b_stage1.py):
+every param comes from it first (the LLM fresh again, as the reference's, read in float32
+since it trains here); then `train.init_include` takes the DEM and the projector from the
+stage-1 run's latest step (the reference's `--pretrain_mm_mlp_adapter mm_projector.bin`,
+spec 10). The run prints which module came from where. Memory check without a GPU:
+`infllava compile --config infllava_8b_stage2 --mesh fsdp=8`.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from infllava_jax.presets import infllava_8b, synthetic
+from infllava_jax.training import checkpoint, optim
+
+
+def model_config() -> ConfigDict:
+  model = infllava_8b.model_config("infllava")
+  model.dtype = "bfloat16"           # compute dtype (the reference trains in bf16)
+  # CLIP stays frozen: bf16 params are its released weights exactly, at half the memory.
+  # The LLM trains, so it keeps float32 params (the master copy AdamW updates).
+  model.vision.param_dtype = "bfloat16"
+  model.llm.param_dtype = "float32"
+  # Only the per-layer carry is kept for the backward pass (512 MiB per row of 2048
+  # tokens); the forward is recomputed (~+33% of the LLM's FLOPs). Saving the matmul
+  # outputs would cost ~5.5 GiB per row on top of 16 GiB of params, grads and AdamW state
+  # per device (fsdp=8), leaving room for only a few rows per device.
+  model.remat_policy = "nothing_saveable"
+  # The MLP in 8 column sets of 1792, one at a time (llama.swiglu): no whole [2048, 14336]
+  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time (figures in
+  # the README, "Fitting the 8B model").
+  model.mlp_chunks = 8
+  return model
+
+
+def data_config() -> ConfigDict:
+  data = synthetic.data_config()
+  data.update(dict(
+      source="llava_json",
+      # LLaVA-Instruct mix (liuhaotian/LLaVA-Instruct-150K) with the images of coco, gqa,
+      # ocr_vqa, textvqa and vg under one folder, as LLaVA-1.5's README lays them out.
+      json_path="/path/to/LLaVA-Instruct/llava_v1_5_mix665k.json",
+      image_folder="/path/to/LLaVA-Instruct/images",
+      # The Meta-Llama-3-8B-Instruct tokenizer folder with the added <pad> (vocab 128257).
+      tokenizer_path="/path/to/Meta-Llama-3-8B-Instruct",
+      template="llama3",
+      image_aspect="pad",    # expand to square with the mean colour, then resize (spec 10)
+      max_length=2048,
+      packing=False,         # one sample per row, as the reference (batch = 128 samples)
+      max_images_per_row=1,
+      skip_bad_samples=True,  # skipped records are counted in the progress lines
+      # Each global batch all-image or all-text, as the reference's group_by_modality_length
+      # (the mix holds text-only ShareGPT samples).
+      group_by_modality=True,
+      # Rows per process: train.global_batch_size (128) / the number of processes.
+      batch_size=config_dict.placeholder(int),
+      worker_count=4,        # the reference's dataloader_num_workers
+  ))
+  return data
+
+
+def train_config() -> ConfigDict:
+  train = optim.default_train_config(2)  # + LLM, lr 2e-5, AdamW 0.9/0.999/1e-8, wd 0,
+  # 3% warmup + cosine, no clipping, global batch 128, 1 epoch (spec 10)
+  train.update(dict(
+      # 128 rows over 8 devices in 4 micro-batches: 4 rows of 2048 tokens per device at once.
+      grad_accum_steps=4,
+      # The vocabulary-parallel loss (train.loss_chunk 512 tokens per row at a time): on TPU
+      # v5p it holds 0.2 GiB less here than stage 1's blockwise loss, and moves less.
+      steps=config_dict.placeholder(int),  # None: num_epochs over the data (~5,198 steps)
+      log_every=10,
+      seed=0,
+      # With --init_from the stage-1 run: only its trained modules (its LLM and CLIP are
+      # ckpt/base's unchanged, frozen in stage 1, and stored in bf16).
+      init_include=(r"^dem/", r"^projector/"),
+  ))
+  return train
+
+
+def get_config(arg: str = "") -> ConfigDict:
+  del arg
+  config = ConfigDict()
+  config.model = model_config()
+  config.data = data_config()
+  config.train = train_config()
+  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint.every_steps = 1000  # ~5,198 steps
+  # A step holds float32 params and AdamW moments: ~96 GB for 8B. Keep two.
+  config.checkpoint.max_to_keep = 2
+  config.mesh = "fsdp"   # ZeRO-3 style over all devices, as the reference's ZeRO-3
+  return config
