@@ -482,6 +482,14 @@ def is_loopback(host: str) -> bool:
     return False
 
 
+def tcp_port(text: str) -> int:
+  """--port's value: a port number 1-65535 (0, any free port, would make the announced
+  address wrong)."""
+  if not (text.isdigit() and 1 <= int(text) <= 65535):
+    raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+  return int(text)
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava serve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -489,7 +497,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default loopback only; anything else exposes the "
                            "model, unauthenticated, to the network)")
-  parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+  parser.add_argument("--port", type=tcp_port, default=8000,
+                      help="TCP port, 1-65535 (default: %(default)s)")
   parser.add_argument("--model-name", default=None,
                       help="the id /v1/models lists and responses carry (default: the "
                            "checkpoint folder's name); requests may name any model")
