@@ -1,12 +1,11 @@
 """The `infllava` entry point: usage, unknown commands, and the process settings it makes."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from infllava_jax import cli
+from tests.run_cli import error_line, infllava
 
 
 def test_help_lists_every_command(capsys):
@@ -62,26 +61,6 @@ def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
 
 
 # ---- as a user runs them: `python -m infllava_jax.cli ...` in a subprocess ----
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def infllava(*argv, env=None) -> subprocess.CompletedProcess:
-  """`python -m infllava_jax.cli ARGV` with this checkout's package."""
-  return subprocess.run([sys.executable, "-m", "infllava_jax.cli", *map(str, argv)],
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
-
-
-def error_line(done: subprocess.CompletedProcess, command: str) -> str:
-  """The one error line of a refused run, after checking exit 2 and no traceback."""
-  assert done.returncode == 2, done.stderr
-  assert "Traceback" not in done.stderr, done.stderr
-  lines = [line for line in done.stderr.splitlines()
-           if line.startswith(f"infllava {command}: error: ")]
-  assert len(lines) == 1, done.stderr
-  return lines[0]
-
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_config):

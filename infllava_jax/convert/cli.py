@@ -6,6 +6,11 @@
   infllava convert from-pytorch --llava-hf llava-1.5-7b-hf/ --out ckpt/
   infllava convert to-pytorch --checkpoint ckpt/ --out release/    # or a training run folder
 
+`from-pytorch` takes `--config.a.b=value` overrides of its `--config`, as `infllava train`
+does: `--config.model.dtype=float32` records float32 compute for a float32 source (the
+default config computes in bfloat16, which `generate`, `chat`, `serve` and `evaluate`
+then use unless given `--dtype`). It states the compute and param dtypes it records.
+
 Errors from the checkpoint (missing / unexpected / mis-shaped tensors, a bad file) are
 printed as one list and exit with status 1.
 """
@@ -20,6 +25,7 @@ from infllava_jax.config import load_config
 from infllava_jax.convert.mapping import ConversionError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CONFIG = "configs/infllava_8b.py"  # `convert.hf.base_config`'s, :llava for --llava-hf
 
 
 class Progress:
@@ -69,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline")
   src.add_argument("--config", metavar="FILE.py[:ARG]",
                    help="config whose `model` section supplies what a checkpoint cannot "
-                        "(DCM, DEM, CLIP heads); default configs/infllava_8b.py "
-                        "(:llava for --llava-hf). Sizes found in the checkpoint win.")
+                        "(DCM, DEM, CLIP heads, the compute dtype model.dtype); default "
+                        f"{DEFAULT_CONFIG} (:llava for --llava-hf). Sizes found in the "
+                        "checkpoint win. Overrides follow it as --config.model.dtype=float32")
   src.add_argument("--dtype", choices=DTYPES,
                    help="cast every param (default: keep each tensor's dtype, bf16 exact)")
   src.add_argument("--no-pad-row", dest="pad_row", action="store_false",
@@ -96,9 +103,17 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _source(args, parser):
+def _model_config(args, overrides: list[str]):
+  """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
+  if not (args.config or overrides):
+    return None
+  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if args.llava_hf else 'infllava'}"
+  return load_config(spec, overrides).model
+
+
+def _source(args, parser, overrides: list[str]):
   from infllava_jax.convert import hf
-  config = load_config(args.config).model if args.config else None
+  config = _model_config(args, overrides)
   given = [name for name in ("model", "llama", "llava_hf") if getattr(args, name)]
   if len(given) != 1:
     parser.error("give exactly one source: --model DIR, --llama DIR --clip DIR, or --llava-hf DIR")
@@ -113,10 +128,17 @@ def _source(args, parser):
   return hf.llava_hf_source(args.llava_hf, config)
 
 
-def from_pytorch(args, parser) -> None:
+def dtypes_note(model_cfg) -> str:
+  """What a converted checkpoint records: its compute dtype and its params' dtypes."""
+  stored = sorted({model_cfg.llm.param_dtype, model_cfg.vision.param_dtype})
+  return f"computes in {model_cfg.dtype} (model.dtype), params stored as {'/'.join(stored)}"
+
+
+def from_pytorch(args, parser, overrides: list[str]) -> None:
+  import jax.numpy as jnp
   from infllava_jax.convert import checkpoint_io, hf
   from infllava_jax.convert.mapping import flatten
-  source = _source(args, parser)
+  source = _source(args, parser, overrides)
   progress = Progress(0, 0, args.quiet)
   reader = hf.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
   model_cfg, params = hf.plan(source, reader, dtype=args.dtype, seed=args.seed)
@@ -136,8 +158,14 @@ def from_pytorch(args, parser) -> None:
     print(f"note: {folder} holds no tokenizer ({', '.join(checkpoint_io.TOKENIZER_FILES)}): "
           "give generate, chat, serve and evaluate the model's tokenizer folder with "
           "--tokenizer DIR", file=sys.stderr)
+  if jnp.dtype(model_cfg.dtype).itemsize < max(
+      jnp.dtype(d).itemsize for d in (model_cfg.llm.param_dtype, model_cfg.vision.param_dtype)):
+    print(f"note: {args.out} {dtypes_note(model_cfg)}: generate, chat, serve and evaluate "
+          f"compute in {model_cfg.dtype} unless given --dtype float32 (or convert with "
+          "--config.model.dtype=float32)", file=sys.stderr)
   if not args.quiet:
-    print(f"wrote {args.out}" + (f" (tokenizer copied from {folder})" if tokenizer else ""))
+    print(f"wrote {args.out}: {dtypes_note(model_cfg)}"
+          + (f"; tokenizer copied from {folder}" if tokenizer else ""))
 
 
 def to_pytorch(args) -> None:
@@ -154,10 +182,14 @@ def to_pytorch(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  bad = [o for o in overrides if args.command != "from-pytorch" or not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognised arguments: {' '.join(bad)} (from-pytorch takes config "
+                 "overrides such as --config.model.dtype=float32)")
   try:
     if args.command == "from-pytorch":
-      from_pytorch(args, parser)
+      from_pytorch(args, parser, overrides)
     else:
       to_pytorch(args)
   except (ConversionError, FileNotFoundError, FileExistsError) as err:
