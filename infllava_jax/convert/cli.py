@@ -12,15 +12,18 @@ default config computes in bfloat16, which `generate`, `chat`, `serve` and `eval
 then use unless given `--dtype`). It states the compute and param dtypes it records.
 
 Errors from the checkpoint (missing / unexpected / mis-shaped tensors, a bad file) are
-printed as one list and exit with status 1.
+printed as one list and exit with status 1; a path that is not there, or an --out that
+already holds a checkpoint, is one line and status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from infllava_jax.cli import user_error
 from infllava_jax.config import load_config
 from infllava_jax.convert.mapping import ConversionError
 
@@ -103,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def check_paths(parser, **flags: str | None) -> None:
+  """Exits via parser.error when a flag (its dest: value) names nothing."""
+  for dest, path in flags.items():
+    if path is not None and not os.path.exists(path):
+      parser.error(f"--{dest.replace('_', '-')} {path!r} does not exist")
+
+
 def _model_config(args, overrides: list[str]):
   """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
   if not (args.config or overrides):
@@ -121,6 +131,8 @@ def _source(args, parser, overrides: list[str]):
     parser.error("--llama needs --clip DIR")
   if (args.clip or args.projector) and not args.llama:
     parser.error("--clip and --projector go with --llama")
+  check_paths(parser, model=args.model, llama=args.llama, clip=args.clip,
+              projector=args.projector, llava_hf=args.llava_hf)
   if args.model:
     return hf.release_source(args.model, config)
   if args.llama:
@@ -168,8 +180,9 @@ def from_pytorch(args, parser, overrides: list[str]) -> None:
           + (f"; tokenizer copied from {folder}" if tokenizer else ""))
 
 
-def to_pytorch(args) -> None:
+def to_pytorch(args, parser) -> None:
   from infllava_jax.convert import export
+  check_paths(parser, checkpoint=args.checkpoint)
   progress = Progress(0, 0, args.quiet)
   def on_write(name, nbytes, total_tensors, total_bytes):
     progress.total_tensors, progress.total_bytes = total_tensors, total_bytes
@@ -191,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "from-pytorch":
       from_pytorch(args, parser, overrides)
     else:
-      to_pytorch(args)
-  except (ConversionError, FileNotFoundError, FileExistsError) as err:
+      to_pytorch(args, parser)
+  except ConversionError as err:  # the checkpoint's contents: every problem, listed
     print(f"infllava convert {args.command}: error: {err}", file=sys.stderr)
     return 1
+  except (FileNotFoundError, FileExistsError) as err:  # a folder given wrong, or --out taken
+    return user_error(f"infllava convert {args.command}", err)
   return 0

@@ -17,7 +17,7 @@ nothing (the run's held-out split).
 Decoding is greedy, as in the paper's evaluation. Writes OUT/predictions.jsonl (one line
 per question asked: output, parsed answer, right or not) and OUT/summary.json (accuracy
 overall and per category; POPE adds precision/recall/F1/yes-ratio, MMBench the vanilla
-first-pass numbers beside the circular ones), and prints the summary. An OUT that holds
+first-pass numbers beside the circular ones; the compute dtype, see --dtype), and prints the summary. An OUT that holds
 an earlier run's files is refused before the model loads, unless --overwrite.
 """
 
@@ -172,6 +172,7 @@ def main(argv: list[str]) -> int:
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
                  step=checkpoint.params_step(args.checkpoint, args.step),
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
+                 dtype=assistant.config.model.dtype,
                  processor_size=infllava.input_size(assistant.config.model),
                  seconds=round(time.perf_counter() - start, 1))
   with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
