@@ -4,9 +4,9 @@
 
 `--checkpoint` is a training run folder (its latest step, or `--step`) or a converted
 checkpoint folder (`infllava convert from-pytorch --out DIR`). Decoding is greedy unless
-`--temperature` is above 0. The image is read and the prompt measured before the answer
-is generated: a file Pillow cannot read, or a prompt that with `--max-new-tokens` is over
-the model's positions, is one line on stderr and exit status 2.
+`--temperature` is above 0. The image is read before the model loads. A file Pillow
+cannot read, or a prompt that with `--max-new-tokens` is over the model's positions, is
+one line on stderr (the prompt not echoed) and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import time
 
 from infllava_jax import generate
 from infllava_jax.cli import user_error
+from infllava_jax.convert.cli import DTYPES
 from infllava_jax.data import images
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
