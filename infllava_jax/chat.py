@@ -23,14 +23,13 @@ conversation samples with seed `--seed` + k, so a replayed conversation repeats 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, TextIO
 
 from infllava_jax import generate
 from infllava_jax.data import images
 from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags,
-                                       check_checkpoint_flags, load_assistant,
+                                       check_checkpoint_flags, flag_image, load_assistant,
                                        sampling_from_flags)
 from infllava_jax.inference import Answer, Assistant, ContextLengthError
 
@@ -121,15 +120,10 @@ def main(argv: list[str]) -> int:
                            "(default: %(default)s)")
   args = parser.parse_args(argv)
   check_checkpoint_flags(parser, args)
-  if not os.path.exists(args.image):
-    parser.error(f"--image {args.image!r} does not exist")
   if args.length_bucket < 1:
     parser.error("--length-bucket must be >= 1")
   sampling = sampling_from_flags(parser, args)
-  try:
-    image = images.decode(args.image)
-  except images.ImageError as e:
-    parser.error(f"--image: {e}")
+  image = flag_image(parser, args.image)
 
   assistant = load_assistant("infllava chat", args, f". {HELP}",
                              length_bucket=args.length_bucket)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 
 # command -> (module, one-line description)
 COMMANDS = {
@@ -24,20 +25,41 @@ COMMANDS = {
     "inspect": ("infllava_jax.convert.inspect", "list the tensors, shapes, dtypes and counts of a checkpoint"),
 }
 
-USAGE = """usage: infllava <command> [options]   (or: infllava --version)
+USAGE = """usage: infllava [--verbose] <command> [options]   (or: infllava --version)
 
 commands:
 {commands}
 
-Run `infllava <command> --help` for a command's options."""
+Run `infllava <command> --help` for a command's options. A mistake in the input (a flag,
+a path, a config override, a file's contents) is reported in one line and exits with 2;
+`--verbose` (or INFLLAVA_VERBOSE=1) adds the traceback."""
+
+VERBOSE_ENV = "INFLLAVA_VERBOSE"
 
 
 def _describe() -> str:
   return "\n".join(f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items())
 
 
+def verbose() -> bool:
+  """Whether errors come with their traceback (`--verbose` or INFLLAVA_VERBOSE=1)."""
+  return os.environ.get(VERBOSE_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def user_error(prog: str, error: BaseException) -> int:
+  """Reports a user's mistake as one line `PROG: error: ...` on stderr (the traceback
+  before it when `verbose()`); the exit status 2."""
+  if verbose():
+    traceback.print_exception(error, file=sys.stderr)
+  print(f"{prog}: error: {error}", file=sys.stderr)
+  return 2
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  if "--verbose" in argv:  # before or after the command: it reaches the command's own errors
+    argv = [a for a in argv if a != "--verbose"]
+    os.environ[VERBOSE_ENV] = "1"
   if len(argv) == 2 and argv[0] == "help":  # `infllava help train` = `infllava train --help`
     argv = [argv[1], "--help"]
   if argv[:1] == ["--version"]:
@@ -61,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return command.main(rest) or 0
   except (ConfigError, FileNotFoundError) as e:  # a mistyped override, config or path
-    print(f"infllava {name}: error: {e}", file=sys.stderr)
-    return 2
+    return user_error(f"infllava {name}", e)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 `--checkpoint` is a training run folder (its latest step, or `--step`) or a converted
 checkpoint folder (`infllava convert from-pytorch --out DIR`). Decoding is greedy unless
-`--temperature` is above 0.
+`--temperature` is above 0. The image is read before the model loads. A file Pillow
+cannot read, or a prompt that with `--max-new-tokens` is over the model's positions, is
+one line on stderr (the prompt not echoed) and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,18 +17,25 @@ import sys
 import time
 
 from infllava_jax import generate
+from infllava_jax.cli import user_error
+from infllava_jax.convert.cli import DTYPES
+from infllava_jax.data import images
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --step and --tokenizer: what the inference commands load."""
+  """--checkpoint, --step, --tokenizer and --dtype: what the inference commands load."""
   parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
   parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
   parser.add_argument("--tokenizer", default=None, metavar="DIR",
                       help="the model's Hugging Face tokenizer folder (default: the "
                            "checkpoint's: a run's data.tokenizer_path, a converted "
                            "checkpoint's DIR/tokenizer, else the package's small one)")
+  parser.add_argument("--dtype", choices=DTYPES, default=None,
+                      help="compute dtype (default: the checkpoint's model.dtype, which "
+                           "the load line names; float32 runs a float32 checkpoint as "
+                           "stored, bfloat16 halves the LLM's float32 params on load)")
 
 
 def check_checkpoint_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -36,25 +45,42 @@ def check_checkpoint_flags(parser: argparse.ArgumentParser, args: argparse.Names
       parser.error(f"{flag} {path!r} does not exist")
 
 
+def flag_image(parser: argparse.ArgumentParser, path: str):
+  """The --image file decoded (a PIL image), before any model loads; exits via parser.error
+  when it is missing or not an image Pillow reads."""
+  try:
+    return images.decode(path)
+  except images.ImageError as e:
+    parser.error(f"--image: {e}")
+
+
 def flag_tokenizer(args: argparse.Namespace):
   """The tokenizer --tokenizer names, or None (the Assistant then takes the checkpoint's)."""
   return load_tokenizer(args.tokenizer) if args.tokenizer else None
 
 
+def loaded_line(args: argparse.Namespace, assistant: Assistant, seconds: float) -> str:
+  """`loaded CHECKPOINT (variant, compute dtype) in Ns`."""
+  model = assistant.config.model
+  return f"loaded {args.checkpoint} ({model.variant}, {model.dtype}) in {seconds:.1f}s"
+
+
 def load_assistant(prog: str, args: argparse.Namespace, suffix: str = "",
                    **kwargs) -> Assistant | None:
   """`Assistant.from_run` on the flags of `add_checkpoint_flags` (kwargs: the constructor's),
-  its load time on stderr (then `suffix`); None, after saying why, for a tokenizer that is
-  not the model's."""
+  its load time and compute dtype on stderr (then `suffix`); None, after saying why, for a
+  tokenizer that is not the model's."""
   start = time.perf_counter()
   try:
-    assistant = Assistant.from_run(args.checkpoint, args.step, tokenizer=flag_tokenizer(args),
-                                   **kwargs)
+    assistant = Assistant.from_run(args.checkpoint, args.step, dtype=args.dtype,
+                                   tokenizer=flag_tokenizer(args), **kwargs)
   except ValueError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    user_error(prog, e)
     return None
-  print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
-        f"{time.perf_counter() - start:.1f}s{suffix}", file=sys.stderr)
+  # Prompts are bounded by the model's positions, which the Assistant checks (one line);
+  # the tokenizer's own model_max_length would only add transformers' warning about it.
+  assistant.tokenizer.model_max_length = sys.maxsize
+  print(loaded_line(args, assistant, time.perf_counter() - start) + suffix, file=sys.stderr)
   return assistant
 
 
@@ -92,18 +118,16 @@ def main(argv: list[str]) -> int:
   add_sampling_flags(parser, max_new_tokens=64, temperature=0.0)
   args = parser.parse_args(argv)
   check_checkpoint_flags(parser, args)
-  if not os.path.exists(args.image):
-    parser.error(f"--image {args.image!r} does not exist")
+  image = flag_image(parser, args.image)
   sampling = sampling_from_flags(parser, args)
 
   assistant = load_assistant("infllava generate", args)
   if assistant is None:
     return 2
-  print(f"Q: {args.prompt}")
-  try:
-    answer = assistant.ask(args.image, args.prompt, sampling=sampling, seed=args.seed)
+  try:  # the answer first: a refused prompt is not echoed (it may be pages long)
+    answer = assistant.ask(image, args.prompt, sampling=sampling, seed=args.seed)
   except ValueError as e:  # the prompt: too long with --max-new-tokens, or '<image>' in it
-    print(f"infllava generate: error: {e}", file=sys.stderr)
-    return 2
+    return user_error("infllava generate", e)
+  print(f"Q: {args.prompt}")
   print(f"A: {answer}")
   return 0

@@ -88,11 +88,13 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
         "`infllava convert from-pytorch` copies the source's into the converted checkpoint)")
 
 
-def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any]:
+def load_checkpoint(path: str, step: int | None = None,
+                    dtype: str | None = None) -> tuple[ConfigDict, Any]:
   """(config, params) for inference from a training run folder (its latest step, or `step`)
   or a converted checkpoint folder, on one device (the first), in the dtypes the config's
-  model builds, except that the LLM's params come in the compute dtype (`model.dtype`) where
-  that is narrower than their stored one (the config returned says so).
+  model builds, except that the LLM's params come in the compute dtype (`model.dtype`, or
+  `dtype` in its place) where that is narrower than their stored one (the config returned
+  says so).
 
   The LLM casts every param to the compute dtype before using it (products, norms, the
   embedding lookup), so narrowing them on load changes no answer, bit for bit; a training
@@ -101,6 +103,8 @@ def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any
   """
   path = checkpoint.run_checkpoints(path)
   config = checkpoint_config(path, step)
+  if dtype:
+    config.model.dtype = dtype
   llm = config.model.llm
   if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
     llm.param_dtype = config.model.dtype
@@ -238,12 +242,14 @@ class Assistant:
     self._relay = _TokenRelay()
 
   @classmethod
-  def from_run(cls, path: str, step: int | None = None, **kwargs) -> "Assistant":
-    """From a training run folder (latest step) or a converted checkpoint folder.
+  def from_run(cls, path: str, step: int | None = None, dtype: str | None = None,
+               **kwargs) -> "Assistant":
+    """From a training run folder (latest step) or a converted checkpoint folder; `dtype`:
+    the compute dtype, in place of the stored config's `model.dtype`.
 
     kwargs go to the constructor (`tokenizer`, `length_bucket`).
     """
-    return cls(*load_checkpoint(path, step), consume_params=True, **kwargs)
+    return cls(*load_checkpoint(path, step, dtype), consume_params=True, **kwargs)
 
   @property
   def context_length(self) -> int:

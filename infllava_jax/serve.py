@@ -30,7 +30,9 @@ How requests map onto the model:
     other fields (`model`, penalties, `user`...) are accepted and ignored.
   - Prompt + `max_tokens` must fit the model's positions (`llm.max_positions`).
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with 4xx for
-bad requests; the server keeps serving.
+bad requests; the server keeps serving. A body must come with `Content-Type:
+application/json` (FastAPI parses no other: a guard against cross-site requests to a
+server on localhost).
 
 Generation runs one request at a time: the model sits on one device, and the
 `Assistant`'s lock serialises requests (the others wait their turn, so clients should
@@ -42,38 +44,35 @@ tokens so that most requests reuse one compiled generation; each new (bucket,
 max_tokens) pair compiles once, and once more per sampling mode (greedy, or sampled with
 or without a top-p cut, and a top-k cut per power of two k rounds up to): the temperature,
 top_p and top_k values themselves are arguments of the compiled program
-(`generate.compiled_generate`). A request body over 64 MiB (`MAX_BODY_BYTES`) gets a 413
-before it is read whole.
+(`generate.compiled_generate`). A request body over 64 MiB (`MAX_BODY_BYTES`) gets a 413:
+its bytes are counted as they arrive (`BodyLimit`), so one is never held whole, chunked or
+not. The request body's fields are the Pydantic models of `infllava_jax.serve_requests`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import dataclasses
 import ipaddress
 import json
 import os
 import queue
-import secrets
 import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from infllava_jax import generate
-from infllava_jax.data import images
 from infllava_jax.generate_cli import add_checkpoint_flags, check_checkpoint_flags, load_assistant
 from infllava_jax.inference import Answer, Assistant
-
-MAX_STOPS = 4
+from infllava_jax.serve_requests import (ChatCompletionRequest, ChatRequest, RequestError,
+                                         chat_request, error_body, validation_error)
 
 
 # Requests generating or waiting their turn; more get a 503. Each waits on a thread.
@@ -82,172 +81,6 @@ MAX_PENDING = 16
 # Request bodies above this get a 413: a few base64 images of tens of MB fit, a runaway
 # upload does not reach memory whole.
 MAX_BODY_BYTES = 64 << 20
-
-
-class RequestError(ValueError):
-  """A request the server refuses; becomes an OpenAI-style error body with `status`."""
-
-  def __init__(self, message: str, param: str | None = None, code: str | None = None,
-               status: int = 400, kind: str = "invalid_request_error"):
-    super().__init__(message)
-    self.message, self.param, self.code, self.status, self.kind = (message, param, code,
-                                                                   status, kind)
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatRequest:
-  """A validated chat request: what the model is asked and how to sample."""
-  question: str
-  history: tuple[tuple[str, str], ...]
-  image: Any  # a PIL image, or None for a text-only question
-  max_tokens: int | None  # None: the server's default
-  temperature: float
-  top_p: float
-  top_k: int
-  seed: int
-  stop: tuple[str, ...]
-  stream: bool
-  include_usage: bool
-
-
-# ---- request parsing (pure: dict in, ChatRequest out or RequestError) ----
-
-def decode_data_url(url: Any, param: str):
-  """A `data:<mime>;base64,<data>` URL -> RGB PIL image; RequestError naming `param`."""
-  if not isinstance(url, str):
-    raise RequestError(f"{param} must be a string URL, got {type(url).__name__}", param)
-  if url.startswith(("http://", "https://")):
-    raise RequestError(f"{param}: remote images are not fetched; send the image inline as a "
-                       "base64 data URL (data:image/png;base64,...)", param, "invalid_image_url")
-  head, comma, data = url.partition(",")
-  if not (url.startswith("data:") and comma and head.endswith(";base64")):
-    raise RequestError(f"{param} must be a base64 data URL (data:image/png;base64,...), got "
-                       f"{url[:40]!r}", param, "invalid_image_url")
-  try:
-    raw = base64.b64decode("".join(data.split()), validate=True)
-  except (binascii.Error, ValueError) as e:
-    raise RequestError(f"{param}: malformed base64 ({e})", param, "invalid_image") from e
-  try:
-    return images.decode(raw)
-  except images.ImageError as e:
-    raise RequestError(f"{param}: {e}", param, "invalid_image") from e
-
-
-def _content_text(content: Any, where: str, role: str) -> tuple[str, list]:
-  """A message's content -> (text, [(param, image url)])."""
-  if isinstance(content, str):
-    return content, []
-  if not isinstance(content, list):
-    raise RequestError(f"{where}.content must be a string or a list of content parts, got "
-                       f"{type(content).__name__}", f"{where}.content")
-  texts, urls = [], []
-  for j, part in enumerate(content):
-    param = f"{where}.content[{j}]"
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-      texts.append(part["text"])
-    elif kind == "image_url":
-      if role != "user":
-        raise RequestError(f"{param}: images are only accepted in user messages", param)
-      image_url = part.get("image_url")
-      url = image_url.get("url") if isinstance(image_url, dict) else image_url
-      urls.append((f"{param}.image_url.url", url))
-    else:
-      raise RequestError(f"{param} must be {{'type': 'text', 'text': str}} or {{'type': "
-                         f"'image_url', 'image_url': {{'url': ...}}}}, got {str(part)[:80]!r}",
-                         param)
-  return "\n".join(texts), urls
-
-
-def parse_messages(messages: Any) -> tuple[str, tuple[tuple[str, str], ...], Any]:
-  """OpenAI `messages` -> (question, history [(question, answer)], image or None)."""
-  if not isinstance(messages, list) or not messages:
-    raise RequestError("messages must be a non-empty list", "messages")
-  system, turns, urls = [], [], []
-  for i, message in enumerate(messages):
-    where = f"messages[{i}]"
-    if not isinstance(message, dict):
-      raise RequestError(f"{where} must be an object with 'role' and 'content'", where)
-    role = message.get("role")
-    if role not in ("system", "developer", "user", "assistant"):
-      raise RequestError(f"{where}.role must be 'system', 'developer', 'user' or 'assistant', "
-                         f"got {role!r}", f"{where}.role")
-    text, found = _content_text(message.get("content"), where, role)
-    urls += found
-    if role in ("system", "developer"):
-      system.append(text)
-    elif turns and turns[-1][0] == role:
-      turns[-1] = (role, turns[-1][1] + "\n" + text)
-    else:
-      turns.append((role, text))
-  if not turns or turns[0][0] != "user":
-    raise RequestError("the first non-system message must be the user's", "messages")
-  if turns[-1][0] != "user":
-    raise RequestError("the last message must be the user's (the model answers it)",
-                       "messages")
-  if len(urls) > 1:
-    raise RequestError(f"this model takes one image per conversation, got {len(urls)}",
-                       urls[1][0])
-  image = decode_data_url(urls[0][1], urls[0][0]) if urls else None
-  texts = [text for _, text in turns]
-  if system:
-    texts[0] = "\n".join(system) + "\n\n" + texts[0]
-  history = tuple(zip(texts[:-1:2], texts[1::2]))
-  return texts[-1], history, image
-
-
-def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
-  value = body.get(name)
-  if value is None:
-    return default
-  kinds = (int,) if integer else (int, float)
-  if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-    kind = "an integer" if integer else "a number"
-    raise RequestError(f"{name} must be {kind} in [{low}, {high}], got {value!r}", name)
-  return value
-
-
-def parse_request(body: Any) -> ChatRequest:
-  """A chat-completions JSON body -> ChatRequest (RequestError for what cannot be served)."""
-  if not isinstance(body, dict):
-    raise RequestError("the request body must be a JSON object")
-  if body.get("n") not in (None, 1):
-    raise RequestError(f"n must be 1 (one choice per request), got {body['n']!r}", "n")
-  if body.get("logprobs"):
-    raise RequestError("logprobs are not supported", "logprobs")
-  if body.get("tools") or body.get("functions"):
-    raise RequestError("tools are not supported", "tools")
-  question, history, image = parse_messages(body.get("messages"))
-  name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else (
-      "max_tokens")
-  max_tokens = _number(body, name, None, 1, 1 << 20, integer=True)
-  stop = body.get("stop")
-  stop = [stop] if isinstance(stop, str) else (stop or [])
-  if (not isinstance(stop, list) or len(stop) > MAX_STOPS
-      or not all(isinstance(s, str) and s for s in stop)):
-    raise RequestError(f"stop must be a non-empty string or a list of up to {MAX_STOPS}, got "
-                       f"{body.get('stop')!r}", "stop")
-  stream = body.get("stream") or False
-  if not isinstance(stream, bool):
-    raise RequestError(f"stream must be a boolean, got {stream!r}", "stream")
-  options = body.get("stream_options") or {}
-  if not isinstance(options, dict):
-    raise RequestError("stream_options must be an object", "stream_options")
-  seed = _number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True)
-  top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
-  top_k = _number(body, "top_k", 0, 0, 1 << 20, integer=True)
-  if top_p == 0.0:  # only the most likely token: top_k 1 (a 0 nucleus would keep nothing)
-    top_p, top_k = 1.0, 1
-  return ChatRequest(
-      question=question, history=history, image=image, max_tokens=max_tokens,
-      temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)), top_p=top_p, top_k=top_k,
-      seed=secrets.randbits(31) if seed is None else seed % (1 << 31),
-      stop=tuple(stop), stream=stream, include_usage=bool(options.get("include_usage")))
 
 
 # ---- stop strings ----
@@ -396,22 +229,71 @@ def sampling_for(assistant: Assistant, request: ChatRequest,
 
 # ---- the app ----
 
+class BodyTooLarge(HTTPException):
+  """A request body past the server's limit: a 413 raised while the body is read."""
+  code = "request_too_large"
+
+  def __init__(self, size: int, limit: int, declared: bool):
+    super().__init__(413, f"the request body {'is' if declared else 'passed'} {size} bytes, "
+                          f"over this server's limit of {limit} (an image travels "
+                          "base64-encoded in its data URL)")
+
+
+class BodyLimit:
+  """ASGI middleware: reading a request body raises `BodyTooLarge` as soon as its declared
+  length, or the bytes that have arrived (a chunked body declares none), pass `max_bytes`,
+  so no body over the limit is ever held whole."""
+
+  def __init__(self, app, max_bytes: int):
+    self.app, self.max_bytes = app, max_bytes
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    received = 0
+
+    async def limited_receive():
+      nonlocal received
+      if declared.isdigit() and int(declared) > self.max_bytes:
+        raise BodyTooLarge(int(declared), self.max_bytes, declared=True)
+      message = await receive()
+      if message["type"] == "http.request":
+        received += len(message.get("body", b""))
+        if received > self.max_bytes:
+          raise BodyTooLarge(received, self.max_bytes, declared=False)
+      return message
+
+    await self.app(scope, limited_receive, send)
+
+
 def create_app(assistant: Assistant, model_name: str = "infllava",
                default_max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES,
                max_pending: int = MAX_PENDING) -> FastAPI:
   """The FastAPI app serving `assistant` under /v1 (see the module docstring); request
   bodies over `max_body_bytes` get a 413, requests beyond `max_pending` a 503."""
   app = FastAPI(title="infllava-jax", docs_url=None, redoc_url=None)
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   started = int(time.time())
   pending = threading.BoundedSemaphore(max_pending)
 
-  def error_response(e: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+  @app.exception_handler(RequestError)
+  async def request_error(_, e: RequestError):
+    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status,
+                        headers={"Retry-After": "1"} if e.status == 503 else None)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid_request(http, e: RequestValidationError):
+    return await request_error(http, validation_error(e.errors()))
 
   @app.exception_handler(HTTPException)
-  async def http_error(_, e: HTTPException):  # 404, 405... in the OpenAI shape
+  async def http_error(_, e: HTTPException):  # 404, 405, 413... in the OpenAI shape
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+    message = str(e.detail)
+    if e.status_code == 400 and e.__cause__ is not None:  # FastAPI could not parse the body
+      message = f"the request body is not valid JSON: {e.__cause__}"  # e.g. nested too deep
+    return JSONResponse(error_body(message, kind, code=getattr(e, "code", None)),
+                        status_code=e.status_code)
 
   @app.exception_handler(Exception)
   async def server_error(_, e: Exception):
@@ -423,36 +305,16 @@ def create_app(assistant: Assistant, model_name: str = "infllava",
     return {"object": "list", "data": [{"id": model_name, "object": "model",
                                         "created": started, "owned_by": "infllava-jax"}]}
 
-  def too_large(size: int) -> JSONResponse:
-    return error_response(RequestError(
-        f"the request body is {size} bytes, over this server's limit of {max_body_bytes} "
-        "(an image travels base64-encoded in its data URL)", status=413,
-        code="request_too_large"))
-
   @app.post("/v1/chat/completions")
-  async def chat_completions(http: Request):
-    declared = http.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_body_bytes:  # refused before it is read
-      return too_large(int(declared))
-    raw = await http.body()
-    if len(raw) > max_body_bytes:  # a chunked body declares no length
-      return too_large(len(raw))
-    try:
-      body = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
-      return error_response(RequestError(f"the request body is not valid JSON: {e}"))
-    try:  # decoding images and tokenising are host work: off the event loop
-      request = await run_in_threadpool(parse_request, body)
-      sampling = await run_in_threadpool(sampling_for, assistant, request, default_max_tokens)
-    except RequestError as e:
-      return error_response(e)
+  async def chat_completions(body: ChatCompletionRequest):
+    # Decoding the image and tokenising are host work: off the event loop.
+    request = await run_in_threadpool(chat_request, body)
+    sampling = await run_in_threadpool(sampling_for, assistant, request, default_max_tokens)
     if not pending.acquire(blocking=False):
-      response = error_response(RequestError(
+      raise RequestError(
           f"the server is busy: {max_pending} requests are generating or waiting their "
           "turn (--max-pending); retry later", status=503, code="server_busy",
-          kind="server_error"))
-      response.headers["Retry-After"] = "1"
-      return response
+          kind="server_error")
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if request.stream:
       return StreamingResponse(
@@ -482,6 +344,14 @@ def is_loopback(host: str) -> bool:
     return False
 
 
+def tcp_port(text: str) -> int:
+  """--port's value: a port number 1-65535 (0, any free port, would make the announced
+  address wrong)."""
+  if not (text.isdigit() and 1 <= int(text) <= 65535):
+    raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}")
+  return int(text)
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="infllava serve", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -489,7 +359,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to bind (default loopback only; anything else exposes the "
                            "model, unauthenticated, to the network)")
-  parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+  parser.add_argument("--port", type=tcp_port, default=8000,
+                      help="TCP port, 1-65535 (default: %(default)s)")
   parser.add_argument("--model-name", default=None,
                       help="the id /v1/models lists and responses carry (default: the "
                            "checkpoint folder's name); requests may name any model")

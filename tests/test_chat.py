@@ -6,6 +6,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from infllava_jax import chat
@@ -92,3 +93,12 @@ def test_text_stream_pieces_are_whole_characters():
   stream.finish(answer)
   assert "".join(pieces) == answer == text.strip()
   assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+
+
+def test_a_bad_image_is_refused_before_the_model_loads(tmp_path, capsys):
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  with pytest.raises(SystemExit) as done:  # tmp_path is no checkpoint: it is never read
+    chat.main(["--checkpoint", str(tmp_path), "--image", str(tmp_path / "bad.png")])
+  assert done.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1].startswith(
+      f"infllava chat: error: --image: cannot decode image '{tmp_path / 'bad.png'}'")

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from infllava_jax import cli
+from tests.run_cli import error_line, infllava
 
 
 def test_help_lists_every_command(capsys):
@@ -50,9 +51,69 @@ def test_transformers_advice_is_off_unless_the_user_set_it(monkeypatch):
 ])
 def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
   (tmp_path / "empty").mkdir()
-  (tmp_path / "x.png").write_bytes(b"")  # only its existence is checked before the checkpoint
+  from PIL import Image
+  Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # read before the checkpoint is
   argv = [a.format(empty=tmp_path / "empty", image=tmp_path / "x.png") for a in argv]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"infllava {argv[0]}: error: "), err
   assert words in err[0]
+
+
+# ---- as a user runs them: `python -m infllava_jax.cli ...` in a subprocess ----
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_config):
+  from infllava_jax.convert import checkpoint_io
+  from tests.random_params import random_params
+  path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+  checkpoint_io.save_converted(path, tiny_config.model, random_params(tiny_config.model))
+  return path
+
+
+def test_bad_flags_are_refused_before_a_model_loads(tmp_path):
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  (tmp_path / "empty").mkdir()
+  done = infllava("serve", "--checkpoint", tmp_path / "empty", "--port", "99999")
+  assert error_line(done, "serve").endswith(
+      "argument --port: expected a TCP port 1-65535, got '99999'")
+  done = infllava("generate", "--checkpoint", tmp_path / "empty", "--image",
+                  tmp_path / "bad.png", "--prompt", "What is it?")
+  assert error_line(done, "generate").startswith(
+      f"infllava generate: error: --image: cannot decode image '{tmp_path / 'bad.png'}'")
+  out = tmp_path / "eval"
+  out.mkdir()
+  (out / "predictions.jsonl").write_text("{}\n")  # an earlier run's
+  done = infllava("evaluate", "--checkpoint", tmp_path / "empty", "--benchmark", "synthetic",
+                  "--out", out)
+  assert error_line(done, "evaluate") == (
+      f"infllava evaluate: error: --out '{out}' already holds predictions.jsonl from an "
+      "earlier run; give another --out, or --overwrite to replace them")
+  assert (out / "predictions.jsonl").read_text() == "{}\n"
+
+
+def test_an_over_long_prompt_is_one_line_that_does_not_echo_it(tiny_checkpoint, tmp_path):
+  from PIL import Image
+  Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+  prompt = "word " * 3000  # ~3000 tokens, over the tiny model's 2048 positions
+  done = infllava("generate", "--checkpoint", tiny_checkpoint, "--image", tmp_path / "x.png",
+                  "--prompt", prompt, "--dtype", "bfloat16")
+  line = error_line(done, "generate")
+  assert " tokens and max_new_tokens is 64: together over the model's 2048 positions" in line
+  assert done.stdout == "" and "word word" not in done.stderr
+  assert len(done.stderr.splitlines()) == 2, done.stderr  # the load line, then the error
+  assert done.stderr.startswith(f"loaded {tiny_checkpoint} (infllava, bfloat16) in ")
+
+
+def test_verbose_adds_the_traceback(capsys, monkeypatch):
+  done = infllava("train", "--config", "nope.py", "--workdir", "w", "--verbose")
+  assert done.returncode == 2
+  assert done.stderr.startswith("Traceback (most recent call last):")
+  assert done.stderr.splitlines()[-1] == (
+      "infllava train: error: config file 'nope.py' not found")
+  monkeypatch.setenv("INFLLAVA_VERBOSE", "1")
+  assert cli.main(["train", "--config", "nope.py", "--workdir", "w"]) == 2
+  assert "Traceback" in capsys.readouterr().err
+  monkeypatch.setenv("INFLLAVA_VERBOSE", "0")
+  assert cli.main(["train", "--config", "nope.py", "--workdir", "w"]) == 2
+  assert len(capsys.readouterr().err.splitlines()) == 1

@@ -2,8 +2,10 @@
 bad requests get OpenAI-style 4xx errors and the server keeps serving."""
 
 import base64
+import contextlib
 import io
 import json
+import socket
 import threading
 import time
 
@@ -68,10 +70,9 @@ def sse_deltas(response):
   return pieces, finishes, usage, done
 
 
-@pytest.fixture(scope="module")
-def api(assistant):
-  """The openai client of a real server on a free loopback port (uvicorn in a thread)."""
-  app = serve.create_app(assistant, "tiny", default_max_tokens=MAX_TOKENS)
+@contextlib.contextmanager
+def serving(app):
+  """`app` served by uvicorn on a free loopback port, in a thread; yields the port."""
   server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
@@ -79,10 +80,18 @@ def api(assistant):
   while not server.started and thread.is_alive() and time.time() < deadline:
     time.sleep(0.05)
   assert server.started, "uvicorn did not start"
-  port = server.servers[0].sockets[0].getsockname()[1]
-  yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-  server.should_exit = True
-  thread.join(timeout=10)
+  try:
+    yield server.servers[0].sockets[0].getsockname()[1]
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def api(assistant):
+  """The openai client of a real server on a free loopback port."""
+  with serving(serve.create_app(assistant, "tiny", default_max_tokens=MAX_TOKENS)) as port:
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +166,17 @@ def test_openai_client_streams(api, image, expected):
      "messages[0].content[0]", "must be"),
     ({"messages": [{"role": "user", "content": "what is <image>?"}]}, "messages",
      "the question holds '<image>', the image marker"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature",
+     "temperature: Input should be a valid number, got 'hot'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream",
+     "stream: Input should be a valid boolean, got 'yes'"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "messages[0].content is required"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, "stop",
+     "stop must be a non-empty string or a list of up to 4"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]},
+                   {"role": "user", "content": "b"}]},
+     "messages[1].content[0]", "images are only accepted in user messages"),
 ])
 def test_bad_requests_get_openai_errors(client, body, param, words):
   response = client.post("/v1/chat/completions", json=body)
@@ -179,6 +199,9 @@ def test_protocol_errors_and_two_images(client, image):
   response = client.post("/v1/chat/completions", json=two)
   assert response.status_code == 400
   assert response.json()["error"]["param"] == "messages[2].content[1].image_url.url"
+  response = client.post("/v1/chat/completions", content=json.dumps(two).encode())
+  assert response.status_code == 400  # no Content-Type: not parsed (FastAPI's CSRF guard)
+  assert "Content-Type: application/json" in response.json()["error"]["message"]
   response = client.get("/v1/nothing")
   assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
 
@@ -195,6 +218,27 @@ def test_bodies_over_the_limit_get_413_and_the_server_stays_up(assistant):
                         headers={"Content-Type": "application/json"})
   assert chunked.status_code == 413  # no Content-Length: measured once read
   assert client.get("/v1/models").status_code == 200
+
+
+def test_a_chunked_body_gets_413_once_past_the_limit_not_once_complete(assistant):
+  with serving(serve.create_app(assistant, max_body_bytes=1000)) as port, \
+      socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    piece = b"[" + b" " * 599
+    for _ in range(2):  # 1,200 bytes, and no last chunk: the body never ends
+      sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+    response = b""
+    while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+      data = sock.recv(65536)  # a server that waited for the whole body would time out here
+      assert data, response
+      response += data
+  head, _, body = response.partition(b"\r\n\r\n")
+  assert head.startswith(b"HTTP/1.1 413 "), head
+  error = json.loads(body)["error"]
+  assert error["code"] == "request_too_large"
+  assert error["message"].startswith("the request body passed 1200 bytes, over this server's "
+                                     "limit of 1000")
 
 
 class GatedAssistant:

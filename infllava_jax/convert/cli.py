@@ -6,20 +6,29 @@
   infllava convert from-pytorch --llava-hf llava-1.5-7b-hf/ --out ckpt/
   infllava convert to-pytorch --checkpoint ckpt/ --out release/    # or a training run folder
 
+`from-pytorch` takes `--config.a.b=value` overrides of its `--config`, as `infllava train`
+does: `--config.model.dtype=float32` records float32 compute for a float32 source (the
+default config computes in bfloat16, which `generate`, `chat`, `serve` and `evaluate`
+then use unless given `--dtype`). It states the compute and param dtypes it records.
+
 Errors from the checkpoint (missing / unexpected / mis-shaped tensors, a bad file) are
-printed as one list and exit with status 1.
+printed as one list and exit with status 1; a path that is not there, or an --out that
+already holds a checkpoint, is one line and status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from infllava_jax.cli import user_error
 from infllava_jax.config import config_help, load_config
 from infllava_jax.convert.mapping import ConversionError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CONFIG = "infllava_8b"  # `convert.hf.base_config`'s, :llava for --llava-hf
 
 
 class Progress:
@@ -69,9 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline")
   src.add_argument("--config", metavar="NAME|FILE.py[:ARG]",
                    help="config whose `model` section supplies what a checkpoint cannot "
-                        "(DCM, DEM, CLIP heads): " + config_help("tiny") + "; default "
-                        "infllava_8b (:llava for --llava-hf). Sizes found in the checkpoint "
-                        "win.")
+                        "(DCM, DEM, CLIP heads, the compute dtype model.dtype): "
+                        + config_help("tiny") + f"; default {DEFAULT_CONFIG} (:llava for "
+                        "--llava-hf). Sizes found in the checkpoint win. Overrides follow it "
+                        "as --config.model.dtype=float32")
   src.add_argument("--dtype", choices=DTYPES,
                    help="cast every param (default: keep each tensor's dtype, bf16 exact)")
   src.add_argument("--no-pad-row", dest="pad_row", action="store_false",
@@ -97,9 +107,24 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _source(args, parser):
+def check_paths(parser, **flags: str | None) -> None:
+  """Exits via parser.error when a flag (its dest: value) names nothing."""
+  for dest, path in flags.items():
+    if path is not None and not os.path.exists(path):
+      parser.error(f"--{dest.replace('_', '-')} {path!r} does not exist")
+
+
+def _model_config(args, overrides: list[str]):
+  """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
+  if not (args.config or overrides):
+    return None
+  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if args.llava_hf else 'infllava'}"
+  return load_config(spec, overrides).model
+
+
+def _source(args, parser, overrides: list[str]):
   from infllava_jax.convert import hf
-  config = load_config(args.config).model if args.config else None
+  config = _model_config(args, overrides)
   given = [name for name in ("model", "llama", "llava_hf") if getattr(args, name)]
   if len(given) != 1:
     parser.error("give exactly one source: --model DIR, --llama DIR --clip DIR, or --llava-hf DIR")
@@ -107,6 +132,8 @@ def _source(args, parser):
     parser.error("--llama needs --clip DIR")
   if (args.clip or args.projector) and not args.llama:
     parser.error("--clip and --projector go with --llama")
+  check_paths(parser, model=args.model, llama=args.llama, clip=args.clip,
+              projector=args.projector, llava_hf=args.llava_hf)
   if args.model:
     return hf.release_source(args.model, config)
   if args.llama:
@@ -114,10 +141,17 @@ def _source(args, parser):
   return hf.llava_hf_source(args.llava_hf, config)
 
 
-def from_pytorch(args, parser) -> None:
+def dtypes_note(model_cfg) -> str:
+  """What a converted checkpoint records: its compute dtype and its params' dtypes."""
+  stored = sorted({model_cfg.llm.param_dtype, model_cfg.vision.param_dtype})
+  return f"computes in {model_cfg.dtype} (model.dtype), params stored as {'/'.join(stored)}"
+
+
+def from_pytorch(args, parser, overrides: list[str]) -> None:
+  import jax.numpy as jnp
   from infllava_jax.convert import checkpoint_io, hf
   from infllava_jax.convert.mapping import flatten
-  source = _source(args, parser)
+  source = _source(args, parser, overrides)
   progress = Progress(0, 0, args.quiet)
   reader = hf.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
   model_cfg, params = hf.plan(source, reader, dtype=args.dtype, seed=args.seed)
@@ -137,12 +171,19 @@ def from_pytorch(args, parser) -> None:
     print(f"note: {folder} holds no tokenizer ({', '.join(checkpoint_io.TOKENIZER_FILES)}): "
           "give generate, chat, serve and evaluate the model's tokenizer folder with "
           "--tokenizer DIR", file=sys.stderr)
+  if jnp.dtype(model_cfg.dtype).itemsize < max(
+      jnp.dtype(d).itemsize for d in (model_cfg.llm.param_dtype, model_cfg.vision.param_dtype)):
+    print(f"note: {args.out} {dtypes_note(model_cfg)}: generate, chat, serve and evaluate "
+          f"compute in {model_cfg.dtype} unless given --dtype float32 (or convert with "
+          "--config.model.dtype=float32)", file=sys.stderr)
   if not args.quiet:
-    print(f"wrote {args.out}" + (f" (tokenizer copied from {folder})" if tokenizer else ""))
+    print(f"wrote {args.out}: {dtypes_note(model_cfg)}"
+          + (f"; tokenizer copied from {folder}" if tokenizer else ""))
 
 
-def to_pytorch(args) -> None:
+def to_pytorch(args, parser) -> None:
   from infllava_jax.convert import export
+  check_paths(parser, checkpoint=args.checkpoint)
   progress = Progress(0, 0, args.quiet)
   def on_write(name, nbytes, total_tensors, total_bytes):
     progress.total_tensors, progress.total_bytes = total_tensors, total_bytes
@@ -155,13 +196,19 @@ def to_pytorch(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  bad = [o for o in overrides if args.command != "from-pytorch" or not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognised arguments: {' '.join(bad)} (from-pytorch takes config "
+                 "overrides such as --config.model.dtype=float32)")
   try:
     if args.command == "from-pytorch":
-      from_pytorch(args, parser)
+      from_pytorch(args, parser, overrides)
     else:
-      to_pytorch(args)
-  except (ConversionError, FileNotFoundError, FileExistsError) as err:
+      to_pytorch(args, parser)
+  except ConversionError as err:  # the checkpoint's contents: every problem, listed
     print(f"infllava convert {args.command}: error: {err}", file=sys.stderr)
     return 1
+  except (FileNotFoundError, FileExistsError) as err:  # a folder given wrong, or --out taken
+    return user_error(f"infllava convert {args.command}", err)
   return 0

@@ -17,7 +17,8 @@ nothing (the run's held-out split).
 Decoding is greedy, as in the paper's evaluation. Writes OUT/predictions.jsonl (one line
 per question asked: output, parsed answer, right or not) and OUT/summary.json (accuracy
 overall and per category; POPE adds precision/recall/F1/yes-ratio, MMBench the vanilla
-first-pass numbers beside the circular ones), and prints the summary.
+first-pass numbers beside the circular ones; the compute dtype, see --dtype), and prints the summary. An OUT that holds
+an earlier run's files is refused before the model loads, unless --overwrite.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ import time
 from infllava_jax import generate
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
-from infllava_jax.generate_cli import add_checkpoint_flags, check_checkpoint_flags, flag_tokenizer
+from infllava_jax.cli import user_error
+from infllava_jax.generate_cli import (add_checkpoint_flags, check_checkpoint_flags,
+                                       flag_tokenizer, loaded_line)
 from infllava_jax.inference import Assistant, load_checkpoint
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint
 
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
 MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
+OUTPUTS = ("predictions.jsonl", "summary.json")  # what a run writes into --out
 
 
 def read_questions(args: argparse.Namespace, config=None) -> list[records.Question]:
@@ -73,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--images", default=None, help="image folder (see above)")
   parser.add_argument("--out", default=None,
                       help="output folder (default: CHECKPOINT_eval/BENCHMARK)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the predictions and summary an earlier run left in OUT "
+                           "(default: refuse to)")
   parser.add_argument("--batch-size", type=int, default=8,
                       help="questions per generate call (default: %(default)s)")
   parser.add_argument("--limit", type=int, default=None,
@@ -113,6 +120,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       ("--processor-size", args.processor_size)):
     if value is not None and value < 1:
       parser.error(f"{flag} must be at least 1, got {value}")
+  args.out = args.out or default_out(args.checkpoint, args.benchmark)
+  earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+  if earlier and not args.overwrite:
+    parser.error(f"--out {args.out!r} already holds {' and '.join(earlier)} from an earlier "
+                 "run; give another --out, or --overwrite to replace them")
   return args
 
 
@@ -121,7 +133,7 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
-    config, params = load_checkpoint(args.checkpoint, args.step)
+    config, params = load_checkpoint(args.checkpoint, args.step, args.dtype)
     if args.processor_size:
       config.model.dcm.processor_size = args.processor_size
       try:
@@ -133,11 +145,9 @@ def main(argv: list[str]) -> int:
       assistant = Assistant(config, params, tokenizer=flag_tokenizer(args),
                             length_bucket=args.length_bucket, consume_params=True)
     except ValueError as e:  # a tokenizer that is not the model's
-      print(f"infllava evaluate: error: {e}", file=sys.stderr)
-      return 2
+      return user_error("infllava evaluate", e)
     del params  # handed over: the Assistant holds them with the layers unrolled
-    print(f"loaded {args.checkpoint} ({assistant.config.model.variant}) in "
-          f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(loaded_line(args, assistant, time.perf_counter() - start), file=sys.stderr)
     if questions is None:
       questions = read_questions(args, assistant.config)
   except records.BenchmarkError as e:
@@ -148,7 +158,7 @@ def main(argv: list[str]) -> int:
     return 1
   tokens = args.max_new_tokens or (synthetic.max_new_tokens(assistant.config)
                                    if args.benchmark == "synthetic" else MAX_NEW_TOKENS)
-  out = args.out or default_out(args.checkpoint, args.benchmark)
+  out = args.out
   os.makedirs(out, exist_ok=True)
   print(f"{len(questions)} {args.benchmark} questions, batch size {args.batch_size}, "
         f"writing {out}", file=sys.stderr)
@@ -162,6 +172,7 @@ def main(argv: list[str]) -> int:
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
                  step=checkpoint.params_step(args.checkpoint, args.step),
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
+                 dtype=assistant.config.model.dtype,
                  processor_size=infllava.input_size(assistant.config.model),
                  seconds=round(time.perf_counter() - start, 1))
   with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:

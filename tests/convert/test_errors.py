@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from infllava_jax.convert import cli, hf
 from infllava_jax.convert.mapping import ConversionError
 from tests.convert import tiny_checkpoints as tc
+from tests.run_cli import error_line, infllava
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -153,3 +154,26 @@ def test_bin_files_load_only_weights(tmp_path):
                                             r"torch.load\(weights_only=True\)"):
     hf.file_refs(str(path))
   assert not marker.exists()
+
+
+def test_mistakes_in_paths_and_overrides_are_one_line_and_exit_2(good_release, tmp_path):
+  done = infllava("convert", "from-pytorch", "--model", good_release, "--out", tmp_path / "o",
+                  "--config", "configs/tiny.py", "--config.model.dtpye=float32")
+  assert error_line(done, "convert") == (
+      "infllava convert: error: configs/tiny.py with --config.model.dtpye=float32: unknown "
+      "field 'dtpye'. Did you mean \"dtype\" instead of \"dtpye\"?")
+  assert not os.path.exists(tmp_path / "o")
+  os.makedirs(tmp_path / "taken" / "params")
+  done = infllava("convert", "from-pytorch", "--model", tmp_path / "missing", "--out",
+                  tmp_path / "taken")
+  assert error_line(done, "convert") == (
+      f"infllava convert: error: --model '{tmp_path / 'missing'}' does not exist")
+  done = infllava("convert", "from-pytorch", "--model", good_release, "--out",
+                  tmp_path / "taken", "--config", "configs/tiny.py")
+  assert error_line(done, "convert from-pytorch") == (
+      f"infllava convert from-pytorch: error: {tmp_path / 'taken' / 'params'} exists: choose "
+      "a new --out folder (a checkpoint is never overwritten)")
+  done = infllava("convert", "to-pytorch", "--checkpoint", good_release, "--out",
+                  tmp_path / "o", "--config.model.dtype=float32")
+  assert error_line(done, "convert").startswith(
+      "infllava convert: error: unrecognised arguments: --config.model.dtype=float32")

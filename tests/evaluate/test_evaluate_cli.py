@@ -41,6 +41,22 @@ def test_scienceqa_through_the_cli(checkpoint, tmp_path, capsys):
   assert summary["accuracy"] == sum(l["correct"] for l in lines) / 2
   assert json.loads(capsys.readouterr().out) == summary
 
+  # A second run into the same folder is refused before the model loads; --overwrite
+  # replaces the first run's files.
+  again = ["--checkpoint", checkpoint, "--benchmark", "scienceqa", "--data", data,
+           "--batch-size", "2", "--max-new-tokens", "2", "--out", out, "--limit", "1",
+           "--dtype", "bfloat16"]
+  with pytest.raises(SystemExit) as refused:
+    cli.main(again)
+  assert refused.value.code == 2
+  assert (f"--out {out!r} already holds predictions.jsonl and summary.json from an earlier "
+          "run") in capsys.readouterr().err
+  assert _outputs(out) == (lines, summary)
+  assert summary["dtype"] == "float32"  # the checkpoint's model.dtype (configs/tiny.py)
+  assert cli.main(again + ["--overwrite"]) == 0
+  lines, summary = _outputs(out)
+  assert [l["id"] for l in lines] == ["5"] and summary["dtype"] == "bfloat16"
+
 
 def test_processor_size_flag(checkpoint, tmp_path, capsys):
   data = bench_files.write_scienceqa(tmp_path / "sqa")
