@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _source(args, parser):
-  from infllava_jax.convert import hf
+  from infllava_jax.convert import sources
   config = load_config(args.config).model if args.config else None
   given = [name for name in ("model", "llama", "llava_hf") if getattr(args, name)]
   if len(given) != 1:
@@ -107,20 +107,20 @@ def _source(args, parser):
   if (args.clip or args.projector) and not args.llama:
     parser.error("--clip and --projector go with --llama")
   if args.model:
-    return hf.release_source(args.model, config)
+    return sources.release_source(args.model, config)
   if args.llama:
-    return hf.separate_source(args.llama, args.clip, args.projector, config, args.pad_row)
-  return hf.llava_hf_source(args.llava_hf, config)
+    return sources.separate_source(args.llama, args.clip, args.projector, config, args.pad_row)
+  return sources.llava_hf_source(args.llava_hf, config)
 
 
 def from_pytorch(args, parser) -> None:
-  from infllava_jax.convert import checkpoint_io, hf
-  from infllava_jax.convert.mapping import flatten
+  from flax import traverse_util
+  from infllava_jax.convert import checkpoint_io, plan, readers
   source = _source(args, parser)
   progress = Progress(0, 0, args.quiet)
-  reader = hf.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
-  model_cfg, params = hf.plan(source, reader, dtype=args.dtype, seed=args.seed)
-  streamed = [leaf for leaf in flatten(params).values()
+  reader = readers.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
+  model_cfg, params = plan.plan(source, reader, dtype=args.dtype, seed=args.seed)
+  streamed = [leaf for leaf in traverse_util.flatten_dict(params).values()
               if isinstance(leaf, checkpoint_io.StreamedArray)]
   progress.total_tensors = sum(leaf.shape[0] if leaf.stacked else 1 for leaf in streamed)
   progress.total_bytes = sum(leaf.nbytes for leaf in streamed)

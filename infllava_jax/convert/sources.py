@@ -1,4 +1,4 @@
-"""PyTorch checkpoints -> params, streaming: readers, the composed tables, and the plan.
+"""The checkpoints `infllava convert from-pytorch` reads, each as a `Source` ready to plan.
 
 Three sources, one path. Each source names its tensors in the INF-LLaVA release spelling
 (spec section 11) or its own, picks the table that maps those names to our param paths,
@@ -11,40 +11,25 @@ and derives `config.model` from its config.json and its tensors' shapes:
   llava_hf_source(DIR)          llava-hf LlavaForConditionalGeneration -> the LLaVA-1.5
                                 baseline variant
 
-`plan(source)` checks every name and shape against the model from metadata alone (no tensor
-is read) and returns the param tree with `checkpoint_io.StreamedArray` leaves: a leaf reads
-its PyTorch tensor(s) only when it is written, one layer at a time. Nothing from a
-checkpoint is executed: safetensors are parsed, .bin files go through
-`torch.load(weights_only=True)`, and torch is imported only for .bin files.
+`plan.plan(source, reader)` then checks every name and shape against the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import math
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
-import jax
-# Imported for its side effect too: it registers bfloat16 with numpy, which safetensors'
-# numpy reader needs for BF16 tensors.
-import ml_dtypes
-import numpy as np
-import flax.linen as nn
 from ml_collections import ConfigDict
-from safetensors import safe_open
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io
 from infllava_jax.convert.clip_table import clip_table, clip_unused
 from infllava_jax.convert.dem_table import DEM_TABLE
 from infllava_jax.convert.llama_table import EMBED, LM_HEAD, llama_config_from_hf, llama_table
-from infllava_jax.convert.mapping import (LINEAR, ConversionError, Rule, Table, flatten, match,
-                                          prefixed)
-from infllava_jax.model.infllava import build_model, dummy_inputs
+from infllava_jax.convert.mapping import LINEAR, ConversionError, Rule, Table, prefixed
+from infllava_jax.convert.readers import TensorRef, file_refs, folder_refs, read_json
 
 # ---------------------------------------------------------------------------- names
 
@@ -55,8 +40,6 @@ RELEASE_DEM = "model.spatial_embed."
 RELEASE_PROJECTOR = "model.mm_projector."
 LLAVA_HF_CLIP = "model.vision_tower."
 LLAVA_HF_LLM = "model.language_model."
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-PAD_ROW_PATHS = ("llm/embed/embedding", "llm/lm_head/kernel")
 
 # mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2 (spec 7).
 PROJECTOR_TABLE: Table = (
@@ -121,206 +104,6 @@ def renamed(name: str, renames: Iterable[tuple[str, str]]) -> str:
     if name.startswith(old):
       return new + name[len(old):]
   return name
-
-
-# ---------------------------------------------------------------------------- reading
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRef:
-  """Where one tensor lives and what it is, known from metadata without reading it."""
-  file: str
-  stored_name: str
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
-
-
-class Reader:
-  """Reads tensors one at a time; counts what it read for progress output.
-
-  safetensors files are opened per read (the memory map is dropped after each tensor, so
-  the process never maps the whole checkpoint); a .bin file stays loaded (memory-mapped
-  where torch can) until a tensor of another file is read.
-  """
-
-  def __init__(self, on_read: Callable[[TensorRef], None] | None = None):
-    self.on_read = on_read
-    self._bin: tuple[str, dict] | None = None
-
-  def read(self, ref: TensorRef) -> np.ndarray:
-    if ref.file.endswith(".safetensors"):
-      try:
-        with safe_open(ref.file, framework="numpy") as f:
-          array = f.get_tensor(ref.stored_name)
-      except Exception as err:  # safetensors raises its own error types
-        raise ConversionError(f"{ref.file}: cannot read tensor {ref.stored_name!r}: "
-                              f"{err}") from err
-    else:
-      array = _torch_to_numpy(self._bin_state(ref.file)[ref.stored_name])
-    if array.shape != ref.shape or array.dtype != ref.dtype:
-      raise ConversionError(f"{ref.file}: tensor {ref.stored_name!r} is {array.dtype}"
-                            f"{list(array.shape)}; its header said {ref.dtype}{list(ref.shape)}")
-    if self.on_read:
-      self.on_read(ref)
-    return array
-
-  def _bin_state(self, path: str) -> dict:
-    if self._bin is None or self._bin[0] != path:
-      self._bin = None
-      self._bin = (path, load_bin(path))
-    return self._bin[1]
-
-
-def load_bin(path: str) -> dict:
-  """A torch pickle's state dict, through `torch.load(weights_only=True)` only.
-
-  weights_only refuses any pickle that would build objects other than tensors and plain
-  containers, so nothing in the file can run code.
-  """
-  try:
-    import torch
-  except ImportError as err:
-    raise ConversionError(f"{path}: reading .bin/.pt files needs torch "
-                          "(pip install 'infllava-jax[convert]'); safetensors do not") from err
-  try:
-    try:
-      state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-      state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as err:
-    raise ConversionError(f"{path}: cannot load with torch.load(weights_only=True): "
-                          f"{err}") from err
-  if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                          Mapping):
-    state = state["state_dict"]
-  if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-    raise ConversionError(f"{path}: expected a state dict of named tensors, found "
-                          f"{type(state).__name__}")
-  return dict(state)
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-  import torch
-  tensor = tensor.detach().cpu()
-  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return tensor.numpy()
-
-
-def _safetensors_refs(path: str) -> dict[str, TensorRef]:
-  try:
-    with safe_open(path, framework="numpy") as f:
-      refs = {}
-      for name in f.keys():
-        view = f.get_slice(name)
-        dtype = view.get_dtype()
-        if dtype not in _SAFETENSORS_DTYPES:
-          raise ConversionError(f"{path}: tensor {name!r} has dtype {dtype}, which has "
-                                "no numpy equivalent")
-        refs[name] = TensorRef(path, name, tuple(view.get_shape()),
-                               np.dtype(_SAFETENSORS_DTYPES[dtype]))
-      return refs
-  except ConversionError:
-    raise
-  except Exception as err:
-    raise ConversionError(f"{path}: not a readable safetensors file ({err}); it may be "
-                          "truncated or corrupt") from err
-
-
-def _bin_refs(path: str) -> dict[str, TensorRef]:
-  state = load_bin(path)
-  refs = {}
-  for name, tensor in state.items():
-    if not hasattr(tensor, "shape"):
-      raise ConversionError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a "
-                            "tensor")
-    array_dtype = _torch_to_numpy(tensor.reshape(-1)[:0]).dtype
-    refs[name] = TensorRef(path, name, tuple(tensor.shape), array_dtype)
-  return refs
-
-
-def file_refs(path: str) -> dict[str, TensorRef]:
-  """Name -> TensorRef of one .safetensors, .bin or .pt file, from its metadata."""
-  if not os.path.isfile(path):
-    raise ConversionError(f"{path}: no such file")
-  return _safetensors_refs(path) if path.endswith(".safetensors") else _bin_refs(path)
-
-
-def folder_refs(directory: str) -> dict[str, TensorRef]:
-  """Name -> TensorRef of a Hugging Face checkpoint folder (sharded with an index, or not)."""
-  if os.path.isfile(directory):
-    return file_refs(directory)
-  if not os.path.isdir(directory):
-    raise ConversionError(f"{directory}: no such checkpoint folder")
-  for index_name in INDEX_FILES:
-    index = os.path.join(directory, index_name)
-    if os.path.isfile(index):
-      return _indexed_refs(index)
-  files = (sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-           or sorted(glob.glob(os.path.join(directory, "*.bin"))))
-  if not files:
-    raise ConversionError(f"{directory}: no *.safetensors or *.bin weights and no "
-                          f"{' / '.join(INDEX_FILES)}")
-  refs: dict[str, TensorRef] = {}
-  for path in files:
-    for name, ref in file_refs(path).items():
-      if name in refs:
-        raise ConversionError(f"tensor {name!r} is in both {refs[name].file} and {path}")
-      refs[name] = ref
-  return refs
-
-
-def _indexed_refs(index: str) -> dict[str, TensorRef]:
-  """Refs of the shards an index names; every listed tensor must be in its shard."""
-  try:
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    if not isinstance(weight_map, Mapping):
-      raise TypeError(f"weight_map is a {type(weight_map).__name__}")
-  except (ValueError, KeyError, TypeError) as err:
-    raise ConversionError(f"{index}: bad index ({type(err).__name__}: {err}); expected JSON "
-                          "with a 'weight_map' of tensor name -> shard file") from err
-  directory = os.path.dirname(index)
-  refs: dict[str, TensorRef] = {}
-  problems = []
-  for shard in sorted(set(weight_map.values())):
-    path = os.path.join(directory, shard)
-    if not os.path.isfile(path):
-      names = sorted(n for n, s in weight_map.items() if s == shard)
-      problems.append(f"shard {shard!r} (listed for {len(names)} tensors, e.g. {names[0]!r}) "
-                      "does not exist")
-      continue
-    in_shard = file_refs(path)
-    listed = {n for n, s in weight_map.items() if s == shard}
-    for name in sorted(listed):
-      if name in in_shard:
-        refs[name] = in_shard[name]
-      else:
-        problems.append(f"tensor {name!r} is listed in shard {shard!r} but not in it")
-    problems += [f"tensor {name!r} is in shard {shard!r} but the index does not list it"
-                 for name in sorted(set(in_shard) - listed)]
-  if problems:
-    raise ConversionError(f"{index}: bad index, {len(problems)} problem(s):\n  "
-                          + "\n  ".join(problems))
-  return refs
-
-
-def read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise ConversionError(f"{path}: not found")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except ValueError as err:
-    raise ConversionError(f"{path}: not valid JSON ({err})") from err
 
 
 # ---------------------------------------------------------------------------- sources
@@ -541,164 +324,3 @@ def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
   _fit_grid(model_cfg, base)
   return Source(directory, tensors, llava_hf_table(model_cfg), llava_hf_ignore(model_cfg),
                 model_cfg)
-
-
-# ---------------------------------------------------------------------------- planning
-
-
-def expected_params(model_cfg: ConfigDict) -> dict:
-  """The model's param tree as ShapeDtypeStructs (nothing allocated)."""
-  model = build_model(model_cfg)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model_cfg))
-  return nn.meta.unbox(abstract["params"])
-
-
-def init_modules(model_cfg: ConfigDict, modules: Iterable[str], seed: int = 0) -> dict:
-  """Fresh params of top-level modules (e.g. 'dem', 'projector'), as the model inits them.
-
-  The model's own init (PyTorch-default Linear init, LayerNorm 1/0: spec 5.7), jitted with
-  only these outputs, so XLA drops the rest of the model and nothing else is allocated.
-  """
-  modules = tuple(modules)
-  if not modules:
-    return {}
-  model = build_model(model_cfg)
-  init = jax.jit(lambda key: {m: model.init(key, *dummy_inputs(model_cfg))["params"][m]
-                              for m in modules})
-  return jax.tree.map(np.asarray, nn.meta.unbox(init(jax.random.key(seed))))
-
-
-def _flax_shape(rule: Rule, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """A PyTorch tensor's shape after the rule's transform (on a zero-byte view, no data)."""
-  return tuple(rule.transform.to_flax(np.broadcast_to(np.uint8(0), torch_shape)).shape)
-
-
-def _torch_shape(rule: Rule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(rule.transform.to_torch(np.broadcast_to(np.uint8(0), flax_shape)).shape)
-
-
-def _with_pad_row(read: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-  """A [V, D] reader -> [V + 1, D]: the new <pad> row is the mean of the others (spec 9.2)."""
-  def padded():
-    rows = read()
-    mean = rows.astype(np.float32).mean(axis=0, keepdims=True).astype(rows.dtype)
-    return np.concatenate([rows, mean])
-  return padded
-
-
-def plan(source: Source, reader: Reader, dtype: str | None = None, seed: int = 0,
-         expected: Mapping | None = None) -> tuple[ConfigDict, dict]:
-  """(model_cfg, param tree of StreamedArrays / init arrays) for `source`.
-
-  Checks everything from metadata before any tensor is read and raises one
-  ConversionError listing every unexpected, missing and mis-shaped tensor by name.
-  dtype: None keeps each tensor's stored dtype (bf16 stays bit-exact); a name casts all.
-  `model_cfg`'s llm/vision param_dtype record the dtype stored.
-  """
-  model_cfg = source.model_cfg.copy_and_resolve_references()
-  if expected is None:
-    expected = expected_params(model_cfg)
-  want = {p: s for p, s in flatten(expected).items() if p.split("/")[0] not in source.init}
-  by_path: dict[str, dict[int | None, TensorRef]] = {}
-  problems = []
-  ignore = [re.compile(p) for p in source.ignore]
-  for name in sorted(source.tensors):
-    if any(p.match(name) for p in ignore):
-      continue
-    found = match(source.table, name)
-    if found is None:
-      problems.append(f"unexpected tensor {name!r} {list(source.tensors[name].shape)}: "
-                      "no rule maps it")
-      continue
-    rule, layer = found
-    by_path.setdefault(rule.path, {})[layer] = source.tensors[name]
-  rules = {r.path: r for r in source.table}
-  leaves = {}
-  for path, shape_dtype in want.items():
-    rule = rules.get(path)
-    if rule is None:
-      problems.append(f"param {path} has no rule in the {source.label} table")
-      continue
-    refs = by_path.get(path, {})
-    want_shape = tuple(shape_dtype.shape)
-    layers = list(range(want_shape[0])) if rule.stacked else [None]
-    missing = [rule.torch_name(i) for i in layers if i not in refs]
-    extra = [rule.torch_name(i) for i in refs if i not in layers]
-    problems += [f"missing tensor {n!r} (param {path})" for n in missing]
-    problems += [f"unexpected tensor {n!r}: the model has {len(layers)} layers" for n in extra]
-    if missing or extra:
-      continue
-    slice_shape = want_shape[1:] if rule.stacked else want_shape
-    pad = False
-    for i in layers:
-      if _flax_shape(rule, refs[i].shape) != slice_shape:
-        torch_shape = _torch_shape(rule, slice_shape)
-        pad = (source.pad_row and path in PAD_ROW_PATHS
-               and refs[i].shape == (torch_shape[0] - 1, *torch_shape[1:]))
-        if not pad:
-          problems.append(_shape_problem(rule, i, path, slice_shape, refs[i], source))
-    leaf_dtype = np.dtype(dtype) if dtype else refs[layers[0]].dtype
-    leaves[path] = checkpoint_io.StreamedArray(
-        want_shape, leaf_dtype, rule.stacked, _leaf_reader(rule, refs, reader, leaf_dtype, pad))
-  if problems:
-    raise ConversionError(f"{source.label}: {len(problems)} problem(s):\n  "
-                          + "\n  ".join(problems))
-  params: dict = {}
-  for path, leaf in leaves.items():
-    _set(params, path, leaf)
-  fresh = init_modules(model_cfg, source.init, seed)
-  if dtype:
-    fresh = jax.tree.map(lambda a: a.astype(dtype), fresh)
-  params.update(fresh)
-  model_cfg.llm.param_dtype = str(leaves["llm/embed/embedding"].dtype)
-  model_cfg.vision.param_dtype = str(leaves["vision/class_embed"].dtype)
-  return model_cfg, params
-
-
-def _shape_problem(rule, layer, path, flax_shape, ref, source: Source) -> str:
-  expected = _torch_shape(rule, flax_shape)
-  message = (f"shape mismatch for {rule.torch_name(layer)!r} (param {path}): expected "
-             f"{list(expected)}, found {list(ref.shape)} in {os.path.basename(ref.file)}")
-  if path in PAD_ROW_PATHS:
-    vocab = source.model_cfg.llm.vocab_size
-    message += (f"; the model's vocab_size is {vocab}"
-                + (f" = the checkpoint's {vocab - 1} + the <pad> row (spec 9.2)"
-                   if source.pad_row else " (config.json)")
-                + f", so {rule.torch_name(layer)!r} needs {vocab} rows")
-  return message
-
-
-def _leaf_reader(rule: Rule, refs: Mapping[int | None, TensorRef], reader: Reader,
-                 dtype: np.dtype, pad: bool) -> Callable[[int | None], np.ndarray]:
-  def read(layer: int | None) -> np.ndarray:
-    load = lambda: reader.read(refs[layer])
-    array = (_with_pad_row(load) if pad else load)()
-    return np.ascontiguousarray(rule.transform.to_flax(array).astype(dtype, copy=False))
-  return read
-
-
-def _set(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for part in parents:
-    tree = tree.setdefault(part, {})
-  tree[leaf] = value
-
-
-def materialize(params: Mapping, shardings: Any = None) -> dict:
-  """A planned tree in memory: each leaf read and, with `shardings` (a matching tree of
-  jax Shardings), placed straight into its shards; the host copy is dropped at once."""
-  flat_shardings = flatten(shardings) if shardings is not None else {}
-  out: dict = {}
-  for path, leaf in flatten(params).items():
-    if isinstance(leaf, checkpoint_io.StreamedArray):
-      array = np.empty(leaf.shape, leaf.dtype)
-      if leaf.stacked:
-        for i in range(leaf.shape[0]):
-          array[i] = leaf.read(i)
-      else:
-        array[...] = leaf.read(None)
-      leaf = array
-    if path in flat_shardings:
-      leaf = jax.device_put(leaf, flat_shardings[path])
-    _set(out, path, leaf)
-  return out
