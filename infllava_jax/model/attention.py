@@ -2,10 +2,12 @@
 
 `model.attention_impl` (None, "einsum", "xla" or "cudnn") and the platform give a kernel,
 chosen once where a tower is set up (`llama.Llama`, `clip.VisionTransformer`) and passed
-down to its layers, which then dispatch on that name alone:
+down to its layers, which then dispatch on that name alone (the DEM's cross-attention still
+resolves per call, through `clip.attention`):
 
-  "einsum"  ours: `softmax_attention` (a written-out VJP) over heads-major layouts, causal
-            query chunks (`causal_chunked_attention`); on CPU ~2x jax's XLA attention
+  "einsum"  ours: for the LLM `softmax_attention` (a written-out VJP) over heads-major
+            layouts in causal query chunks (`causal_chunked_attention`), for CLIP and the
+            DEM the einsums of `unmasked_attention`; on CPU faster than jax's XLA attention
   "xla", "cudnn"  `jax.nn.dot_product_attention` with that implementation
   "jax"     GPU's default: `jax.nn.dot_product_attention` picking its own implementation
             (its XLA form in jax 0.10; ask for "cudnn" for the flash kernel), except for
