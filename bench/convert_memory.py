@@ -26,14 +26,15 @@ import time
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from infllava_jax.config import load_config  # noqa: E402
-from infllava_jax.convert import hf  # noqa: E402
-from infllava_jax.convert.mapping import flatten  # noqa: E402
+from infllava_jax.convert import mapping, plan, readers, sources  # noqa: E402
+from infllava_jax.convert.llama_table import llama_config_from_hf  # noqa: E402
 
 GB = 1e9
 
@@ -51,18 +52,18 @@ def llm_config(layers: int) -> dict:
 def release_shapes(config: dict) -> dict[str, tuple[int, ...]]:
   """Every release tensor's PyTorch name and shape, from the converter's own table."""
   model_cfg = load_config("configs/infllava_8b.py").model
-  model_cfg.llm = hf.llama_config_from_hf(config)
-  expected = flatten(hf.expected_params(model_cfg))
+  model_cfg.llm = llama_config_from_hf(config)
+  expected = flatten_dict(plan.expected_params(model_cfg), sep="/")
   shapes = {}
-  for rule in hf.release_table(model_cfg):
+  for rule in sources.release_table(model_cfg):
     shape = expected[rule.path].shape
     if rule.stacked:
       for i in range(shape[0]):
-        shapes[rule.torch_name(i)] = hf._torch_shape(rule, shape[1:])
+        shapes[rule.torch_name(i)] = mapping.torch_shape(rule, shape[1:])
     else:
-      shapes[rule.torch] = hf._torch_shape(rule, shape)
+      shapes[rule.torch] = mapping.torch_shape(rule, shape)
   # The CLIP layer past the feature layer and post_layernorm: in a release, not loaded.
-  clip = hf.RELEASE_CLIP + "vision_model."
+  clip = sources.RELEASE_CLIP + "vision_model."
   last = model_cfg.vision.depth - 1
   for name, shape in list(shapes.items()):
     if name.startswith(f"{clip}encoder.layers.0."):
@@ -101,7 +102,7 @@ def write_release(directory: str, layers: int,
               metadata={"format": "pt"})
     weight_map.update({n: file for n in group})
   total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-  with open(os.path.join(directory, hf.INDEX_FILES[0]), "w") as f:
+  with open(os.path.join(directory, readers.INDEX_FILES[0]), "w") as f:
     json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)

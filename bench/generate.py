@@ -53,6 +53,7 @@ from jax import lax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import flax.linen as nn  # noqa: E402
+from flax import traverse_util  # noqa: E402
 from ml_collections import FrozenConfigDict  # noqa: E402
 
 from bench.train_step import CFG, build_hf, reference_layer, reference_norm  # noqa: E402
@@ -173,7 +174,7 @@ def main() -> None:
   hf.generation_config.pad_token_id = 0
   hf_state = [(k, v.detach().numpy().copy()) for k, v in hf.state_dict().items()]
   model, params = generate.for_decoding(*our_llm(hf_state))
-  weight_bytes = sum(leaf.nbytes for path, leaf in mapping.flatten(params).items()
+  weight_bytes = sum(leaf.nbytes for path, leaf in traverse_util.flatten_dict(params, sep="/").items()
                      if not path.startswith("embed/"))
 
   options = {"ours": xla_options.compiler_options(jax.default_backend()),

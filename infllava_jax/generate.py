@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from infllava_jax import xla_options
-from infllava_jax.model import layers, llama
+from infllava_jax.model import kv_cache, layers, llama
 from infllava_jax.model.infllava import InfLlava
 
 # The smallest max_new_tokens a compiled generation's buffers take (`Sampling.program`).
@@ -209,14 +209,14 @@ def decode(forward: Callable, llm_cfg, cache_dtype, tokens: jax.Array, mask: jax
   `forward(tokens [B, T], positions [B, T], segment_ids [B, T], cache, prefill: bool)` returns
   (the last position's logits [B, V], cache); it is called once on the prompts
   (prefill=True), then on one token per row per step; `per_layer_cache` is
-  `llama.init_cache`'s (for unrolled layers). `settings`: as `choose_next`'s; its
+  `kv_cache.init_cache`'s (for unrolled layers). `settings`: as `choose_next`'s; its
   max_new_tokens (at most `sampling`'s, the buffers' size) ends the loop. Returns what
   `generate_tokens` does.
   """
   batch, length = tokens.shape
   steps = sampling.max_new_tokens  # the buffers' size
   limit = steps if settings is None else settings["max_new_tokens"]  # <= steps
-  cache = llama.init_cache(llm_cfg, batch, length + steps, cache_dtype, per_layer_cache)
+  cache = kv_cache.init_cache(llm_cfg, batch, length + steps, cache_dtype, per_layer_cache)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   logits, cache = forward(tokens, positions, mask.astype(jnp.int32), cache, True)
   stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)

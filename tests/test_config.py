@@ -7,7 +7,7 @@ from ml_collections import ConfigDict
 
 from infllava_jax import cli
 from infllava_jax.config import ConfigError, load_config, preset_names
-from infllava_jax.convert import hf
+from infllava_jax.convert import sources
 from infllava_jax.evaluate import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
                                                                              "llava")
   assert load_config("synthetic").train.steps == 800  # a fresh copy each time
   # What the library loads itself: the converter's default model, evaluate's synthetic set.
-  assert hf.base_config(None, "llava") == load_config("infllava_8b:llava").model
+  assert sources.base_config(None, "llava") == load_config("infllava_8b:llava").model
   assert synthetic.synthetic_config(ConfigDict()) == load_config("synthetic").data.synthetic
   with pytest.raises(FileNotFoundError,
                      match=r"'configs/synthetic.py' not found \(the package's preset of that "

@@ -28,7 +28,7 @@ from infllava_jax.config import config_help, load_config
 from infllava_jax.convert.mapping import ConversionError
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_CONFIG = "infllava_8b"  # `convert.hf.base_config`'s, :llava for --llava-hf
+DEFAULT_CONFIG = "infllava_8b"  # `convert.sources.base_config`'s, :llava for --llava-hf
 
 
 class Progress:
@@ -123,7 +123,7 @@ def _model_config(args, overrides: list[str]):
 
 
 def _source(args, parser, overrides: list[str]):
-  from infllava_jax.convert import hf
+  from infllava_jax.convert import sources
   config = _model_config(args, overrides)
   given = [name for name in ("model", "llama", "llava_hf") if getattr(args, name)]
   if len(given) != 1:
@@ -135,10 +135,10 @@ def _source(args, parser, overrides: list[str]):
   check_paths(parser, model=args.model, llama=args.llama, clip=args.clip,
               projector=args.projector, llava_hf=args.llava_hf)
   if args.model:
-    return hf.release_source(args.model, config)
+    return sources.release_source(args.model, config)
   if args.llama:
-    return hf.separate_source(args.llama, args.clip, args.projector, config, args.pad_row)
-  return hf.llava_hf_source(args.llava_hf, config)
+    return sources.separate_source(args.llama, args.clip, args.projector, config, args.pad_row)
+  return sources.llava_hf_source(args.llava_hf, config)
 
 
 def dtypes_note(model_cfg) -> str:
@@ -149,13 +149,13 @@ def dtypes_note(model_cfg) -> str:
 
 def from_pytorch(args, parser, overrides: list[str]) -> None:
   import jax.numpy as jnp
-  from infllava_jax.convert import checkpoint_io, hf
-  from infllava_jax.convert.mapping import flatten
+  from flax import traverse_util
+  from infllava_jax.convert import checkpoint_io, plan, readers
   source = _source(args, parser, overrides)
   progress = Progress(0, 0, args.quiet)
-  reader = hf.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
-  model_cfg, params = hf.plan(source, reader, dtype=args.dtype, seed=args.seed)
-  streamed = [leaf for leaf in flatten(params).values()
+  reader = readers.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
+  model_cfg, params = plan.plan(source, reader, dtype=args.dtype, seed=args.seed)
+  streamed = [leaf for leaf in traverse_util.flatten_dict(params).values()
               if isinstance(leaf, checkpoint_io.StreamedArray)]
   progress.total_tensors = sum(leaf.shape[0] if leaf.stacked else 1 for leaf in streamed)
   progress.total_bytes = sum(leaf.nbytes for leaf in streamed)

@@ -6,7 +6,7 @@ Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`
 reference's input settings), for LLaMA-3's vocabulary `generation_config.json` (its stop
 ids), and the model's tokenizer where the checkpoint names one (a converted checkpoint's
 DIR/tokenizer, a run's data.tokenizer_path). The names come
-from the same table `from-pytorch` reads with (`hf.release_table`), so the round trip is
+from the same table `from-pytorch` reads with (`sources.release_table`), so the round trip is
 exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
 `post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
 anyway); `vision_config` in config.json records the full tower so a re-import knows its depth.
@@ -20,11 +20,12 @@ import os
 from typing import Callable, Iterator
 
 import numpy as np
+from flax import traverse_util
 from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
-from infllava_jax.convert import hf
-from infllava_jax.convert.mapping import ConversionError, flatten, params_to_torch
+from infllava_jax.convert import sources
+from infllava_jax.convert.mapping import ConversionError, params_to_torch
 from infllava_jax.data.tokenizer import load_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,7 +40,7 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   """config.json of the release layout for `model_cfg` (spec 11 fields)."""
   llm, vision = model_cfg.llm, model_cfg.vision
   config = dict(
-      architectures=["LlavaLlamaForCausalLM"], model_type=hf.RELEASE_MODEL_TYPE,
+      architectures=["LlavaLlamaForCausalLM"], model_type=sources.RELEASE_MODEL_TYPE,
       vocab_size=llm.vocab_size, hidden_size=llm.width, intermediate_size=llm.mlp_dim,
       num_hidden_layers=llm.depth, num_attention_heads=llm.heads,
       num_key_value_heads=llm.kv_heads, head_dim=llm.head_dim, hidden_act="silu",
@@ -80,7 +81,7 @@ def generation_config(model_cfg: ConfigDict) -> dict | None:
 
 def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
   """[(name, nbytes)] per shard, in table order, each shard at most `max_bytes` (or one tensor)."""
-  flat = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   shards, current, size = [], [], 0
   for rule in table:
     if rule.path not in flat:
@@ -118,7 +119,7 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
   params = checkpoint.lazy_params(path)
-  table = hf.release_table(model_cfg)
+  table = sources.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)
   total_bytes = sum(n for s in shards for _, n in s)
@@ -139,7 +140,8 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
     del arrays
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump(dict(metadata=dict(total_size=total_bytes), weight_map=weight_map), f, indent=2)
-  stored = dtype or str(np.dtype(flatten(params)["llm/embed/embedding"].dtype))
+  stored = dtype or str(np.dtype(traverse_util.flatten_dict(params, sep="/")
+                                  ["llm/embed/embedding"].dtype))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(release_config(model_cfg, stored), f, indent=2)
   generation = generation_config(model_cfg)

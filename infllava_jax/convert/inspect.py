@@ -17,16 +17,16 @@ from infllava_jax.convert.mapping import ConversionError
 
 
 def converted_entries(directory: str) -> list[tuple[str, tuple[int, ...], str]]:
+  from flax import traverse_util
   from infllava_jax.convert import checkpoint_io
-  from infllava_jax.convert.mapping import flatten
-  return [(path, tuple(meta.shape), str(meta.dtype))
-          for path, meta in sorted(flatten(checkpoint_io.params_metadata(directory)).items())]
+  flat = traverse_util.flatten_dict(checkpoint_io.params_metadata(directory), sep="/")
+  return [(path, tuple(meta.shape), str(meta.dtype)) for path, meta in sorted(flat.items())]
 
 
 def pytorch_entries(path: str) -> list[tuple[str, tuple[int, ...], str]]:
-  from infllava_jax.convert import hf
+  from infllava_jax.convert import readers
   return [(name, ref.shape, str(ref.dtype))
-          for name, ref in sorted(hf.folder_refs(path).items())]
+          for name, ref in sorted(readers.folder_refs(path).items())]
 
 
 def module_of(name: str) -> str:

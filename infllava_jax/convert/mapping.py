@@ -13,6 +13,7 @@ import re
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,29 +75,15 @@ def match(table: Table, name: str) -> tuple[Rule, int | None] | None:
   return None
 
 
-def _set(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for part in parents:
-    tree = tree.setdefault(part, {})
-  tree[leaf] = value
+def torch_shape(rule: Rule, flax_shape) -> tuple[int, ...]:
+  """One PyTorch tensor's shape for the Flax shape it maps to (a stacked param's without its
+  layer axis), from a zero-byte view: messages then speak the checkpoint's language."""
+  return tuple(rule.transform.to_torch(np.broadcast_to(np.uint8(0), tuple(flax_shape))).shape)
 
 
-def _get(tree: Mapping, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path))
-    else:
-      flat[path] = value
-  return flat
+def flax_shape(rule: Rule, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """A PyTorch tensor's shape after the rule's transform (on a zero-byte view, no data)."""
+  return tuple(rule.transform.to_flax(np.broadcast_to(np.uint8(0), torch_shape)).shape)
 
 
 def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
@@ -110,9 +97,10 @@ def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
   unexpected, missing and mis-shaped tensors by name.
   """
   ignore_res = [re.compile(p) for p in ignore]
-  expected_flat = flatten(expected) if expected is not None else None
+  expected_flat = (traverse_util.flatten_dict(expected, sep="/") if expected is not None
+                   else None)
   slices: dict[str, dict[int, np.ndarray]] = {}
-  params: dict = {}
+  got: dict[str, np.ndarray] = {}
   problems: list[str] = []
   for name, array in tensors:
     # Ignored names first: a stacked rule would otherwise claim e.g. CLIP layers past the
@@ -128,7 +116,7 @@ def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
     if rule.stacked:
       slices.setdefault(rule.path, {})[layer] = value
     else:
-      _set(params, rule.path, value)
+      got[rule.path] = value
   for path, by_layer in slices.items():
     rule = next(r for r in table if r.path == path)
     depth = (expected_flat[path].shape[0] if expected_flat and path in expected_flat
@@ -138,9 +126,8 @@ def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
     problems += [f"missing tensor {n!r}" for n in missing]
     problems += [f"unexpected tensor {n!r}: the model has {depth} layers" for n in extra]
     if not missing and not extra:
-      _set(params, path, np.stack([by_layer[i] for i in range(depth)]))
+      got[path] = np.stack([by_layer[i] for i in range(depth)])
   if expected_flat is not None:
-    got = flatten(params)
     for path, want in expected_flat.items():
       rule = next((r for r in table if r.path == path), None)
       torch_name = rule.torch_name(0) if rule else "(no rule)"
@@ -148,27 +135,18 @@ def torch_to_params(tensors: Iterable[tuple[str, np.ndarray]], table: Table,
         if not (rule and rule.stacked and path in slices):  # already reported per layer
           problems.append(f"missing tensor {torch_name!r} for param {path}")
       elif tuple(got[path].shape) != tuple(want.shape):
+        as_torch = lambda shape: (tuple(shape) if rule is None
+                                  else torch_shape(rule, shape[1:] if rule.stacked else shape))
         problems.append(f"shape mismatch for {torch_name!r} (param {path}): expected "
-                        f"{_torch_shape(rule, want.shape)}, found "
-                        f"{_torch_shape(rule, got[path].shape)}")
+                        f"{as_torch(want.shape)}, found {as_torch(got[path].shape)}")
   if problems:
     raise ConversionError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-  return params
-
-
-def _torch_shape(rule: Rule | None, flax_shape) -> tuple:
-  """A Flax shape as the PyTorch tensor's shape, so messages speak the checkpoint's language."""
-  shape = tuple(flax_shape)
-  if rule is None:
-    return shape
-  if rule.stacked:
-    shape = shape[1:]
-  return tuple(rule.transform.to_torch(np.empty(shape, dtype=np.uint8)).shape)
+  return traverse_util.unflatten_dict(got, sep="/")
 
 
 def params_to_torch(params: Mapping, table: Table) -> Iterator[tuple[str, np.ndarray]]:
   """The inverse direction: yields (PyTorch name, array) one tensor at a time."""
-  flat = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   for rule in table:
     if rule.path not in flat:
       raise ConversionError(f"param {rule.path} (for {rule.torch_name(0)!r}) is missing")

@@ -22,6 +22,7 @@ import flax.linen as nn
 from ml_collections import ConfigDict
 
 from infllava_jax.model import layers
+from infllava_jax.model.attention import resolve_attention_impl, unmasked_attention
 
 ACT_AXES = ("batch", "length", "act_embed")
 FEATURE_SELECTS = ("patch", "cls_patch")
@@ -85,29 +86,10 @@ class PatchEmbed(nn.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None) -> jax.Array:
-  """Softmax attention without a mask, scale 1/sqrt(K). q, k, v: [N, P, H, K] -> [N, P, H, K].
-
-  impl: "xla" or "cudnn" go to `jax.nn.dot_product_attention`; "einsum" is the path below;
-  None takes `jax.nn.dot_product_attention`'s own pick on GPU (in jax 0.10 that is its XLA
-  form, not cuDNN's flash kernel: ask for "cudnn" for that, bf16/fp16 only) and "einsum"
-  elsewhere. On CPU the einsum path runs the whole CLIP tower about 1.35x faster
-  than jax's XLA attention: heads-first operands make both batched dots plain [P, K] x [K, P]
-  GEMMs, and normalising after the PV product divides a [P, K] tile instead of [P, P].
-  """
-  if impl in ("xla", "cudnn") or (impl is None and layers.compute_platform() == "gpu"):
-    return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
-                                        implementation=impl)
-  if impl not in (None, "einsum"):
-    raise ValueError(f"model.attention_impl={impl!r}; expected None, 'einsum', 'xla' or "
-                     "'cudnn'")
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [N, H, P, K]
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum("nhpk,nhsk->nhps", q, k, preferred_element_type=jnp.float32)
-  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out = jnp.einsum("nhps,nhsk->nhpk", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  out = out / jnp.sum(probs, axis=-1, keepdims=True)
-  return out.astype(v.dtype).transpose(0, 2, 1, 3)
+  """`unmasked_attention` for a `config.model.attention_impl` value, resolved here per call:
+  the DEM's cross-attention (`dem.CrossAttention`) calls this. The CLIP tower resolves once,
+  in `VisionTransformer`. q [N, Tq, H, K]; k, v [N, Tk, H, K] -> [N, Tq, H, K]."""
+  return unmasked_attention(q, k, v, resolve_attention_impl(impl, layers.compute_platform()))
 
 
 class Attention(nn.Module):
@@ -116,7 +98,7 @@ class Attention(nn.Module):
   heads: int
   dtype: layers.Dtype
   param_dtype: layers.Dtype
-  attention_impl: str | None = None
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,7 +111,7 @@ class Attention(nn.Module):
     in_axes = ("vision_embed", "vision_heads")
     q, k, v = (dense(name, in_axes)(x).reshape(n, t, self.heads, head_dim)
                for name in ("q", "k", "v"))
-    y = attention(q, k, v, self.attention_impl).reshape(n, t, d)
+    y = unmasked_attention(q, k, v, self.attention_kernel).reshape(n, t, d)
     return dense("o", ("vision_heads", "vision_embed"))(y)
 
 
@@ -154,14 +136,14 @@ class EncoderLayer(nn.Module):
   cfg: ConfigDict
   dtype: layers.Dtype
   param_dtype: layers.Dtype
-  attention_impl: str | None = None
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
     cfg = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.LayerNorm(cfg.layer_norm_eps, name="attn_norm", **kw)(x)
-    x = x + Attention(cfg.heads, attention_impl=self.attention_impl, name="attn", **kw)(h)
+    x = x + Attention(cfg.heads, attention_kernel=self.attention_kernel, name="attn", **kw)(h)
     h = layers.LayerNorm(cfg.layer_norm_eps, name="mlp_norm", **kw)(x)
     h = MLP(cfg.mlp_dim, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x + h, ACT_AXES)
@@ -179,8 +161,9 @@ class VisionTransformer(nn.Module):
       layer_norm_eps, feature_layer, feature_select, param_dtype).
     dtype: compute dtype (`config.model.dtype`).
     remat_policy: a name of `layers.REMAT_POLICIES` (`config.model.remat_policy`).
-    attention_impl: `config.model.attention_impl`, see `attention` (None: jax's pick on
-      GPU, the einsum path elsewhere).
+    attention_impl: `config.model.attention_impl`, resolved with the platform once per call
+      (`attention.resolve_attention_impl`; None: jax's pick on GPU, our einsums elsewhere:
+      see `attention.unmasked_attention`).
   """
 
   cfg: ConfigDict
@@ -203,6 +186,7 @@ class VisionTransformer(nn.Module):
     n, d, p = images.shape[0], cfg.width, cfg.patch_size
     num = num_patches(cfg)
     used = num_used_layers(cfg)
+    kernel = resolve_attention_impl(self.attention_impl, layers.compute_platform())
 
     x = PatchEmbed(p, d, dtype=dtype, param_dtype=param_dtype, name="patch_embed")(images)
     cls = self.param("class_embed",
@@ -222,7 +206,7 @@ class VisionTransformer(nn.Module):
     if used:
       stack = layers.scan_layers(EncoderLayer, length=used, remat=self.remat_policy)
       x, _ = stack(cfg, dtype=dtype, param_dtype=param_dtype,
-                   attention_impl=self.attention_impl, name="layers")(x)
+                   attention_kernel=kernel, name="layers")(x)
 
     if cfg.feature_select == "patch":
       x = x[:, 1:]

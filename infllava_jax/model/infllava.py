@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from infllava_jax.model import clip, dcm, dem, layers, llama
+from infllava_jax.model import clip, dcm, dem, kv_cache, layers, llama
 from infllava_jax.model.projector import Projector
 
 VARIANTS = ("infllava", "llava")
@@ -96,7 +96,7 @@ class InfLlava(nn.Module):
 
   def __call__(self, tokens: jax.Array, pixels: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               cache: llama.KVCache | None = None, head: bool = True):
+               cache: kv_cache.KVCache | None = None, head: bool = True):
     """Logits for a batch of rows, images written into their slots.
 
     Args:
@@ -105,7 +105,7 @@ class InfLlava(nn.Module):
         None for text-only input and cached decode steps.
       positions: [B, T] int32 (default 0..T-1); restart per packed sample.
       segment_ids: [B, T] int32, 1.. per packed sample and 0 for padding (default all 1).
-      cache: a `llama.KVCache` for prefill / decode, or None.
+      cache: a `kv_cache.KVCache` for prefill / decode, or None.
       head: False returns the LLM's final-norm hidden states [B, T, D] instead of logits
         (see `llama.Llama.__call__`).
     Returns:

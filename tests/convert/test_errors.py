@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from infllava_jax.convert import cli, hf
+from infllava_jax.convert import cli, readers
 from infllava_jax.convert.mapping import ConversionError
 from tests.convert import tiny_checkpoints as tc
 from tests.run_cli import error_line, infllava
@@ -31,7 +31,7 @@ def release(good_release, tmp_path):
 
 
 def shard_of(release, name):
-  with open(release / hf.INDEX_FILES[0]) as f:
+  with open(release / readers.INDEX_FILES[0]) as f:
     return release / json.load(f)["weight_map"][name]
 
 
@@ -54,10 +54,10 @@ def convert_error(release, capsys, tmp_path) -> str:
 
 def test_missing_tensor_is_named(release, capsys, tmp_path):
   edit_shard(release, Q0, lambda t: t.pop(Q0))
-  with open(release / hf.INDEX_FILES[0]) as f:
+  with open(release / readers.INDEX_FILES[0]) as f:
     index = json.load(f)
   del index["weight_map"][Q0]
-  with open(release / hf.INDEX_FILES[0], "w") as f:
+  with open(release / readers.INDEX_FILES[0], "w") as f:
     json.dump(index, f)
   err = convert_error(release, capsys, tmp_path)
   assert f"missing tensor {Q0!r} (param llm/layers/attn/q/kernel)" in err
@@ -66,10 +66,10 @@ def test_missing_tensor_is_named(release, capsys, tmp_path):
 def test_unexpected_tensor_is_named(release, capsys, tmp_path):
   extra = "model.layers.0.self_attn.rotary_emb.inv_freq"
   edit_shard(release, Q0, lambda t: t.update({extra: np.zeros(8, np.float32)}))
-  with open(release / hf.INDEX_FILES[0]) as f:
+  with open(release / readers.INDEX_FILES[0]) as f:
     index = json.load(f)
   index["weight_map"][extra] = index["weight_map"][Q0]
-  with open(release / hf.INDEX_FILES[0], "w") as f:
+  with open(release / readers.INDEX_FILES[0], "w") as f:
     json.dump(index, f)
   err = convert_error(release, capsys, tmp_path)
   assert f"unexpected tensor {extra!r} [8]: no rule maps it" in err
@@ -112,23 +112,23 @@ def test_truncated_shard_is_named(release, capsys, tmp_path):
 
 
 def test_bad_index_json_is_named(release, capsys, tmp_path):
-  (release / hf.INDEX_FILES[0]).write_text('{"weight_map": {"a": ')
+  (release / readers.INDEX_FILES[0]).write_text('{"weight_map": {"a": ')
   err = convert_error(release, capsys, tmp_path)
-  assert f"{release / hf.INDEX_FILES[0]}: bad index" in err
+  assert f"{release / readers.INDEX_FILES[0]}: bad index" in err
 
 
 def test_index_naming_a_missing_shard_or_tensor_is_named(release, capsys, tmp_path):
-  with open(release / hf.INDEX_FILES[0]) as f:
+  with open(release / readers.INDEX_FILES[0]) as f:
     index = json.load(f)
   real = index["weight_map"]["model.norm.weight"]
   index["weight_map"]["model.norm.weight"] = next(
       s for s in sorted(set(index["weight_map"].values())) if s != real)
   index["weight_map"][Q0] = "model-00009-of-00003.safetensors"
-  with open(release / hf.INDEX_FILES[0], "w") as f:
+  with open(release / readers.INDEX_FILES[0], "w") as f:
     json.dump(index, f)
   err = convert_error(release, capsys, tmp_path)
   # Each moved tensor is also in a shard whose index entry no longer lists it.
-  assert f"{release / hf.INDEX_FILES[0]}: bad index, 4 problem(s)" in err
+  assert f"{release / readers.INDEX_FILES[0]}: bad index, 4 problem(s)" in err
   assert f"shard 'model-00009-of-00003.safetensors' (listed for 1 tensors, e.g. {Q0!r})" in err
   assert "tensor 'model.norm.weight' is listed in shard" in err
   assert f"tensor 'model.norm.weight' is in shard {real!r} but the index does not list it" in err
@@ -152,7 +152,7 @@ def test_bin_files_load_only_weights(tmp_path):
              str(path))
   with pytest.raises(ConversionError, match=f"{path}: cannot load with "
                                             r"torch.load\(weights_only=True\)"):
-    hf.file_refs(str(path))
+    readers.file_refs(str(path))
   assert not marker.exists()
 
 

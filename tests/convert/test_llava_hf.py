@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io, cli, hf
+from infllava_jax.convert import checkpoint_io, cli, sources
 from infllava_jax.convert.llama_table import llama_config_from_hf
 from infllava_jax.model import infllava
 from tests.convert import tiny_checkpoints as tc
@@ -52,12 +52,12 @@ def test_the_hubs_minimal_text_config_is_completed_with_llama_defaults():
   # llava-hf/llava-1.5-7b-hf's config.json holds only these text_config fields.
   hub = {"text_config": {"max_position_embeddings": 4096, "model_type": "llama",
                          "rms_norm_eps": 1e-05, "torch_dtype": "float16", "vocab_size": 32064}}
-  llm = llama_config_from_hf(hf.llava_text_config(hub), allow_tied=True)
+  llm = llama_config_from_hf(sources.llava_text_config(hub), allow_tied=True)
   assert (llm.width, llm.depth, llm.heads, llm.kv_heads, llm.head_dim, llm.mlp_dim) == (
       4096, 32, 32, 32, 128, 11008)  # Vicuna-7B's, LlamaConfig's defaults
   assert (llm.vocab_size, llm.max_positions, llm.rms_norm_eps, llm.rope_theta) == (
       32064, 4096, 1e-05, 10000.0)
   # A full text_config (what transformers 5 writes) comes through unchanged.
   full = tc.llama_config(load_config("configs/tiny.py:llava").model.llm).to_dict()
-  assert llama_config_from_hf(hf.llava_text_config({"text_config": full}),
+  assert llama_config_from_hf(sources.llava_text_config({"text_config": full}),
                               allow_tied=True) == llama_config_from_hf(full, allow_tied=True)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from ml_collections import ConfigDict
+from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io, cli, export, hf
+from infllava_jax.convert import checkpoint_io, cli, export, plan, readers, sources
 from infllava_jax.convert import inspect as inspect_cli
-from infllava_jax.convert.mapping import flatten
 from infllava_jax.model import clip, llama
 from infllava_jax.training import checkpoint
 from tests.convert import tiny_checkpoints as tc
@@ -73,8 +73,9 @@ def test_clip_features_match_hf(release_f32):
 
 def test_dem_and_projector_are_the_release_tensors(release_f32):
   _, _, tensors, model_cfg, params, _ = release_f32
-  flat = flatten(params)
-  rules = [r for r in hf.release_table(model_cfg) if r.path.split("/")[0] in ("dem", "projector")]
+  flat = flatten_dict(params, sep="/")
+  rules = [r for r in sources.release_table(model_cfg)
+           if r.path.split("/")[0] in ("dem", "projector")]
   assert len(rules) == 24
   for rule in rules:
     np.testing.assert_array_equal(flat[rule.path],
@@ -84,7 +85,7 @@ def test_dem_and_projector_are_the_release_tensors(release_f32):
 def test_converted_tree_is_the_models(release_f32):
   """Exactly the tree `build_model(model_cfg).init` makes: what train/generate load."""
   *_, model_cfg, params, _ = release_f32
-  want = jax.tree.map(lambda a: a.shape, hf.expected_params(model_cfg))
+  want = jax.tree.map(lambda a: a.shape, plan.expected_params(model_cfg))
   assert jax.tree.map(lambda a: a.shape, params) == want
 
 
@@ -94,9 +95,9 @@ def test_load_converted_places_params_on_a_mesh(release_f32, tmp_path):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   checkpoint_io.save_converted(str(tmp_path / "copy"), model_cfg, params)
   _, placed = checkpoint_io.load_converted(str(tmp_path / "copy"), replicated)
-  for path, array in flatten(placed).items():
+  for path, array in flatten_dict(placed, sep="/").items():
     assert isinstance(array, jax.Array) and array.sharding == replicated, path
-    np.testing.assert_array_equal(np.asarray(array), flatten(params)[path])
+    np.testing.assert_array_equal(np.asarray(array), flatten_dict(params, sep="/")[path])
 
 
 def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path, capsys):
@@ -110,17 +111,17 @@ def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path, capsys):
   first_cfg, first = checkpoint_io.load_converted(str(tmp_path / "first"))
   second_cfg, second = checkpoint_io.load_converted(str(tmp_path / "second"))
   assert second_cfg.to_dict() == first_cfg.to_dict()
-  first, second = flatten(first), flatten(second)
+  first, second = flatten_dict(first, sep="/"), flatten_dict(second, sep="/")
   assert sorted(first) == sorted(second)
   for path in first:
     assert first[path].dtype == second[path].dtype == np.dtype("bfloat16"), path
     np.testing.assert_array_equal(first[path].view(np.uint16), second[path].view(np.uint16))
   # The exported shards hold the release tensors themselves, bit for bit, under their names.
   exported = {}
-  for name, ref in hf.folder_refs(str(tmp_path / "exported")).items():
+  for name, ref in readers.folder_refs(str(tmp_path / "exported")).items():
     with safe_open(ref.file, "numpy") as f:
       exported[name] = f.get_tensor(name)
-  unused = hf.release_ignore(first_cfg)
+  unused = sources.release_ignore(first_cfg)
   assert set(exported) == {n for n in tensors if not any(re.match(p, n) for p in unused)}
   for name, array in exported.items():
     np.testing.assert_array_equal(array.view(np.uint16), tc.to_numpy(tensors[name]).view(np.uint16))
@@ -147,7 +148,7 @@ def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f
                      "--out", str(tmp_path / out)]) == 0
   tensors = {}
   for out in ("from_converted", "from_run"):
-    for name, ref in hf.folder_refs(str(tmp_path / out)).items():
+    for name, ref in readers.folder_refs(str(tmp_path / out)).items():
       with safe_open(ref.file, "numpy") as f:
         tensors.setdefault(name, []).append(f.get_tensor(name))
   assert all(len(pair) == 2 for pair in tensors.values())
@@ -203,14 +204,14 @@ def test_inspect_lists_both_sides(release_f32, capsys):
 
 def test_plan_places_each_param_into_its_sharding_and_casts(release_f32):
   *_, params, root = release_f32
-  source = hf.release_source(str(root / "release"), load_config("configs/tiny.py").model)
-  model_cfg, planned = hf.plan(source, hf.Reader(), dtype="bfloat16")
+  source = sources.release_source(str(root / "release"), load_config("configs/tiny.py").model)
+  model_cfg, planned = plan.plan(source, readers.Reader(), dtype="bfloat16")
   assert model_cfg.llm.param_dtype == model_cfg.vision.param_dtype == "bfloat16"
   mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  placed = hf.materialize(planned, jax.tree.map(lambda _: replicated, params))
-  for path, array in flatten(placed).items():
+  placed = plan.materialize(planned, jax.tree.map(lambda _: replicated, params))
+  for path, array in flatten_dict(placed, sep="/").items():
     assert isinstance(array, jax.Array) and array.sharding == replicated, path
     assert array.dtype == jnp.bfloat16, path
     np.testing.assert_array_equal(np.asarray(array),
-                                  flatten(params)[path].astype(jnp.bfloat16))
+                                  flatten_dict(params, sep="/")[path].astype(jnp.bfloat16))

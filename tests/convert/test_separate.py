@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 
 from infllava_jax import inference
-from infllava_jax.convert import checkpoint_io, cli, hf
-from infllava_jax.convert.mapping import flatten
+from infllava_jax.convert import checkpoint_io, cli, sources
 from infllava_jax.data import tokenizer
 from tests.convert import tiny_checkpoints as tc
 
@@ -68,8 +68,8 @@ def test_pad_row_is_the_mean_row_and_modules_are_initialised(folders):
 def test_stage1_projector_file_is_loaded(folders):
   root, _, _, projector = folders
   model_cfg, params = convert(root, "stage2", "--projector", str(root / "mm_projector.bin"))
-  flat = flatten(params)
-  rules = [r for r in hf.release_table(model_cfg) if r.torch in projector]
+  flat = flatten_dict(params, sep="/")
+  rules = [r for r in sources.release_table(model_cfg) if r.torch in projector]
   assert len(rules) == len(projector) == 24
   for rule in rules:
     np.testing.assert_array_equal(flat[rule.path],

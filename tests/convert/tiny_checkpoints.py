@@ -13,10 +13,10 @@ import os
 import numpy as np
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 from safetensors.torch import save_file
 
-from infllava_jax.convert import hf
-from infllava_jax.convert.mapping import flatten
+from infllava_jax.convert import mapping, plan, readers, sources
 
 
 def llama_config(llm_cfg) -> transformers.LlamaConfig:
@@ -57,11 +57,11 @@ def tiny_models(model_cfg, seed: int = 0):
 
 def dem_projector_tensors(model_cfg, seed: int = 0) -> dict[str, torch.Tensor]:
   """Random DEM (INF-LLaVA only) and projector tensors under their release names."""
-  expected = flatten(hf.expected_params(model_cfg))
+  expected = flatten_dict(plan.expected_params(model_cfg), sep="/")
   gen = torch.Generator().manual_seed(seed)
-  rules = [r for r in hf.release_table(model_cfg)
-           if r.torch.startswith((hf.RELEASE_DEM, hf.RELEASE_PROJECTOR))]
-  return {r.torch: torch.randn(hf._torch_shape(r, expected[r.path].shape), generator=gen)
+  rules = [r for r in sources.release_table(model_cfg)
+           if r.torch.startswith((sources.RELEASE_DEM, sources.RELEASE_PROJECTOR))]
+  return {r.torch: torch.randn(mapping.torch_shape(r, expected[r.path].shape), generator=gen)
           for r in rules}
 
 
@@ -78,7 +78,7 @@ def release_config_json(model_cfg) -> dict:
 def release_tensors(model_cfg, llama, clip, seed: int = 0) -> dict[str, torch.Tensor]:
   tensors = {name: t.detach().clone() for name, t in llama.state_dict().items()}
   # transformers 5's CLIPVisionModel tree drops `vision_model.`; the release keeps it.
-  tensors.update({f"{hf.RELEASE_CLIP}vision_model.{name}": t.detach().clone()
+  tensors.update({f"{sources.RELEASE_CLIP}vision_model.{name}": t.detach().clone()
                   for name, t in clip.state_dict().items()})
   tensors.update(dem_projector_tensors(model_cfg, seed))
   return tensors
@@ -95,7 +95,7 @@ def write_shards(directory: str, tensors: dict[str, torch.Tensor], num_shards: i
     save_file(part, os.path.join(directory, file), metadata={"format": "pt"})
     weight_map.update({n: file for n in part})
   total = sum(t.numel() * t.element_size() for t in tensors.values())
-  with open(os.path.join(directory, hf.INDEX_FILES[0]), "w") as f:
+  with open(os.path.join(directory, readers.INDEX_FILES[0]), "w") as f:
     json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f)
 
 
@@ -127,4 +127,4 @@ def write_llava_hf(directory: str, model_cfg, image_token_index: int, seed: int 
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-  return hf._torch_to_numpy(tensor)
+  return readers.torch_to_numpy(tensor)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 import flax.linen as nn
+from flax import traverse_util
 
 from infllava_jax.convert import mapping
 from infllava_jax.convert.clip_table import clip_table, clip_unused
@@ -101,7 +102,7 @@ def test_only_used_layers_are_params(vision_cfg, hf_model):
   params = convert(vision_cfg, state_dict(hf_model))
   assert params["layers"]["attn"]["q"]["kernel"].shape == (2, 64, 64)  # 2 of 3 layers
   assert params["patch_embed"]["kernel"].shape == (14, 14, 3, 64)
-  flat = mapping.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   assert not any("post" in path for path in flat)
 
 

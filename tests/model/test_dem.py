@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import traverse_util
 
 from infllava_jax.config import load_config
 from infllava_jax.convert import mapping
@@ -383,7 +384,7 @@ def test_parameter_count_of_the_released_dem():
   shapes = jax.eval_shape(module.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 10, 576, 1024), jnp.bfloat16))
   assert _count(nn.unbox(shapes)["params"]) == 4_400_256
-  expected = mapping.flatten(nn.unbox(shapes)["params"])
+  expected = traverse_util.flatten_dict(nn.unbox(shapes)["params"], sep="/")
   assert sorted(expected) == sorted(rule.path for rule in DEM_TABLE)
 
 
@@ -400,13 +401,13 @@ def test_init_is_pytorch_default():
   cfg = _config()
   module = _module(cfg)
   params = nn.unbox(jax.jit(module.init)(jax.random.key(0), _feats(cfg)))["params"]
-  for path, leaf in mapping.flatten(params).items():
+  for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
     if path.endswith("norm/scale"):
       np.testing.assert_array_equal(leaf, 1)
     elif path.endswith("norm/bias"):
       np.testing.assert_array_equal(leaf, 0)
     else:
-      fan_in = mapping.flatten(params)[path.rsplit("/", 1)[0] + "/kernel"].shape[0]
+      fan_in = traverse_util.flatten_dict(params, sep="/")[path.rsplit("/", 1)[0] + "/kernel"].shape[0]
       bound = 1 / math.sqrt(fan_in)
       assert float(jnp.abs(leaf).max()) <= bound and float(jnp.abs(leaf).max()) > 0.5 * bound, path
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 import transformers
 import flax.linen as nn
-from ml_collections import ConfigDict
 
 from infllava_jax.convert import mapping
 from infllava_jax.convert.llama_table import llama_config_from_hf, llama_table, tie_lm_head
-from infllava_jax.model import layers, llama
+from infllava_jax.model import kv_cache, layers, llama
 from infllava_jax.presets import infllava_8b
 
 HF_TOL = 1e-4
@@ -94,17 +93,6 @@ def max_err(a, b):
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
-def test_rope_frequencies_match_hf(llm_cfg, hf_model):
-  ours = llama.rope_inverse_frequencies(llm_cfg)
-  theirs = hf_model.model.rotary_emb.inv_freq.numpy()
-  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
-  # The scaling must bite at this size, or the test above proves nothing about it.
-  plain_cfg = ConfigDict(llm_cfg.to_dict())
-  plain_cfg.rope_scaling = None
-  plain = llama.rope_inverse_frequencies(plain_cfg)
-  assert np.sum(~np.isclose(plain, ours)) >= 4
-
-
 def test_logits_match_hf(run, hf_model, tokens):
   with torch.no_grad():
     want = hf_model(torch.from_numpy(tokens).long()).logits.numpy()
@@ -127,7 +115,7 @@ def test_logits_match_hf_at_far_positions(run, hf_model, tokens):
 def decode(run, llm_cfg, tokens, positions, segments, prefill, max_len=32, per_layer=False):
   """Prefill `prefill` tokens, then feed the rest one at a time: logits of every step [B, T, V]."""
   b, t = tokens.shape
-  cache = llama.init_cache(llm_cfg, b, max_len, jnp.float32, per_layer)
+  cache = kv_cache.init_cache(llm_cfg, b, max_len, jnp.float32, per_layer)
   out, cache = run(tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill], cache)
   steps = [out]
   for i in range(prefill, t):
@@ -229,7 +217,7 @@ def test_a_decode_step_copies_no_cache(llm_cfg, params, run, tokens, platform, b
     cached = decode(fn, llm_cfg, tokens, positions, np.ones_like(tokens), prefill=T - 4)
     assert max_err(cached, run(tokens, positions)[0]) <= TOL
   model = llama.Llama(llm_cfg, scan_layers=False)
-  cache = llama.init_cache(llm_cfg, batch, 32, jnp.float32, per_layer=True)
+  cache = kv_cache.init_cache(llm_cfg, batch, 32, jnp.float32, per_layer=True)
   one = jnp.ones((batch, 1), jnp.int32)
   step = jax.jit(lambda p, c: model.apply({"params": p}, one, one, one, c,
                                           method="tokens_to_logits"), donate_argnums=1)
@@ -335,7 +323,7 @@ def test_mlp_column_sets_equal_the_whole_mlp(llm_cfg, params, run, tokens):
   chunked = llama.Llama(llm_cfg, mlp_chunks=4)
   logits, _ = chunked.apply({"params": params}, tokens, positions, method="tokens_to_logits")
   assert max_err(logits, run(tokens, positions)[0]) <= TOL
-  cache = llama.init_cache(llm_cfg, 2, T, jnp.float32)
+  cache = kv_cache.init_cache(llm_cfg, 2, T, jnp.float32)
   with_cache = lambda model: str(jax.make_jaxpr(
       lambda: model.apply({"params": params}, tokens, positions, np.ones_like(tokens), cache,
                           method="tokens_to_logits"))())
@@ -464,57 +452,3 @@ def test_attention_gradients_match_autodiff(llm_cfg, params, tokens):
     for chunk in (0, 10):
       errs = jax.tree_util.tree_map(max_err, grads(None, chunk, positions, segments, rows), want)
       assert max(jax.tree_util.tree_leaves(errs)) <= 1e-5, (chunk, segments is None)
-
-
-def test_splash_attention_equals_grouped_attention():
-  """The TPU splash kernel (run in the Pallas interpreter) against our einsum attention:
-  GQA, a row of two packed segments and a left-padded row; values and gradients, on one
-  device and under a (data=2, fsdp=2, tensor=2) mesh through its shard_map."""
-  from infllava_jax import sharding
-  b, t, h, n, d = 4, 256, 4, 2, 64
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, d)), jnp.float32)
-             for heads in (h, n, n))
-  segments = np.ones((b, t), np.int32)
-  segments[0, 100:] = 2   # packed
-  segments[1, :30] = 0    # left padding
-  segments = jnp.asarray(segments)
-  mask = llama.attention_mask(segments, segments, jnp.arange(t), jnp.arange(t))
-  scale = d ** -0.5
-  weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
-
-  def with_grads(attend):
-    out = attend(q, k, v)
-    grads = jax.grad(lambda *a: jnp.sum(attend(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-    return out, grads
-
-  want = with_grads(lambda q, k, v: llama.grouped_attention(q, k, v, mask, scale))
-  splash = lambda q, k, v: llama.splash_attention(q, k, v, segments, scale, interpret=True)
-  got = with_grads(splash)
-  with jax.set_mesh(sharding.make_mesh("data=2,fsdp=2,tensor=2")), sharding.axis_rules():
-    got_sharded = jax.jit(lambda: with_grads(splash))()
-  for result in (got, got_sharded):
-    errs = jax.tree_util.tree_map(max_err, result, want)
-    assert max(jax.tree_util.tree_leaves(errs)) <= 1e-5
-  # The segments matter: one segment per row gives other values.
-  assert max_err(llama.splash_attention(q, k, v, jnp.ones_like(segments), scale,
-                                        interpret=True), want[0]) > 0.1
-  assert not llama.uses_splash(None, t)  # the default off TPU: our einsum path
-
-
-def test_attention_dispatch_follows_the_mesh_platform():
-  """A TPU compile from a CPU host (`infllava compile --topology`) sets a TPU mesh while
-  jax's default backend stays CPU: the TPU paths must follow the mesh, not the backend."""
-  from jax._src.mesh import AbstractDevice  # no public constructor for a foreign device
-  from infllava_jax.model import layers
-  tpu = jax.sharding.AbstractMesh(
-      (2,), ("fsdp",),
-      abstract_device=AbstractDevice(device_kind="TPU v5p", num_cores=None, platform="tpu"))
-  assert layers.compute_platform() == jax.default_backend() == "cpu"
-  assert not llama.uses_splash(None, 2048)
-  with jax.sharding.use_abstract_mesh(tpu):
-    assert layers.compute_platform() == "tpu"
-    assert llama.uses_splash(None, 2048) and llama.uses_splash(None, 256)
-    assert not llama.uses_splash(None, 100)        # no 128-multiple block divides it
-    assert not llama.uses_splash(None, 640 + 128)  # 512 does not divide 768
-    assert not llama.uses_splash("einsum", 2048)   # an explicit choice wins
