@@ -55,41 +55,58 @@ class Tokenized:
   truncated: bool = False
 
 
-def normalize_conversation(conversations, has_image: bool) -> list[tuple[str, str]]:
-  """Checks a LLaVA `conversations` list and returns [(role, text)] pairs, human first.
+def check_conversation(conversations, has_image: bool) -> tuple[list[str], list[str]]:
+  """Checks a LLaVA `conversations` list; returns its (roles, texts), human first.
 
   A leading "gpt" message is dropped (as the reference does); roles must then alternate
   human/gpt and end with gpt. `<image>` must appear exactly once when the record has an
-  image (never otherwise) and is moved to the front of its message, as
-  `preprocess_multimodal` does.
+  image, never otherwise. Cheap (a few C-level passes) for the metadata pass over every
+  record of a dataset (`checks.py`); raises SampleError naming the first fault.
   """
   if not isinstance(conversations, list) or not conversations:
     raise SampleError("empty or missing 'conversations'")
-  turns = []
-  for i, message in enumerate(conversations):
-    if (not isinstance(message, dict) or message.get("from") not in ROLES
-        or not isinstance(message.get("value"), str)):
-      raise SampleError(f"conversations[{i}] is not {{'from': 'human'|'gpt', 'value': str}}: "
-                        f"{str(message)[:80]!r}")
-    turns.append((message["from"], message["value"]))
-  if turns[0][0] == "gpt":
-    turns = turns[1:]
-  if not turns:
+  try:
+    roles = [message["from"] for message in conversations]
+    texts = [message["value"] for message in conversations]
+    joined = "".join(texts)  # a TypeError unless every text is a str
+    well_formed = set(roles) <= ROLES.keys()
+  except (TypeError, KeyError):
+    well_formed = False
+  if not well_formed:
+    for i, message in enumerate(conversations):
+      if (not isinstance(message, dict) or message.get("from") not in ("human", "gpt")
+          or not isinstance(message.get("value"), str)):
+        raise SampleError(f"conversations[{i}] is not {{'from': 'human'|'gpt', 'value': str}}: "
+                          f"{str(message)[:80]!r}")
+  if roles[0] == "gpt":
+    roles, texts = roles[1:], texts[1:]
+    joined = "".join(texts)
+  if not roles:
     raise SampleError("conversation has no human turn")
-  for i, (role, _) in enumerate(turns):
-    expected = "human" if i % 2 == 0 else "gpt"
-    if role != expected:
-      raise SampleError(f"roles do not alternate: turn {i} is {role!r}, expected {expected!r}")
-  if len(turns) % 2:
+  questions, answers = roles[::2], roles[1::2]
+  if questions.count("human") != len(questions) or answers.count("gpt") != len(answers):
+    for i, role in enumerate(roles):
+      expected = "human" if i % 2 == 0 else "gpt"
+      if role != expected:
+        raise SampleError(f"roles do not alternate: turn {i} is {role!r}, expected {expected!r}")
+  if len(roles) % 2:
     raise SampleError("conversation ends with a human turn (no answer to supervise)")
-  count = sum(text.count(IMAGE) for _, text in turns)
+  count = joined.count(IMAGE)
   if has_image and count != 1:
     raise SampleError(f"record has an image but its conversation holds {count} '{IMAGE}' "
                       "placeholders (expected 1)")
   if not has_image and count:
     raise SampleError(f"conversation holds '{IMAGE}' but the record has no image")
+  return roles, texts
+
+
+def normalize_conversation(conversations, has_image: bool) -> list[tuple[str, str]]:
+  """Checks a LLaVA `conversations` list (`check_conversation`) and returns its
+  [(role, text)] turns, human first, `<image>` moved to the front of its message as
+  `preprocess_multimodal` does."""
+  roles, texts = check_conversation(conversations, has_image)
   return [(role, (IMAGE + "\n" + text.replace(IMAGE, "").strip()).strip()
-           if IMAGE in text else text) for role, text in turns]
+           if IMAGE in text else text) for role, text in zip(roles, texts)]
 
 
 def render_llama3(turns: Sequence[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:

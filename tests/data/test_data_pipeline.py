@@ -284,6 +284,23 @@ def test_a_dataset_where_every_sample_is_dropped_raises_instead_of_looping(tmp_p
     next(it)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_text_only_rows_carry_no_image(tmp_path, packing):
+  text = {"id": "t", "conversations": [{"from": "human", "value": "Is there a person?"},
+                                       {"from": "gpt", "value": "Yes."}]}
+  cfg = _config(batch_size=2, shuffle=False, max_images_per_row=0, packing=packing)
+  batch = next(pipeline.make_iterator(cfg, _bad_source(tmp_path, [text] * 4),
+                                      process_index=0, process_count=1))
+  assert batch["pixels"].shape == (2, 0, 84, 84, 3)
+  assert IMG not in batch["tokens"] and batch["loss_mask"].sum() > 0
+  it = pipeline.make_iterator(cfg, _bad_source(tmp_path, [text, GOOD]), process_index=0,
+                              process_count=1)
+  with pytest.raises(pipeline.BadSampleError,
+                     match=r"record 'good': field 'image': the record has an image but "
+                           r"data.max_images_per_row=0"):
+    next(it)
+
+
 def test_overlong_samples_are_counted(tmp_path):
   long = {"id": "long", "conversations": [
       {"from": "human", "value": "Describe the picture. " * 40},
