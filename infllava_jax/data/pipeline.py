@@ -53,6 +53,7 @@ class SampleDecoder(grain.transforms.Map):
   overlong: str
   double_bos: bool
   tokenizer_path: str | None
+  label_rule: str = "reference"
   text_only: bool = False  # data.max_images_per_row=0: an image record is a bad sample
 
   def map(self, record: dict) -> dict:
@@ -69,7 +70,7 @@ class SampleDecoder(grain.transforms.Map):
           record["conversations"], has_image=has_image, template=self.template,
           tokenizer=load_tokenizer(self.tokenizer_path), image_token_id=self.image_token_id,
           num_image_tokens=self.num_image_tokens, max_length=self.max_length,
-          overlong=self.overlong, double_bos=self.double_bos)
+          overlong=self.overlong, double_bos=self.double_bos, label_rule=self.label_rule)
       pixels = (images.preprocess(record["image"], self.image_size, self.image_aspect)[None]
                 if has_image else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
     except templates.OverlongError as e:
@@ -297,6 +298,11 @@ def make_dataset(config, source, *, process_index: int | None = None,
     process_index, process_count = jax.process_index(), jax.process_count()
   batch_size = host_batch_size(config, process_count)
   shuffle = data.shuffle if shuffle is None else shuffle
+  # Configs saved before data.label_rule existed trained with the reference's rule.
+  label_rule = data.get("label_rule", "reference")
+  if label_rule not in templates.LABEL_RULES:
+    raise ConfigError(f"data.label_rule must be one of {templates.LABEL_RULES}, got "
+                      f"{label_rule!r}")
   tok = load_tokenizer(data.tokenizer_path)
   ds = grain.MapDataset.source(source)
   if data.group_by_modality:
@@ -316,6 +322,7 @@ def make_dataset(config, source, *, process_index: int | None = None,
       num_image_tokens=num_image_tokens(model), image_size=input_size(model),
       image_aspect=data.image_aspect, max_length=data.max_length, overlong=data.overlong,
       double_bos=data.double_bos, tokenizer_path=data.tokenizer_path,
+      label_rule=label_rule,
       text_only=data.max_images_per_row == 0))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=data.prefetch))
