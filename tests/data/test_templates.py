@@ -166,7 +166,7 @@ def test_bad_conversations(tok, conv, has_image, reason):
 # conv_llama3 prompt, `tokenizer_image_token` and `preprocess_llama3`), as an oracle.
 
 def oracle_prompt(conversation):
-  """conv_llama3.get_prompt() after preprocess_multimodal (spec 9.3)."""
+  """conv_llama3.get_prompt() after preprocess_multimodal (LLaVA's conversation.py, train.py)."""
   messages = [dict(m) for m in conversation]
   if messages[0]["from"] == "gpt":
     messages = messages[1:]
