@@ -100,8 +100,11 @@ def describe(problems: dict[int, str], records: Sequence, origin: str) -> str:
 
 
 def enforce(problems: dict[int, str], records: Sequence, origin: str, skip_bad: bool) -> str:
-  """Raises ConfigError naming the bad records, unless `skip_bad`; returns the line to log."""
+  """Raises ConfigError naming the bad records, unless `skip_bad` and some record is good;
+  returns the line to log."""
   line = describe(problems, records, origin)
   if not skip_bad:
     raise ConfigError(f"{line} (fix them, or set data.skip_bad_samples=True to skip them)")
+  if len(problems) == len(records):
+    raise ConfigError(f"{line}: no record to train on")
   return f"{line} (skipped: data.skip_bad_samples=True)"

@@ -51,6 +51,9 @@ def test_one_line_names_the_first_few_and_counts_all(tmp_path):
       "'conversations' missing; record #1 (id 'r1'): malformed record: field 'conversations' "
       "missing; record #2 (id 'r2'): malformed record: field 'conversations' missing; 3 more "
       "(fix them, or set data.skip_bad_samples=True to skip them)")
+  with pytest.raises(ConfigError, match=r"6 of 6 records are bad: .*; 3 more: no record to "
+                                        r"train on$"):
+    checks.enforce(problems, records, "d.json", skip_bad=True)
   skipped = checks.enforce({5: problems[5]}, records, "d.json", skip_bad=True)
   assert skipped == ("d.json: 1 of 6 records are bad: record #5: malformed record: the record "
                      "is a list, not an object (skipped: data.skip_bad_samples=True)")
