@@ -8,15 +8,15 @@ not).
 Labels (data.label_rule):
   "reference" (default): the released LLaVA `preprocess_llama3` / `preprocess_plain` rule,
     by counting tokens. The llama3 prompt is cut into rounds at `<|eot_id|>`; in each round
-    the instruction's tokens (everything up to the assistant header and its "\n\n",
+    the instruction's tokens (everything up to the assistant header and its "\\n\\n",
     tokenised on their own) are masked and the rest of the round is supervised: the answer
-    and its `<|eot_id|>`. Where the header's "\n\n" and an answer's leading "\n" merge into
-    one token ("\n\n\n" in LLaMA-3), that token counts as instruction and is masked. When
+    and its `<|eot_id|>`. Where the header's "\\n\\n" and an answer's leading "\\n" merge into
+    one token ("\\n\\n\\n" in LLaMA-3), that token counts as instruction and is masked. When
     the rounds' counts do not add up to the sample's length (a "tokenization mismatch",
     e.g. a message holding a literal `<|eot_id|>`) the whole sample is masked, as there.
   "spans": a token is supervised when its characters overlap an answer or its closing
     `<|eot_id|>`. The same labels wherever the tokens do not straddle the header/answer
-    boundary; it supervises the merged "\n\n\n" token and never masks a whole sample.
+    boundary; it supervises the merged "\\n\\n\\n" token and never masks a whole sample.
 
 Templates:
   llama3 (stage 2, inference): system block, headers, `<|eot_id|>` after every message,
@@ -196,7 +196,7 @@ def reference_labels_llama3(text: str, ids: Sequence[int], tokenizer, image_toke
 
   Rounds: system + first question + first answer, then each (question, answer) pair; an
   empty round (the tail after the last `<|eot_id|>`) ends the loop. Per round, the
-  instruction (up to the assistant header's "\n\n") is masked and the round's length + 1
+  instruction (up to the assistant header's "\\n\\n") is masked and the round's length + 1
   (its `<|eot_id|>`, cut by the split) is counted, both less 1 after the first round (the
   BOS each round's own tokenisation adds). Everything after the counted rounds is masked;
   so is the whole sample when the count, below `max_length`, differs from len(ids).
