@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
@@ -45,7 +46,8 @@ def corpus() -> list[str]:
   return frequent * 20 + [templates.LLAMA3_SYSTEM] * 5 + ENGLISH.splitlines()
 
 
-def build() -> Tokenizer:
+def build(texts: Sequence[str] | None = None) -> Tokenizer:
+  """The BPE trained on `texts` (default: `corpus()`, the shipped tokenizer)."""
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
@@ -54,7 +56,7 @@ def build() -> Tokenizer:
   tok.decoder = decoders.ByteLevel()
   trainer = BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIALS) - 1, show_progress=False,
                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(corpus(), trainer=trainer)
+  tok.train_from_iterator(corpus() if texts is None else texts, trainer=trainer)
   tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
   tok.add_special_tokens([AddedToken(PAD, special=True, normalized=False)])
   bos = SPECIALS[0]

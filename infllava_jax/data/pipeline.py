@@ -22,17 +22,19 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from infllava_jax.config import ConfigError
-from infllava_jax.data import images, sources, templates
+from infllava_jax.data import checks, images, sources, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 
 # tokens/targets/positions/segment_ids [B, T] int32, loss_mask [B, T] float32,
-# pixels [B, M, H, W, 3] float32 (M = images per row: 1 without packing).
+# pixels [B, M, H, W, 3] float32 (M = images per row: data.max_images_per_row with packing,
+# else 1; 0 for a text-only run, data.max_images_per_row=0, which refuses image records).
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "pixels")
 _SEQ_KEYS = ("tokens", "targets", "loss_mask")
 
 
-class BadSampleError(ValueError):
-  """A record that cannot become a sample, with data.skip_bad_samples=False."""
+class BadSampleError(ConfigError):
+  """A record that cannot become a sample, with data.skip_bad_samples=False: a user error
+  (the CLI prints its one line and exits 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +53,24 @@ class SampleDecoder(grain.transforms.Map):
   overlong: str
   double_bos: bool
   tokenizer_path: str | None
+  label_rule: str = "reference"
+  text_only: bool = False  # data.max_images_per_row=0: an image record is a bad sample
 
   def map(self, record: dict) -> dict:
     if record.get("pad"):  # sources build records without this key
       return {"pad": True}
     where = f"{record.get('origin')}: record {record.get('id')!r}"
     if "error" in record:
-      return {"error": f"{where}: malformed record: {record['error']}"}
+      return {"error": f"{where}: {record['error']}"}
     has_image = record["image"] is not None
+    if has_image and self.text_only:
+      return {"error": f"{where}: field 'image': {checks.TEXT_ONLY_IMAGE}"}
     try:
       tok = templates.tokenize_conversation(
           record["conversations"], has_image=has_image, template=self.template,
           tokenizer=load_tokenizer(self.tokenizer_path), image_token_id=self.image_token_id,
           num_image_tokens=self.num_image_tokens, max_length=self.max_length,
-          overlong=self.overlong, double_bos=self.double_bos)
+          overlong=self.overlong, double_bos=self.double_bos, label_rule=self.label_rule)
       pixels = (images.preprocess(record["image"], self.image_size, self.image_aspect)[None]
                 if has_image else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
     except templates.OverlongError as e:
@@ -193,8 +199,9 @@ class _ModalityGroupedOrder(grain.MapDataset):
     return PAD_RECORD if record < 0 else self._parent[record + epoch * len(self._parent)]
 
 
-def _pad_sample(sample: dict, length: int, pad_id: int) -> dict:
-  """One unpacked sample padded to `length`, with positions, segment ids and one image."""
+def _pad_sample(sample: dict, length: int, pad_id: int, images: int) -> dict:
+  """One unpacked sample padded to `length`, with positions, segment ids and `images`
+  (1, or 0 in a text-only run) image slots in pixels."""
   n = len(sample["tokens"])
   out = {}
   for key in _SEQ_KEYS:
@@ -203,7 +210,7 @@ def _pad_sample(sample: dict, length: int, pad_id: int) -> dict:
   out["positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
   out["segment_ids"] = (np.arange(length) < n).astype(np.int32)
   pixels = sample["pixels"]
-  out["pixels"] = pixels if len(pixels) else np.zeros((1, *pixels.shape[1:]), np.float32)
+  out["pixels"] = pixels if len(pixels) else np.zeros((images, *pixels.shape[1:]), np.float32)
   return out
 
 
@@ -291,6 +298,11 @@ def make_dataset(config, source, *, process_index: int | None = None,
     process_index, process_count = jax.process_index(), jax.process_count()
   batch_size = host_batch_size(config, process_count)
   shuffle = data.shuffle if shuffle is None else shuffle
+  # Configs saved before data.label_rule existed trained with the reference's rule.
+  label_rule = data.get("label_rule", "reference")
+  if label_rule not in templates.LABEL_RULES:
+    raise ConfigError(f"data.label_rule must be one of {templates.LABEL_RULES}, got "
+                      f"{label_rule!r}")
   tok = load_tokenizer(data.tokenizer_path)
   ds = grain.MapDataset.source(source)
   if data.group_by_modality:
@@ -309,7 +321,9 @@ def make_dataset(config, source, *, process_index: int | None = None,
       template=data.template, image_token_id=model.image_token_id,
       num_image_tokens=num_image_tokens(model), image_size=input_size(model),
       image_aspect=data.image_aspect, max_length=data.max_length, overlong=data.overlong,
-      double_bos=data.double_bos, tokenizer_path=data.tokenizer_path))
+      double_bos=data.double_bos, tokenizer_path=data.tokenizer_path,
+      label_rule=label_rule,
+      text_only=data.max_images_per_row == 0))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=data.prefetch))
   if data.worker_count > 0:
@@ -328,7 +342,8 @@ def make_dataset(config, source, *, process_index: int | None = None,
                         "pixels": 0})
     it = it.map(_from_packed)
   else:
-    it = it.map(functools.partial(_pad_sample, length=length, pad_id=tok.pad_token_id))
+    it = it.map(functools.partial(_pad_sample, length=length, pad_id=tok.pad_token_id,
+                                  images=min(1, data.max_images_per_row)))
   return it.batch(batch_size, drop_remainder=data.drop_remainder)
 
 

@@ -16,35 +16,42 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 from typing import Sequence
 
 import numpy as np
 
-from infllava_jax.data import synthetic
+from infllava_jax.config import ConfigError
+from infllava_jax.data import checks, synthetic
 
 class LlavaJsonSource:
   """A LLaVA JSON file (blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json...).
 
   A list of {"id", optional "image" (path relative to `image_folder`), "conversations"}.
-  The file must parse as a JSON list; a malformed record inside it becomes a record with
-  an "error" so that it can be counted and skipped.
+  The file must parse as a JSON list (else ConfigError). The records' metadata is checked
+  once, on load (`checks.find_problems`, for `template` and `text_only` =
+  data.max_images_per_row == 0): `problems` maps each bad record's index to its message,
+  and that record reads as one with an "error", so that it can be counted and skipped.
   """
 
-  def __init__(self, json_path: str, image_folder: str):
+  def __init__(self, json_path: str, image_folder: str, *, template: str = "llama3",
+               text_only: bool = False):
     if not os.path.isfile(json_path):
       raise FileNotFoundError(f"{json_path}: LLaVA JSON file not found (data.json_path)")
     try:
       with open(json_path, encoding="utf-8") as f:
         records = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{json_path}: not valid JSON: {e}") from e
+      raise ConfigError(f"{json_path}: not valid JSON: {e} (data.json_path)") from None
     if not isinstance(records, list):
-      raise ValueError(f"{json_path}: expected a JSON list of records, got "
-                       f"{type(records).__name__}")
+      raise ConfigError(f"{json_path}: expected a JSON list of records, got "
+                        f"{type(records).__name__} (data.json_path)")
     self._records = records
     self._json_path = json_path
     self._image_folder = image_folder
+    self.problems = checks.find_problems(records, image_folder, template=template,
+                                         text_only=text_only)
 
   def __len__(self) -> int:
     return len(self._records)
@@ -57,19 +64,21 @@ class LlavaJsonSource:
     record = self._records[index]
     return isinstance(record, dict) and record.get("image") is not None
 
+  def check(self, skip_bad: bool) -> None:
+    """Stops on the bad records found on load (ConfigError, one line naming the first few),
+    or, with `skip_bad`, logs their count: the pipeline then skips them as they come."""
+    if self.problems:
+      logging.getLogger(__name__).warning(
+          checks.enforce(self.problems, self._records, self._json_path, skip_bad))
+
   def __getitem__(self, index: int) -> dict:
     raw = self._records[index]
     out = {"id": f"#{index}", "conversations": None, "image": None, "origin": self._json_path}
-    if not isinstance(raw, dict):
-      return {**out, "error": f"record #{index} is a {type(raw).__name__}, not an object"}
-    out["id"] = str(raw.get("id", f"#{index}"))
-    if "id" not in raw:
-      return {**out, "error": "field 'id' missing"}
-    if "conversations" not in raw:
-      return {**out, "error": "field 'conversations' missing"}
+    if isinstance(raw, dict):
+      out["id"] = str(raw.get("id", f"#{index}"))
+    if index in self.problems:
+      return {**out, "error": self.problems[index]}
     image = raw.get("image")
-    if image is not None and not isinstance(image, str):
-      return {**out, "error": f"field 'image' must be a path string, got {type(image).__name__}"}
     out["conversations"] = raw["conversations"]
     out["image"] = None if image is None else os.path.join(self._image_folder, image)
     return out
@@ -108,7 +117,7 @@ class TfdsSource:
     try:
       out["conversations"] = json.loads(_text(raw["conversations"]))
     except (KeyError, json.JSONDecodeError) as e:
-      return {**out, "error": f"field 'conversations' is not a JSON list: {e}"}
+      return {**out, "error": f"malformed record: field 'conversations' is not a JSON list: {e}"}
     image = raw.get("image")
     out["image"] = image if _has_bytes(image) else None
     return out
@@ -149,17 +158,25 @@ class SyntheticSource:
 
 
 def make_source(data_cfg, split: str = "train"):
-  """The source that `data_cfg.source` names ("synthetic", "llava_json" or "tfds")."""
+  """The source that `data_cfg.source` names ("synthetic", "llava_json" or "tfds").
+
+  A LLaVA JSON's records are checked here (`LlavaJsonSource.check`): bad ones stop the run
+  (ConfigError) or are counted and skipped, before any model is built or compiled.
+  """
   kind = data_cfg.source
   if kind == "synthetic":
     syn = data_cfg.synthetic
     num = syn.num_train if split == "train" else syn.num_heldout
     return SyntheticSource(split, num, syn.seed, syn.image_size, syn.max_turns, syn.kinds)
-  if kind == "llava_json":
-    return LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder)
+  if kind == "llava_json":  # checked here, before a model is built or compiled
+    source = LlavaJsonSource(data_cfg.json_path, data_cfg.image_folder,
+                             template=data_cfg.template,
+                             text_only=data_cfg.max_images_per_row == 0)
+    source.check(data_cfg.skip_bad_samples)
+    return source
   if kind == "tfds":
     return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir or None)
-  raise ValueError(f"data.source must be 'synthetic', 'llava_json' or 'tfds', got {kind!r}")
+  raise ConfigError(f"data.source must be 'synthetic', 'llava_json' or 'tfds', got {kind!r}")
 
 
 def _png(image: np.ndarray) -> bytes:

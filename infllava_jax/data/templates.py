@@ -3,11 +3,20 @@
 A LLaVA conversation becomes token ids with reference-style labels (-100 where not
 supervised), then the single `<image>` placeholder becomes N_img image-slot ids (the model
 writes the visual tokens into them; spec 9.6 splices instead, our static-shape design does
-not). Supervision is decided from character spans: the template records where each
-assistant answer and its closing `<|eot_id|>` sit in the prompt, and a token is supervised
-when its offsets overlap such a span. With the real LLaMA-3 tokenizer this gives exactly the
-reference's round-length arithmetic (only answers and their `<|eot_id|>`), without its
-"tokenization mismatch" failure mode.
+not).
+
+Labels (data.label_rule):
+  "reference" (default): the released LLaVA `preprocess_llama3` / `preprocess_plain` rule,
+    by counting tokens. The llama3 prompt is cut into rounds at `<|eot_id|>`; in each round
+    the instruction's tokens (everything up to the assistant header and its "\\n\\n",
+    tokenised on their own) are masked and the rest of the round is supervised: the answer
+    and its `<|eot_id|>`. Where the header's "\\n\\n" and an answer's leading "\\n" merge into
+    one token ("\\n\\n\\n" in LLaMA-3), that token counts as instruction and is masked. When
+    the rounds' counts do not add up to the sample's length (a "tokenization mismatch",
+    e.g. a message holding a literal `<|eot_id|>`) the whole sample is masked, as there.
+  "spans": a token is supervised when its characters overlap an answer or its closing
+    `<|eot_id|>`. The same labels wherever the tokens do not straddle the header/answer
+    boundary; it supervises the merged "\\n\\n\\n" token and never masks a whole sample.
 
 Templates:
   llama3 (stage 2, inference): system block, headers, `<|eot_id|>` after every message,
@@ -24,6 +33,7 @@ import numpy as np
 
 IMAGE = "<image>"
 IGNORE_INDEX = -100
+LABEL_RULES = ("reference", "spans")
 LLAMA3_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's "
                  "questions.")
@@ -55,41 +65,58 @@ class Tokenized:
   truncated: bool = False
 
 
-def normalize_conversation(conversations, has_image: bool) -> list[tuple[str, str]]:
-  """Checks a LLaVA `conversations` list and returns [(role, text)] pairs, human first.
+def check_conversation(conversations, has_image: bool) -> tuple[list[str], list[str]]:
+  """Checks a LLaVA `conversations` list; returns its (roles, texts), human first.
 
   A leading "gpt" message is dropped (as the reference does); roles must then alternate
   human/gpt and end with gpt. `<image>` must appear exactly once when the record has an
-  image (never otherwise) and is moved to the front of its message, as
-  `preprocess_multimodal` does.
+  image, never otherwise. Cheap (a few C-level passes) for the metadata pass over every
+  record of a dataset (`checks.py`); raises SampleError naming the first fault.
   """
   if not isinstance(conversations, list) or not conversations:
     raise SampleError("empty or missing 'conversations'")
-  turns = []
-  for i, message in enumerate(conversations):
-    if (not isinstance(message, dict) or message.get("from") not in ROLES
-        or not isinstance(message.get("value"), str)):
-      raise SampleError(f"conversations[{i}] is not {{'from': 'human'|'gpt', 'value': str}}: "
-                        f"{str(message)[:80]!r}")
-    turns.append((message["from"], message["value"]))
-  if turns[0][0] == "gpt":
-    turns = turns[1:]
-  if not turns:
+  try:
+    roles = [message["from"] for message in conversations]
+    texts = [message["value"] for message in conversations]
+    joined = "".join(texts)  # a TypeError unless every text is a str
+    well_formed = set(roles) <= ROLES.keys()
+  except (TypeError, KeyError):
+    well_formed = False
+  if not well_formed:
+    for i, message in enumerate(conversations):
+      if (not isinstance(message, dict) or message.get("from") not in ("human", "gpt")
+          or not isinstance(message.get("value"), str)):
+        raise SampleError(f"conversations[{i}] is not {{'from': 'human'|'gpt', 'value': str}}: "
+                          f"{str(message)[:80]!r}")
+  if roles[0] == "gpt":
+    roles, texts = roles[1:], texts[1:]
+    joined = "".join(texts)
+  if not roles:
     raise SampleError("conversation has no human turn")
-  for i, (role, _) in enumerate(turns):
-    expected = "human" if i % 2 == 0 else "gpt"
-    if role != expected:
-      raise SampleError(f"roles do not alternate: turn {i} is {role!r}, expected {expected!r}")
-  if len(turns) % 2:
+  questions, answers = roles[::2], roles[1::2]
+  if questions.count("human") != len(questions) or answers.count("gpt") != len(answers):
+    for i, role in enumerate(roles):
+      expected = "human" if i % 2 == 0 else "gpt"
+      if role != expected:
+        raise SampleError(f"roles do not alternate: turn {i} is {role!r}, expected {expected!r}")
+  if len(roles) % 2:
     raise SampleError("conversation ends with a human turn (no answer to supervise)")
-  count = sum(text.count(IMAGE) for _, text in turns)
+  count = joined.count(IMAGE)
   if has_image and count != 1:
     raise SampleError(f"record has an image but its conversation holds {count} '{IMAGE}' "
                       "placeholders (expected 1)")
   if not has_image and count:
     raise SampleError(f"conversation holds '{IMAGE}' but the record has no image")
+  return roles, texts
+
+
+def normalize_conversation(conversations, has_image: bool) -> list[tuple[str, str]]:
+  """Checks a LLaVA `conversations` list (`check_conversation`) and returns its
+  [(role, text)] turns, human first, `<image>` moved to the front of its message as
+  `preprocess_multimodal` does."""
+  roles, texts = check_conversation(conversations, has_image)
   return [(role, (IMAGE + "\n" + text.replace(IMAGE, "").strip()).strip()
-           if IMAGE in text else text) for role, text in turns]
+           if IMAGE in text else text) for role, text in zip(roles, texts)]
 
 
 def render_llama3(turns: Sequence[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
@@ -125,7 +152,7 @@ def tokenize(text: str, spans: Sequence[tuple[int, int]], tokenizer, image_token
   Each `<image>`-separated chunk is tokenised on its own (the tokenizer adds its BOS); when
   the first chunk starts with BOS, one BOS is kept and every chunk loses its first token,
   and one `image_token_id` goes between chunks. Returns (ids, labels), labels -100 outside
-  the spans.
+  the spans (the "spans" label rule).
   """
   bos = tokenizer.bos_token_id
   ids, labels, chunk_start = [], [], 0
@@ -148,9 +175,61 @@ def tokenize(text: str, spans: Sequence[tuple[int, int]], tokenizer, image_token
       ids.append(tok)
       labels.append(tok if supervised else IGNORE_INDEX)
     chunk_start += len(chunk)
-  if not double_bos and len(ids) > 1 and ids[0] == ids[1] == bos:
-    ids, labels = ids[1:], labels[1:]
+  return (ids, labels) if double_bos else _single_bos(ids, labels, bos)
+
+
+def _single_bos(ids: list[int], labels: list[int], bos: int) -> tuple[list[int], list[int]]:
+  """Without the first of a double BOS (data.double_bos=False)."""
+  if len(ids) > 1 and ids[0] == ids[1] == bos:
+    return ids[1:], labels[1:]
   return ids, labels
+
+
+def _length(text: str, tokenizer, image_token_id: int) -> int:
+  """len(tokenizer_image_token(text)): what the reference's label rule counts."""
+  return len(tokenize(text, (), tokenizer, image_token_id)[0])
+
+
+def reference_labels_llama3(text: str, ids: Sequence[int], tokenizer, image_token_id: int,
+                            max_length: int) -> list[int]:
+  """`preprocess_llama3`'s labels for the llama3 prompt `text` tokenised as `ids`.
+
+  Rounds: system + first question + first answer, then each (question, answer) pair; an
+  empty round (the tail after the last `<|eot_id|>`) ends the loop. Per round, the
+  instruction (up to the assistant header's "\\n\\n") is masked and the round's length + 1
+  (its `<|eot_id|>`, cut by the split) is counted, both less 1 after the first round (the
+  BOS each round's own tokenisation adds). Everything after the counted rounds is masked;
+  so is the whole sample when the count, below `max_length`, differs from len(ids).
+  """
+  answer_header = _EOT + _SH + ROLES["gpt"] + _EH + "\n\n"
+  rounds = text.split(_EOT)
+  grouped = [_EOT.join(rounds[:3])] + [_EOT.join(rounds[i:i + 2])
+                                       for i in range(3, len(rounds), 2)]
+  labels = np.array(ids)
+  count = 0
+  for i, round_text in enumerate(grouped):
+    if not round_text:
+      break
+    parts = round_text.split(answer_header)
+    if len(parts) != 2:
+      break
+    round_len = _length(round_text, tokenizer, image_token_id) + 1
+    instruction_len = _length(parts[0] + answer_header, tokenizer, image_token_id)
+    if i:
+      round_len, instruction_len = round_len - 1, instruction_len - 1
+    labels[count:count + instruction_len] = IGNORE_INDEX
+    count += round_len
+  labels[count:] = IGNORE_INDEX
+  if count < max_length and count != len(ids):  # the reference's "tokenization mismatch"
+    labels[:] = IGNORE_INDEX
+  return labels.tolist()
+
+
+def reference_labels_plain(ids: Sequence[int], tokenizer, image_token_id: int) -> list[int]:
+  """`preprocess_plain`'s labels: the tokens of the bare `<image>` (BOS, image) masked."""
+  labels = np.array(ids)
+  labels[:_length(IMAGE, tokenizer, image_token_id)] = IGNORE_INDEX
+  return labels.tolist()
 
 
 def expand_image_slots(ids: Sequence[int], labels: Sequence[int], image_token_id: int,
@@ -189,8 +268,13 @@ def fit_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int, max_len
 
 def tokenize_conversation(conversations, *, has_image: bool, template: str, tokenizer,
                           image_token_id: int, num_image_tokens: int, max_length: int,
-                          overlong: str = "truncate", double_bos: bool = True) -> Tokenized:
-  """A LLaVA `conversations` list → Tokenized (ids with N_img slots, labels)."""
+                          overlong: str = "truncate", double_bos: bool = True,
+                          label_rule: str = "reference") -> Tokenized:
+  """A LLaVA `conversations` list → Tokenized (ids with N_img slots, labels).
+
+  label_rule: "reference" (the released pipeline's token counting) or "spans" (character
+  overlap with the answers); see the module docstring.
+  """
   turns = normalize_conversation(conversations, has_image)
   if template == "llama3":
     text, spans = render_llama3(turns)
@@ -198,7 +282,15 @@ def tokenize_conversation(conversations, *, has_image: bool, template: str, toke
     text, spans = render_plain(turns)
   else:
     raise ValueError(f"data.template must be 'llama3' or 'plain', got {template!r}")
-  ids, labels = tokenize(text, spans, tokenizer, image_token_id, double_bos)
+  ids, labels = tokenize(text, spans, tokenizer, image_token_id)
+  if label_rule == "reference" and template == "llama3":
+    labels = reference_labels_llama3(text, ids, tokenizer, image_token_id, max_length)
+  elif label_rule == "reference":
+    labels = reference_labels_plain(ids, tokenizer, image_token_id)
+  elif label_rule not in LABEL_RULES:
+    raise ValueError(f"data.label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
+  if not double_bos:
+    ids, labels = _single_bos(ids, labels, tokenizer.bos_token_id)
   ids, labels = expand_image_slots(ids, labels, image_token_id, num_image_tokens)
   ids, labels, truncated = fit_length(ids, labels, image_token_id, max_length, overlong)
   return Tokenized(ids, labels, int(has_image), truncated)

@@ -102,7 +102,8 @@ class InfLlava(nn.Module):
     Args:
       tokens: [B, T] int32 ids; image slots hold `cfg.image_token_id`.
       pixels: [B, M, H, W, 3] the M images of each row (zeros where a row has fewer), or
-        None for text-only input and cached decode steps.
+        None (or M = 0, a text-only run's batches) for text-only input and cached decode
+        steps: no vision work is traced then.
       positions: [B, T] int32 (default 0..T-1); restart per packed sample.
       segment_ids: [B, T] int32, 1.. per packed sample and 0 for padding (default all 1).
       cache: a `kv_cache.KVCache` for prefill / decode, or None.
@@ -116,6 +117,7 @@ class InfLlava(nn.Module):
     embeds = self.llm.embed(jnp.where(is_slot, 0, tokens))
     if pixels is not None:
       chex.assert_rank(pixels, 5)
+    if pixels is not None and pixels.shape[1]:
       num_images = pixels.shape[1]
       visual = self.encode_images(pixels.reshape(batch * num_images, *pixels.shape[2:]))
       visual = visual.reshape(batch, num_images * visual.shape[1], visual.shape[2])

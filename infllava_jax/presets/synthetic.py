@@ -38,6 +38,9 @@ def data_config() -> ConfigDict:
       tokenizer_path=None,   # a local HF tokenizer folder; None: the shipped small BPE
       template="llama3",     # "llama3" (stage 2, inference) or "plain" (stage 1 captions)
       double_bos=True,       # keep the released pipeline's BOS BOS start (spec 9.4)
+      # Labels: "reference" (LLaVA's preprocess_llama3 token counting, its "tokenization
+      # mismatch" included) or "spans" (character overlap; data/templates.py says how they differ).
+      label_rule="reference",
       image_aspect="pad",    # "pad" (expand to square, stage 2) or "square" (centre crop)
       max_length=128,        # tokens per row, image slots included
       overlong="truncate",   # longer samples: "truncate" the text or "drop" them (counted)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from infllava_jax.config import ConfigError, load_config
 from infllava_jax.data import pipeline, sources
+from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.model.infllava import num_image_tokens
 
 IMG = -200
@@ -282,6 +283,45 @@ def test_a_dataset_where_every_sample_is_dropped_raises_instead_of_looping(tmp_p
   with pytest.raises(pipeline.BadSampleError,
                      match=r"3 samples in a row were dropped.*'overlong_dropped': 3.*max_length"):
     next(it)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_text_only_rows_carry_no_image(tmp_path, packing):
+  text = {"id": "t", "conversations": [{"from": "human", "value": "Is there a person?"},
+                                       {"from": "gpt", "value": "Yes."}]}
+  cfg = _config(batch_size=2, shuffle=False, max_images_per_row=0, packing=packing)
+  batch = next(pipeline.make_iterator(cfg, _bad_source(tmp_path, [text] * 4),
+                                      process_index=0, process_count=1))
+  assert batch["pixels"].shape == (2, 0, 84, 84, 3)
+  assert IMG not in batch["tokens"] and batch["loss_mask"].sum() > 0
+  it = pipeline.make_iterator(cfg, _bad_source(tmp_path, [text, GOOD]), process_index=0,
+                              process_count=1)
+  with pytest.raises(pipeline.BadSampleError,
+                     match=r"record 'good': field 'image': the record has an image but "
+                           r"data.max_images_per_row=0"):
+    next(it)
+
+
+def test_label_rule_is_checked_and_reaches_the_samples(tmp_path):
+  # A tokenizer with LLaMA-3's "\n\n\n" token, and an answer starting with "\n" after the
+  # header's "\n\n": the reference's rule masks the merged token, the "spans" rule does not.
+  from infllava_jax.data import build_tokenizer
+  folder = str(tmp_path / "tokenizer")
+  texts = build_tokenizer.corpus() + ["Why?\n\n\nBecause.\n\n\n"] * 30
+  build_tokenizer.save(build_tokenizer.build(texts), folder)
+  assert len(load_tokenizer(folder)("\n\n\n", add_special_tokens=False)["input_ids"]) == 1
+  record = {"id": "n", "conversations": [{"from": "human", "value": "Why?"},
+                                         {"from": "gpt", "value": "\nBecause."}]}
+  masks = []
+  for rule in ("reference", "spans"):
+    cfg = _config(batch_size=1, shuffle=False, label_rule=rule)
+    cfg.data.tokenizer_path = folder
+    masks.append(next(pipeline.make_iterator(cfg, _bad_source(tmp_path, [record]),
+                                             process_index=0, process_count=1))["loss_mask"])
+  assert masks[1].sum() == masks[0].sum() + 1
+  with pytest.raises(ConfigError, match=r"data.label_rule must be one of \('reference', "
+                                        r"'spans'\), got 'chars'"):
+    pipeline.make_iterator(_config(label_rule="chars"), process_index=0, process_count=1)
 
 
 def test_overlong_samples_are_counted(tmp_path):

@@ -163,18 +163,25 @@ def test_llava_json_file_errors(tmp_path):
 
 
 def test_llava_json_malformed_records_are_flagged(tmp_path):
+  Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+  qa = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]
   path = tmp_path / "d.json"
   path.write_text(json.dumps([
-      {"id": "a", "image": "x.png", "conversations": []},
+      {"id": "a", "image": "x.png", "conversations": qa},
       "just a string",
       {"id": "c"},
       {"conversations": []},
       {"id": "e", "image": 3, "conversations": []},
+      {"id": "f", "image": "gone.png", "conversations": qa},
+      {"id": "g", "conversations": [{"from": "gpt", "value": "A"}, {"from": "gpt", "value": "B"}]},
   ]))
   src = sources.LlavaJsonSource(str(path), str(tmp_path))
   assert "error" not in src[0] and src[0]["image"] == str(tmp_path / "x.png")
   assert src.has_image(0) and not src.has_image(2)
-  assert "is a str" in src[1]["error"]
+  assert sorted(src.problems) == [1, 2, 3, 4, 5, 6]
+  assert "the record is a str" in src[1]["error"] and src[1]["id"] == "#1"
   assert src[2]["id"] == "c" and "'conversations' missing" in src[2]["error"]
   assert "'id' missing" in src[3]["error"]
   assert "'image' must be a path" in src[4]["error"]
+  assert src[5]["error"] == f"field 'image': image file {str(tmp_path / 'gone.png')!r} not found"
+  assert "roles do not alternate" in src[6]["error"]

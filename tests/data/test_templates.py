@@ -160,3 +160,156 @@ def test_shift_targets_supervise_next_token(tok):
 def test_bad_conversations(tok, conv, has_image, reason):
   with pytest.raises(T.SampleError, match=reason):
     llama3(tok, conv, has_image=has_image)
+
+
+# The reference's label rule, written out from its published description (LLaVA's
+# conv_llama3 prompt, `tokenizer_image_token` and `preprocess_llama3`), as an oracle.
+
+def oracle_prompt(conversation):
+  """conv_llama3.get_prompt() after preprocess_multimodal (LLaVA's conversation.py, train.py)."""
+  messages = [dict(m) for m in conversation]
+  if messages[0]["from"] == "gpt":
+    messages = messages[1:]
+  prompt = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            + T.LLAMA3_SYSTEM + "<|eot_id|>")
+  for m in messages:
+    value = m["value"]
+    if "<image>" in value:
+      value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+    role = {"human": "user", "gpt": "assistant"}[m["from"]]
+    prompt += f"<|start_header_id|>{role}<|end_header_id|>\n\n{value}<|eot_id|>"
+  return prompt
+
+
+def oracle_tokenizer_image_token(prompt, tok):
+  chunks = [tok(chunk).input_ids for chunk in prompt.split("<image>")]
+  input_ids, offset = [], 0
+  if chunks and chunks[0] and chunks[0][0] == tok.bos_token_id:
+    offset = 1
+    input_ids.append(chunks[0][0])
+  separated = [x for pair in zip(chunks, [[IMG] * (offset + 1)] * len(chunks)) for x in pair]
+  for x in separated[:-1]:
+    input_ids.extend(x[offset:])
+  return input_ids
+
+
+def oracle_preprocess_llama3(conversation, tok, has_image, model_max_length=2048):
+  conversation_text = oracle_prompt(conversation)
+  if has_image:
+    input_ids = oracle_tokenizer_image_token(conversation_text, tok)
+  else:
+    input_ids = tok(conversation_text, max_length=model_max_length, truncation=True).input_ids
+  target = list(input_ids)
+  sep = "<|eot_id|>"
+  sep2 = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+  total_len = len(target)
+  rounds = conversation_text.split(sep)
+  re_rounds = [sep.join(rounds[:3])]
+  for conv_idx in range(3, len(rounds), 2):
+    re_rounds.append(sep.join(rounds[conv_idx:conv_idx + 2]))
+  cur_len = 0
+  for i, rou in enumerate(re_rounds):
+    if rou == "":
+      break
+    parts = rou.split(sep2)
+    if len(parts) != 2:
+      break
+    parts[0] += sep2
+    if has_image:
+      round_len = len(oracle_tokenizer_image_token(rou, tok)) + 1
+      instruction_len = len(oracle_tokenizer_image_token(parts[0], tok))
+    else:
+      round_len = len(tok(rou).input_ids) + 1
+      instruction_len = len(tok(parts[0]).input_ids)
+    if i > 0:
+      round_len -= 1
+      instruction_len -= 1
+    target[cur_len:cur_len + instruction_len] = [T.IGNORE_INDEX] * len(
+        target[cur_len:cur_len + instruction_len])
+    cur_len += round_len
+  target[cur_len:] = [T.IGNORE_INDEX] * len(target[cur_len:])
+  if cur_len < model_max_length and cur_len != total_len:  # "tokenization mismatch"
+    target = [T.IGNORE_INDEX] * len(target)
+  return input_ids, target
+
+
+@pytest.fixture(scope="module")
+def newline_tok(tmp_path_factory):
+  """A tiny BPE that, like LLaMA-3, has one token for "\\n\\n\\n"."""
+  from infllava_jax.data import build_tokenizer
+  folder = str(tmp_path_factory.mktemp("newline_tokenizer"))
+  texts = build_tokenizer.corpus() + ["Why?\n\n\nBecause.\n\n\n"] * 30
+  build_tokenizer.save(build_tokenizer.build(texts), folder)
+  tok = load_tokenizer(folder)
+  assert len(ids(tok, "\n\n\n")) == 1 and len(ids(tok, "\n\n")) == 1
+  return tok
+
+
+def _qa(*messages):
+  return [{"from": "human" if i % 2 == 0 else "gpt", "value": m} for i, m in enumerate(messages)]
+
+
+ORACLE_CASES = {
+    "one turn": (_qa("<image>\nWhat is it?", "A cat."), True),
+    "multi-turn, image last in its message": (
+        _qa("What is it? <image>", "A cat.", "Where is the dog?", "No.", "And?", "Two"), True),
+    "text only": (_qa("Is there a person?", "Yes."), False),
+    "leading gpt message": ([{"from": "gpt", "value": "Hi"}] + _qa("Is it?", "Yes."), False),
+    "answer starting with a newline": (_qa("<image>\nWhat?", "\nA cat.\n"), True),
+    "newline answers in later rounds": (
+        _qa("Why?", "\nBecause.", "Sure?", "\n\nYes.", "Why?\n", "\n\n\nNo."), False),
+    "tokenization mismatch (a literal <|eot_id|> in a message)": (
+        _qa("<image>\nSay <|eot_id|> please.", "<|eot_id|>"), True),
+    "an answer holding the assistant header": (
+        _qa("Hi", "a<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nb"), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_CASES))
+@pytest.mark.parametrize("which", ["shipped", "newline"])
+def test_labels_equal_the_reference_rule(tok, newline_tok, name, which):
+  conv, has_image = ORACLE_CASES[name]
+  tokenizer = tok if which == "shipped" else newline_tok
+  out = llama3(tokenizer, conv, has_image=has_image)
+  expected_ids, expected_labels = oracle_preprocess_llama3(conv, tokenizer, has_image)
+  assert out.ids.tolist() == expected_ids
+  assert out.labels.tolist() == expected_labels
+
+
+def test_merged_newline_token_is_masked_by_the_reference_rule_only(newline_tok):
+  conv = _qa("<image>\nWhat?", "\nA cat.")
+  merged = ids(newline_tok, "\n\n\n")[0]
+  reference, spans = llama3(newline_tok, conv), llama3(newline_tok, conv, label_rule="spans")
+  assert reference.ids.tolist() == spans.ids.tolist()
+  at = int(np.flatnonzero(reference.ids == merged)[0])
+  assert reference.labels[at] == T.IGNORE_INDEX and spans.labels[at] == merged
+  differ = np.flatnonzero(reference.labels != spans.labels)
+  assert differ.tolist() == [at]
+
+
+def test_mismatch_masks_the_whole_sample_below_max_length(tok):
+  out = llama3(tok, ORACLE_CASES["tokenization mismatch (a literal <|eot_id|> in a message)"][0])
+  assert (out.labels == T.IGNORE_INDEX).all()
+  # The rounds' count stops short of the end (the answer's literal <|eot_id|> starts a
+  # round without a header): the whole sample is masked...
+  conv = _qa("Say it.", "Fine " * 10 + "<|eot_id|>b")
+  full = llama3(tok, conv, has_image=False)
+  assert (full.labels == T.IGNORE_INDEX).all()
+  # ...unless the count reaches max_length: the reference checks it below its
+  # model_max_length only (text-only samples are cut there), and keeps the answer's labels.
+  max_length = len(full.ids) - 3
+  expected_ids, expected_labels = oracle_preprocess_llama3(conv, tok, False, max_length)
+  cut = llama3(tok, conv, has_image=False, max_length=max_length)
+  assert cut.truncated and cut.ids.tolist() == expected_ids
+  assert cut.labels.tolist() == expected_labels
+  assert (cut.labels != T.IGNORE_INDEX).sum() > 10
+
+
+def test_plain_labels_mask_bos_and_image_only(tok):
+  conv = _qa("<image>\nDescribe.", "A small red car.")
+  for rule in ("reference", "spans"):
+    out = T.tokenize_conversation(conv, has_image=True, template="plain", tokenizer=tok,
+                                  image_token_id=IMG, num_image_tokens=1, max_length=2048,
+                                  label_rule=rule)
+    assert out.labels[:2].tolist() == [T.IGNORE_INDEX] * 2
+    assert out.labels[2:].tolist() == out.ids[2:].tolist()

@@ -59,6 +59,24 @@ def test_forward_writes_visual_tokens_into_slots(variant):
   assert np.abs(np.asarray(other - logits)[:, 2 + n_img:]).max() > 1e-4
 
 
+def test_text_only_batches_trace_no_vision_work():
+  """pixels [B, 0, H, W, 3] (data.max_images_per_row=0): the LLM alone, as pixels=None."""
+  cfg = load_config("configs/tiny.py:infllava").model
+  model = infllava.build_model(cfg)
+  side = infllava.input_size(cfg)
+  params = model.init(jax.random.key(0), *infllava.dummy_inputs(cfg))["params"]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 100, size=(2, 7)), jnp.int32)
+  no_images = jnp.zeros((2, 0, side, side, 3), jnp.float32)
+  logits, _ = model.apply({"params": params}, tokens, no_images)
+  text_only, _ = model.apply({"params": params}, tokens)
+  np.testing.assert_array_equal(logits, text_only)
+  # The same traced program as without pixels: nothing of CLIP, the DEM or the projector.
+  def program(*inputs):
+    return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, *inputs))(params))
+  assert program(tokens, no_images) == program(tokens)
+  assert program(tokens, jnp.zeros((2, 1, side, side, 3))) != program(tokens)
+
+
 def test_processor_size_images_are_resized_inside_the_model():
   """dcm.processor_size 84 on the 252 px tiny model: encode_images takes 84 px images and
   upsamples them as `dcm.resize` does (the released repository's 336 -> 1008 path)."""
