@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from infllava_jax import sharding
 from infllava_jax.config import load_config
 from infllava_jax.training import loop, optim
 
@@ -33,7 +34,7 @@ def take_steps(t, batches):
   """Runs `t`'s compiled step on host batches; returns (metrics per step, final params)."""
   metrics = []
   for batch in batches:
-    t.state, m = t.step_fn(t.state, loop.global_batch_from_host(batch, t.mesh))
+    t.state, m = t.step_fn(t.state, loop.global_batch_from_host(batch, t.mesh, t.setup.rules))
     metrics.append({k: float(v) for k, v in m.items()})
   return metrics, host(t.state.params)
 
@@ -94,6 +95,42 @@ def test_sharded_step_equals_one_device(tmp_path):
   assert m1[1]["loss"] != m1[0]["loss"]
   for path, a, b in zip(jax.tree.leaves(optim.param_paths(p1)), jax.tree.leaves(p8),
                         jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
+
+
+def without_tensor(axes):
+  """`axes` (a rule's mesh axes) with `tensor` left out."""
+  kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != "tensor")
+  return kept[0] if len(kept) == 1 else kept or None
+
+
+def test_config_rules_move_params_not_the_maths(tmp_path):
+  """`config.sharding.rules` with tensor parallelism for the MLPs only (heads, vocabulary
+  and the loss replicated over `tensor`) vs the default table, on fsdp=4 x tensor=2: the
+  params lie elsewhere, two steps give the same numbers (see the test above for eps)."""
+  mlp_only = tuple((name, axes if "mlp" in name else without_tensor(axes))
+                   for name, axes in sharding.LOGICAL_AXIS_RULES)
+  common = ["--config.mesh=fsdp=4,tensor=2", "--config.train.lr=1e-2",
+            "--config.train.eps=1e-4"]
+  default = trainer(tmp_path, "default", common)
+  tp_mlp = trainer(tmp_path, "tp_mlp", common + [f"--config.sharding.rules={mlp_only!r}"])
+  assert tp_mlp.setup.rules == mlp_only and default.setup.rules == sharding.LOGICAL_AXIS_RULES
+  for t, attention in ((default, P(None, "fsdp", "tensor")), (tp_mlp, P(None, "fsdp", None))):
+    layer = t.state.params["llm"]["layers"]  # [layers, in, out] kernels
+    assert layer["attn"]["q"]["kernel"].sharding.spec == attention
+    assert layer["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    # The AdamW moments follow the params, whatever the rules.
+    moments = [x for path, x in jax.tree_util.tree_leaves_with_path(t.state.opt_state)
+               if jax.tree_util.keystr(path).endswith("['llm']['layers']['attn']['q']['kernel']")]
+    assert len(moments) == 2 and all(x.sharding.spec == attention for x in moments)
+  batches = [next(default.data), next(default.data)]
+  m0, p0 = take_steps(default, batches)
+  m1, p1 = take_steps(tp_mlp, batches)
+  for a, b in zip(m1, m0):
+    for name in ("loss", "grad_norm", "tokens", "lr"):
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  for path, a, b in zip(jax.tree.leaves(optim.param_paths(p0)), jax.tree.leaves(p1),
+                        jax.tree.leaves(p0)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
 
 
