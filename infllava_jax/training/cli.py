@@ -37,7 +37,7 @@ def initialize_distributed(args) -> None:
 
 def log_heldout_accuracy(params, config) -> None:
   """The synthetic held-out accuracy of the trained `params`, as one progress line."""
-  from infllava_jax.evaluate import synthetic
+  from infllava_jax.evaluate import synthetic  # only a run that evaluates loads inference
   accuracy = synthetic.heldout_accuracy(params, config)
   loop.log(f"held-out accuracy {accuracy['accuracy']:.3f} on {accuracy['examples']} examples "
            f"({config.model.variant})")

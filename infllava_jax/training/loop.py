@@ -49,9 +49,10 @@ def global_batch_from_host(batch: dict, mesh,
                            rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> dict:
   """Per-host numpy batch -> global jax.Arrays split as the rules place `batch` (by default
   over (data, fsdp))."""
-  return {k: jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh, batch[k].ndim, rules), batch[k])
-          for k in pipeline.BATCH_KEYS}
+  def place(x):
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim, rules), x)
+
+  return {k: place(batch[k]) for k in pipeline.BATCH_KEYS}
 
 
 def batch_shards(mesh, rules: Sequence[tuple[str, Any]]) -> int:
@@ -64,7 +65,8 @@ def check_divisible(global_batch: int, mesh, accum: int,
   shards = batch_shards(mesh, rules)
   if global_batch % (shards * accum):
     axes = sharding.batch_axes(rules)
-    split = f"{' x '.join(axes)} = {' x '.join(str(mesh.shape[a]) for a in axes)} = " if axes else ""
+    sizes = " x ".join(str(mesh.shape[a]) for a in axes)
+    split = f"{' x '.join(axes)} = {sizes} = " if axes else ""
     raise ValueError(
         f"global batch {global_batch} (data.batch_size {global_batch // jax.process_count()} x "
         f"{jax.process_count()} processes) must divide into train.grad_accum_steps={accum} "
