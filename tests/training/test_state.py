@@ -53,8 +53,13 @@ def test_opt_state_is_placed_like_its_params():
 
 
 def device_bytes() -> int:
-  """Bytes the live jax arrays hold on all devices (each shard and replica counted)."""
-  return sum(shard.data.nbytes for x in jax.live_arrays() for shard in x.addressable_shards)
+  """Bytes of the device buffers the live jax arrays hold (every shard and replica, each
+  buffer once: arrays assembled from per-device arrays share their buffers)."""
+  buffers = {}
+  for x in jax.live_arrays():
+    for shard in x.addressable_shards:
+      buffers[shard.device.id, shard.data.unsafe_buffer_pointer()] = shard.data.nbytes
+  return sum(buffers.values())
 
 
 def test_fresh_start_resume_and_compile_share_the_abstract_state(tmp_path, monkeypatch):
