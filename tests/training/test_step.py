@@ -11,7 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from infllava_jax import sharding
 from infllava_jax.config import load_config
+from infllava_jax.training import compile as compile_cli
 from infllava_jax.training import loop, optim
+from infllava_jax.training import state as state_lib
 
 TINY = ["--config.model.vision.depth=1", "--config.model.llm.depth=1",
         "--config.data.synthetic.num_train=32", "--config.data.batch_size=8",
@@ -132,6 +134,24 @@ def test_config_rules_move_params_not_the_maths(tmp_path):
   for path, a, b in zip(jax.tree.leaves(optim.param_paths(p0)), jax.tree.leaves(p1),
                         jax.tree.leaves(p0)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
+
+
+def test_the_step_constrains_activations_by_its_rules():
+  """The same state and batch shardings, two rule tables: the traced step differs (its
+  activation and loss constraints follow the rules it is given, not a global table)."""
+  config = load_config("configs/synthetic.py", TINY + ["--config.mesh=fsdp=4,tensor=2"])
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.train_setup(config, mesh, total_steps=10)
+  mlp_only = tuple((name, axes if "mlp" in name else without_tensor(axes))
+                   for name, axes in sharding.LOGICAL_AXIS_RULES)
+  batch = compile_cli.abstract_batch(config, mesh, setup.rules, 8, config.data.max_length)
+  texts = []
+  for rules in (setup.rules, mlp_only, setup.rules):
+    with jax.set_mesh(mesh):
+      texts.append(state_lib.jit_train_step(setup._replace(rules=rules), config.train)
+                   .lower(setup.abstract, batch).as_text())
+  assert texts[0] != texts[1]
+  assert texts[0] == texts[2]  # lowering is deterministic: the difference is the rules'
 
 
 def test_chunked_loss_step_equals_whole_logits_step(tmp_path):
