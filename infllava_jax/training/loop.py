@@ -168,8 +168,9 @@ class Trainer:
     if resuming:
       restored = self.checkpointer.restore(abstract.params, abstract.opt_state,
                                            self.data.grain_iterator)
-      self.state = TrainState(jax.device_put(np.int32(restored.step), abstract.step.sharding),
-                              restored.params, restored.opt_state)
+      step = jax.make_array_from_callback((), abstract.step.sharding,
+                                          lambda _: np.int32(restored.step))  # multi-host safe
+      self.state = TrainState(step, restored.params, restored.opt_state)
       self.start_step = restored.step
       log(f"resumed from step {restored.step} in {self.checkpointer.directory}")
 
