@@ -1,9 +1,11 @@
 """The one place that maps logical axis names to mesh axes.
 
-Model code names axes (`embed`, `mlp`, `heads`, ...); this table decides where they live
-on a mesh with axes (`data`, `fsdp`, `tensor`). `data` replicates params and splits the
+Model code names axes (`embed`, `mlp`, `heads`, ...); a table of rules decides where they
+live on a mesh with axes (`data`, `fsdp`, `tensor`). `data` replicates params and splits the
 batch; `fsdp` splits the batch and shards params (ZeRO-3 style, gathered per layer by XLA);
-`tensor` splits heads and MLP width (Megatron style).
+`tensor` splits heads and MLP width (Megatron style). A run's table is its config's
+`sharding.rules` (`rules_from_config`; default `LOGICAL_AXIS_RULES`), used for the params,
+the optimiser state, the batch and the step's activation constraints alike.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import jax
 import numpy as np
 import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from infllava_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -44,6 +49,48 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vision_heads", "tensor"),
     ("norm", None),
 )
+
+def default_config() -> ConfigDict:
+  """The config's `sharding` section: rules (logical name, mesh axis, axes or None), the
+  first rule naming a logical axis wins; names no rule lists are replicated."""
+  return ConfigDict(dict(rules=LOGICAL_AXIS_RULES))
+
+
+def rules_from_config(config: ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding.rules` checked and normalised (lists, as a config saved to JSON holds
+  them, become tuples); `LOGICAL_AXIS_RULES` when the config has no `sharding` section.
+  Raises ConfigError naming the first rule that is not (name, None | axis | (axes, ...))
+  over `MESH_AXES`."""
+  section = config.get("sharding")
+  rules = LOGICAL_AXIS_RULES if section is None else section.get("rules", LOGICAL_AXIS_RULES)
+  return tuple(_checked_rule(i, rule) for i, rule in enumerate(rules))
+
+
+def _checked_rule(index: int, rule: Any) -> tuple[str, Any]:
+  def bad(why: str) -> ConfigError:
+    return ConfigError(f"sharding.rules[{index}]: expected (logical name, mesh axis, "
+                       f"(axes, ...) or None) with mesh axes from {MESH_AXES}, got "
+                       f"{rule!r} ({why})")
+
+  if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+    raise bad("not a pair")
+  name, axes = rule
+  if not isinstance(name, str):
+    raise bad("the logical name is not a string")
+  if axes is None or isinstance(axes, str):
+    listed = [] if axes is None else [axes]
+  elif isinstance(axes, Sequence) and all(isinstance(a, str) for a in axes):
+    listed = list(axes)
+    axes = tuple(axes)
+  else:
+    raise bad("the mesh axes are not a string, a sequence of strings or None")
+  unknown = [a for a in listed if a not in MESH_AXES]
+  if unknown:
+    raise bad(f"unknown mesh axes {unknown}")
+  if len(set(listed)) != len(listed):
+    raise bad("a mesh axis is listed twice")
+  return name, axes
+
 
 # Named presets: mesh shape as a function of the device count.
 MESH_PRESETS = {
@@ -108,13 +155,15 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh,
 
 
 def param_shardings(abstract_variables: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for a (boxed, abstract) variable tree from `jax.eval_shape(model.init)`.
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+                    warn: bool = True) -> Any:
+  """NamedShardings for a (boxed, abstract) variable tree from `jax.eval_shape(model.init)`
+  (or any tree of boxed and plain leaves: plain ones are replicated).
 
   The rules' specs, fitted to each param's shape (`fit_spec`): jax refuses an array whose
   dimension its mesh axes do not divide at every jit boundary, which LLaMA-3's vocabulary
   of 128,257 rows over `tensor` would be. An axis that cannot be placed anywhere leaves the
-  param replicated over it, with a warning naming the params.
+  param replicated over it, with a warning naming the params (unless `warn` is False).
   """
   specs = logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
   unplaced = []
@@ -127,7 +176,7 @@ def param_shardings(abstract_variables: Any, mesh: Mesh,
     return NamedSharding(mesh, spec)
 
   fitted = jax.tree_util.tree_map_with_path(fit, specs, nn.meta.unbox(abstract_variables))
-  if unplaced:
+  if unplaced and warn:
     warnings.warn(f"mesh {dict(mesh.shape)}: no dimension of {len(unplaced)} param(s) divides "
                   f"by the axis in brackets, so they are replicated over it (more memory per "
                   f"device): {'; '.join(unplaced)}", stacklevel=2)
@@ -176,9 +225,17 @@ def logical_axis_size(name: str) -> int:
   return int(np.prod([mesh.shape[a] for a in names if a in mesh.shape]))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Batch arrays split on their leading axis over (data, fsdp)."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int,
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
+  """Batch arrays split on their leading axis as the rules place `batch` (by default over
+  (data, fsdp)), the other axes replicated."""
+  return logical_to_sharding(PartitionSpec("batch", *([None] * (ndim - 1))), mesh, rules)
+
+
+def batch_axes(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+  """The mesh axes the rules split the batch over, e.g. ("data", "fsdp")."""
+  axes = nn.logical_to_mesh_axes(("batch",), list(rules))[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):

@@ -1,13 +1,18 @@
-"""Mesh shapes from the config's `mesh` field, the errors for ones that cannot be built, and
-param specs fitted to shapes their mesh axes do not divide."""
+"""Mesh shapes from the config's `mesh` field, the errors for ones that cannot be built,
+param specs fitted to shapes their mesh axes do not divide, and the logical axis rules the
+config's `sharding.rules` gives (the batch's placement included)."""
+
+import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
 
 from infllava_jax import sharding
+from infllava_jax.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("spec, shape", [
@@ -64,3 +69,42 @@ def test_param_shardings_fit_shapes_and_warn_of_replication():
     got = sharding.param_shardings(jax.eval_shape(init), mesh)
   assert got["embed"].spec == P(None, ("fsdp", "tensor"))
   assert got["odd"].spec == P("tensor", None)  # 3 takes no axis; 6 takes `tensor` only
+
+
+def test_rules_come_from_the_config_default_saved_or_overridden():
+  assert sharding.rules_from_config(ConfigDict()) == sharding.LOGICAL_AXIS_RULES
+  # A run's config saved as JSON (checkpoints keep it so) holds lists: the same rules.
+  saved = ConfigDict(json.loads(load_config("configs/synthetic.py").to_json()))
+  assert isinstance(saved.sharding.rules[0], list)
+  assert sharding.rules_from_config(saved) == sharding.LOGICAL_AXIS_RULES
+  config = load_config("configs/synthetic.py", [
+      "--config.sharding.rules=(('batch', 'data'), ('mlp', ['fsdp', 'tensor']), ('norm', None))"])
+  assert sharding.rules_from_config(config) == (("batch", "data"), ("mlp", ("fsdp", "tensor")),
+                                                ("norm", None))
+
+
+@pytest.mark.parametrize("rule, words", [
+    (("batch",), "got ('batch',) (not a pair)"),
+    ("batch", "(not a pair)"),
+    ((1, "data"), "(the logical name is not a string)"),
+    (("mlp", 2), "(the mesh axes are not a string, a sequence of strings or None)"),
+    (("mlp", "model"), "(unknown mesh axes ['model'])"),
+    (("batch", ("data", "data")), "(a mesh axis is listed twice)"),
+])
+def test_bad_rules_name_the_rule_and_what_is_wrong(rule, words):
+  config = ConfigDict({"sharding": {"rules": (("embed", "fsdp"), rule)}})
+  with pytest.raises(ConfigError) as error:
+    sharding.rules_from_config(config)
+  assert str(error.value).startswith("sharding.rules[1]: expected (logical name, mesh axis")
+  assert words in str(error.value)
+
+
+def test_batch_sharding_follows_the_rules():
+  mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+  assert sharding.batch_sharding(mesh, 2).spec == P(("data", "fsdp"), None)
+  assert sharding.batch_axes() == ("data", "fsdp")
+  data_only = (("batch", "data"), ("embed", "fsdp"))
+  assert sharding.batch_sharding(mesh, 5, data_only).spec == P("data", None, None, None, None)
+  assert sharding.batch_axes(data_only) == ("data",)
+  assert sharding.batch_axes((("embed", "fsdp"),)) == ()  # no rule: the batch is replicated
+  assert sharding.batch_sharding(mesh, 2, (("embed", "fsdp"),)).is_fully_replicated

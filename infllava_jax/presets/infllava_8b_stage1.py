@@ -16,6 +16,7 @@ projector. Memory check without a GPU:
 
 from ml_collections import ConfigDict, config_dict
 
+from infllava_jax import sharding
 from infllava_jax.presets import infllava_8b, synthetic
 from infllava_jax.training import checkpoint, optim
 
@@ -99,4 +100,5 @@ def get_config(arg: str = "") -> ConfigDict:
   config.checkpoint.every_steps = 500   # ~2,180 steps: a few restart points
   config.checkpoint.max_to_keep = 2     # each step holds the frozen LLM too (~17 GB)
   config.mesh = "fsdp"   # ZeRO-3 style over all devices (the reference: ZeRO-2 on 8 GPUs)
+  config.sharding = sharding.default_config()  # logical axis -> mesh axes rules
   return config

@@ -14,6 +14,7 @@ spec 10). The run prints which module came from where. Memory check without a GP
 
 from ml_collections import ConfigDict, config_dict
 
+from infllava_jax import sharding
 from infllava_jax.presets import infllava_8b, synthetic
 from infllava_jax.training import checkpoint, optim
 
@@ -92,4 +93,5 @@ def get_config(arg: str = "") -> ConfigDict:
   # A step holds float32 params and AdamW moments: ~96 GB for 8B. Keep two.
   config.checkpoint.max_to_keep = 2
   config.mesh = "fsdp"   # ZeRO-3 style over all devices, as the reference's ZeRO-3
+  config.sharding = sharding.default_config()  # logical axis -> mesh axes rules
   return config

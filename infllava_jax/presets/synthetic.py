@@ -7,6 +7,7 @@ same records; the data pipeline resizes them to config.model.dcm.image_size.
 
 from ml_collections import ConfigDict, config_dict
 
+from infllava_jax import sharding
 from infllava_jax.presets import tiny
 from infllava_jax.training import checkpoint, optim
 
@@ -90,5 +91,6 @@ def get_config(arg: str = "infllava") -> ConfigDict:
   config.checkpoint = checkpoint.default_checkpoint_config()
   config.checkpoint.every_steps = 200
   config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"
+  config.sharding = sharding.default_config()  # logical axis -> mesh axes rules
   config.eval = ConfigDict(dict(heldout_examples=256, max_new_tokens=4))
   return config

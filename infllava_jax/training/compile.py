@@ -5,9 +5,10 @@
   infllava compile --config infllava_8b_stage1 --topology v5p:2x2x2 \\
       --device-memory 95GiB                    # for a TPU slice, on this machine (libtpu)
 
-Nothing of model size is ever allocated: params come from `jax.eval_shape(model.init)`, the
-AdamW state from `jax.eval_shape(tx.init)`, the batch is `ShapeDtypeStruct`s, and the step
-the trainer runs (`training.step.make_train_step`, same shardings and donation as
+Nothing of model size is ever allocated: the state is the trainer's abstract state
+(`training.state.train_setup`: `jax.eval_shape` of `model.init` and `tx.init`, placed by the
+config's `sharding.rules`), the batch is `ShapeDtypeStruct`s, and the trainer's own jitted
+step (`training.state.jit_train_step`: same shardings, donation and compiler options as
 `training.loop.Trainer`) is lowered and compiled for a mesh of simulated CPU devices
 (`--xla_force_host_platform_device_count`, one per mesh position). XLA's SPMD partitioner
 works the same for any backend, so the per-device buffer sizes it reports are those of the
@@ -32,7 +33,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from infllava_jax.config import config_help, load_config  # imports no jax
 
@@ -109,54 +110,22 @@ def tree_shard_bytes(tree: Any) -> int:
   return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
-def with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` carrying the matching `shardings`."""
-  import jax
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def opt_state_shardings(opt_state: Any, params: Any, mesh) -> Any:
-  """AdamW moments sharded like their params; counts and other scalars replicated.
-
-  params: the param tree as ShapeDtypeStructs carrying their shardings.
-
-  A state leaf belongs to the param whose dict-key path ends its own (optax nests the
-  moments under group names: `inner_states/group_default/.../mu/llm/layers/...`) with the
-  same shape: the placement `jit(tx.init)` propagates to in the trainer.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-  replicated = NamedSharding(mesh, PartitionSpec())
-  by_path = {tuple(k.key for k in path): p
-             for path, p in jax.tree_util.tree_leaves_with_path(params)}
-  longest = max(map(len, by_path))
-
-  def place(path, leaf):
-    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-    for n in range(min(longest, len(keys)), 0, -1):
-      param = by_path.get(keys[-n:])
-      if param is not None:
-        return param.sharding if param.shape == leaf.shape else replicated
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(place, opt_state)
-
-
-def abstract_batch(config, mesh, rows: int, length: int) -> dict:
-  """The data pipeline's batch as sharded ShapeDtypeStructs: [rows, length] ids, weights and
-  pixels [rows, M, S, S, 3] float32 (M = data.max_images_per_row)."""
+def abstract_batch(config, mesh, rules, rows: int, length: int) -> dict:
+  """The data pipeline's batch as ShapeDtypeStructs sharded as the trainer's
+  (`state.batch_shardings`): [rows, length] ids, weights and pixels [rows, M, S, S, 3]
+  float32 (M = data.max_images_per_row)."""
   import jax
   import jax.numpy as jnp
-  from infllava_jax import sharding
   from infllava_jax.model.infllava import input_size
+  from infllava_jax.training.state import batch_shardings
   side = input_size(config.model)
   shapes = {"tokens": ((rows, length), jnp.int32), "targets": ((rows, length), jnp.int32),
             "loss_mask": ((rows, length), jnp.float32),
             "positions": ((rows, length), jnp.int32),
             "segment_ids": ((rows, length), jnp.int32),
             "pixels": ((rows, config.data.max_images_per_row, side, side, 3), jnp.float32)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  placed = batch_shardings(mesh, rules)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k])
           for k, (shape, dtype) in shapes.items()}
 
 
@@ -199,43 +168,6 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
   return terms
 
 
-class AbstractState(NamedTuple):
-  """The trainer's state for `config` on `mesh`, as sharded ShapeDtypeStructs (nothing allocated)."""
-  model: Any
-  state: Any      # TrainState of ShapeDtypeStructs carrying NamedShardings
-  mask: Any       # bool tree like the params: True where trainable
-  tx: Any         # the optax optimiser
-  schedule: Any   # the learning-rate schedule
-
-
-def abstract_train_state(config, mesh) -> AbstractState:
-  """Params from `jax.eval_shape(model.init)` placed by `sharding.param_shardings`, and the
-  AdamW state from `jax.eval_shape(tx.init)` (moments like their params)."""
-  import jax
-  import jax.numpy as jnp
-  import flax.linen as nn
-  from jax.sharding import NamedSharding, PartitionSpec
-  from infllava_jax import sharding
-  from infllava_jax.model import infllava
-  from infllava_jax.training import optim
-  from infllava_jax.training.step import TrainState
-
-  model = infllava.build_model(config.model)
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), *infllava.dummy_inputs(config.model)))
-  params = with_shardings(nn.meta.unbox(abstract["params"]),
-                          sharding.param_shardings(abstract, mesh)["params"])
-  train = config.train
-  mask = optim.trainable_mask(params, train)
-  total_steps = int(train.get("steps") or 1000)  # the schedule's length changes no shape
-  tx = optim.make_optimizer(train, total_steps, params)
-  opt_state = jax.eval_shape(tx.init, params)
-  opt_state = with_shardings(opt_state, opt_state_shardings(opt_state, params, mesh))
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-  return AbstractState(model, TrainState(step, params, opt_state), mask, tx,
-                       optim.learning_rate_schedule(train, total_steps))
-
-
 def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
                        log=print) -> dict:
   """Lowers and compiles the trainer's step for `config` on `devices`; returns its figures.
@@ -247,23 +179,26 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
   device)), bound_total, flops_xla (per device), flops_formula (whole step, all devices).
   """
   import jax
-  from infllava_jax import sharding, xla_options
+  from infllava_jax import sharding
   from infllava_jax.model import infllava
   from infllava_jax.training import flops, optim
-  from infllava_jax.training.loop import check_divisible
-  from infllava_jax.training.step import make_train_step
+  from infllava_jax.training import state as state_lib
+  from infllava_jax.training.loop import batch_shards, check_divisible
 
   train = config.train
   mesh = sharding.make_mesh(config.mesh, devices)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rules = sharding.rules_from_config(config)
+  shards = batch_shards(mesh, rules)
   accum = train.grad_accum_steps
   global_batch = rows_per_shard * shards * accum
-  check_divisible(global_batch, mesh, accum)
+  check_divisible(global_batch, mesh, accum, rules)
 
   t0 = time.perf_counter()
   log(f"building abstract params ({config.model.variant}, mesh {dict(mesh.shape)})...")
-  model, state, mask, tx, schedule = abstract_train_state(config, mesh)
-  batch = abstract_batch(config, mesh, global_batch, length)
+  # The trainer's own setup and jitted step: only the schedule's length (no shape) differs.
+  setup = state_lib.train_setup(config, mesh, int(train.get("steps") or 1000))
+  state, mask = setup.abstract, setup.mask
+  batch = abstract_batch(config, mesh, rules, global_batch, length)
   leaves, flags = jax.tree.leaves(state.params), jax.tree.leaves(mask)
   trainable = [x for x, m in zip(leaves, flags) if m]
   log(f"  {sum(x.size for x in leaves):,} params ({sum(x.size for x in trainable):,} "
@@ -271,16 +206,10 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
       f"batch shard x {shards} shards x {accum} micro-batches) in "
       f"{time.perf_counter() - t0:.1f}s")
 
-  step = make_train_step(model, tx, train, mask, schedule)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-  # The Trainer's compile options, so the figures are those of the step it runs.
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0,
-                   compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform))
+  jitted = state_lib.jit_train_step(setup, train)
   t0 = time.perf_counter()
   log("lowering...")
-  with jax.set_mesh(mesh), sharding.axis_rules():
+  with jax.set_mesh(mesh):
     lowered = jitted.lower(state, batch)
   log(f"  lowered in {time.perf_counter() - t0:.1f}s")
   t0 = time.perf_counter()
@@ -354,8 +283,9 @@ def configured_batch_note(config, mesh_shape: dict, rows_per_shard: int,
                           accum: int) -> str | None:
   """A note when the run `config` describes has another micro-batch than the compiled one
   (`rows_per_shard` rows per batch shard, `accum` micro-batches), with the flags for it."""
+  from infllava_jax import sharding
   global_batch, wanted_accum = config.train.get("global_batch_size"), config.train.grad_accum_steps
-  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  shards = math.prod(mesh_shape[a] for a in sharding.batch_axes(sharding.rules_from_config(config)))
   if not global_batch or global_batch % (shards * wanted_accum):
     return None
   rows = global_batch // (shards * wanted_accum)

@@ -1,54 +1,38 @@
-"""`infllava train`: the training loop around the jitted step.
+"""The training loop around the jitted step: `Trainer` (the `infllava train` command is
+`training/cli.py`).
 
-  infllava train --config synthetic[:arg] --workdir DIR [--config.a.b=value ...]
-      [--init_base CONVERTED] [--init_from RUN]
-
-One process per host (TPU VM worker, SLURM task or local process); `jax.distributed`
-joins them, the mesh spans all devices, each host feeds its share of the global batch.
-Progress lines every `train.log_every` steps; TensorBoard scalars in DIR/tensorboard;
-checkpoints in DIR/checkpoints (resumed automatically). A new run starts from random
-params, or from --init_base (all a checkpoint holds) and then --init_from (the
-`train.init_include` params) on top; a line says which module came from where.
+One process per host (TPU VM worker, SLURM task or local process), the mesh spans all
+devices, each host feeds its share of the global batch. Progress lines every
+`train.log_every` steps; TensorBoard scalars in WORKDIR/tensorboard; checkpoints in
+WORKDIR/checkpoints (resumed automatically). A new run starts from random params, or from
+init sources (`init_sources`); a line says which module came from where.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from infllava_jax import sharding, xla_options
-from infllava_jax.config import config_help, load_config
+from infllava_jax import sharding
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
 from infllava_jax.training import checkpoint, flops, optim
-from infllava_jax.training.step import BATCH_KEYS, TrainState, make_train_step
+from infllava_jax.training import state as state_lib
+from infllava_jax.training.step import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-def initialize_distributed(args) -> None:
-  """Joins the processes of a multi-host run (explicit flags, or SLURM / TPU auto-detection)."""
-  if args.num_processes and args.num_processes > 1:
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
-  elif args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in (
-      os.environ.get("TPU_WORKER_HOSTNAMES", "")):
-    jax.distributed.initialize()
 
 
 def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
@@ -61,36 +45,32 @@ def total_steps(config: ConfigDict, source_len: int, global_batch: int) -> int:
   return max(1, config.train.num_epochs * source_len // global_batch)
 
 
-def global_batch_from_host(batch: dict, mesh) -> dict:
-  """Per-host numpy batch -> global jax.Arrays split over (data, fsdp)."""
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, batch[k].ndim),
-                                                    batch[k]) for k in BATCH_KEYS}
-
-
-def on_mesh(tree: Any, mesh) -> Any:
-  """`tree` with every leaf not already laid out on `mesh` replicated over it.
-
-  The jitted step's in_shardings come from the state's leaves: one left on a single
-  device (a fresh `jnp.zeros` scalar) would clash with the mesh the step runs on.
-  """
-  replicated = NamedSharding(mesh, PartitionSpec())
-
+def global_batch_from_host(batch: dict, mesh,
+                           rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> dict:
+  """Per-host numpy batch -> global jax.Arrays split as the rules place `batch` (by default
+  over (data, fsdp))."""
   def place(x):
-    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
-      return x
-    return jax.device_put(x, replicated)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim, rules), x)
 
-  return jax.tree.map(place, tree)
+  return {k: place(batch[k]) for k in pipeline.BATCH_KEYS}
 
 
-def check_divisible(global_batch: int, mesh, accum: int) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_shards(mesh, rules: Sequence[tuple[str, Any]]) -> int:
+  """How many pieces the rules split the batch's rows into on `mesh`."""
+  return math.prod(mesh.shape[a] for a in sharding.batch_axes(rules))
+
+
+def check_divisible(global_batch: int, mesh, accum: int,
+                    rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> None:
+  shards = batch_shards(mesh, rules)
   if global_batch % (shards * accum):
+    axes = sharding.batch_axes(rules)
+    sizes = " x ".join(str(mesh.shape[a]) for a in axes)
+    split = f"{' x '.join(axes)} = {sizes} = " if axes else ""
     raise ValueError(
         f"global batch {global_batch} (data.batch_size {global_batch // jax.process_count()} x "
         f"{jax.process_count()} processes) must divide into train.grad_accum_steps={accum} "
-        f"micro-batches over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} "
-        f"= {shards} batch shards")
+        f"micro-batches over {split}{shards} batch shards")
 
 
 def init_sources(init_base: str | None, init_from: str | None,
@@ -108,7 +88,8 @@ def init_sources(init_base: str | None, init_from: str | None,
 
 
 def initial_params(init_fn, init_args: tuple, target: Any, mesh,
-                   init: Sequence[checkpoint.InitSource]) -> Any:
+                   init: Sequence[checkpoint.InitSource],
+                   rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> Any:
   """A new run's params: each read from the last `init` source that gives it, the rest
   from `init_fn(*init_args)`, all laid out as `target` (ShapeDtypeStructs with shardings).
 
@@ -128,17 +109,10 @@ def initial_params(init_fn, init_args: tuple, target: Any, mesh,
       params = traverse_util.flatten_dict(nn.meta.unbox(init_fn(*args))["params"], sep="/")
       return {k: params[k] for k in fresh}
 
-    with jax.set_mesh(mesh), sharding.axis_rules():
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
       out.update(jax.jit(init_fresh, out_shardings={k: flat[k].sharding for k in fresh})(
           *init_args))
   return traverse_util.unflatten_dict({k: out[k] for k in flat}, sep="/")
-
-
-def zeros_like_sharded(target: Any) -> Any:
-  """Zeros shaped, typed and sharded as `target`'s ShapeDtypeStructs (placeholders)."""
-  shardings = jax.tree.map(lambda x: x.sharding, target)
-  return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), target),
-                 out_shardings=shardings)()
 
 
 class Trainer:
@@ -159,61 +133,50 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.model = infllava.build_model(config.model)
-    self.n_img = infllava.num_image_tokens(config.model)
     train = config.train
     self.source = sources.make_source(config.data, "train")
     self.global_batch = config.data.batch_size * jax.process_count()
-    check_divisible(self.global_batch, self.mesh, train.grad_accum_steps)
+    rules = sharding.rules_from_config(config)
+    check_divisible(self.global_batch, self.mesh, train.grad_accum_steps, rules)
     self.total_steps = total_steps(config, len(self.source), self.global_batch)
     checkpoint.check_config(config.checkpoint)
     checkpoints = os.path.join(workdir, checkpoint.RUN_CHECKPOINTS)
     resuming = bool(checkpoint.complete_steps(checkpoints))
 
-    init_args = (jax.random.key(train.seed), *infllava.dummy_inputs(config.model))
-    abstract = jax.eval_shape(self.model.init, *init_args)
-    self.param_shardings = sharding.param_shardings(abstract, self.mesh)["params"]
-    target = checkpoint.abstract_tree(nn.meta.unbox(abstract["params"]), self.param_shardings)
+    # Shapes and shardings only: the fresh init and the restore below each create the
+    # state once, in place (`training/state.py`).
+    self.setup = state_lib.train_setup(config, self.mesh, self.total_steps)
+    self.model, self.mask = self.setup.model, self.setup.mask
+    self.tx, self.schedule = self.setup.tx, self.setup.schedule
+    self.n_img = infllava.num_image_tokens(config.model)
+    abstract = self.setup.abstract
     if resuming:
       if init:
         log(f"{workdir} has checkpoints: resuming it, --init_* ignored "
             f"({', '.join(os.fspath(s.path) for s in init)})")
-      params = zeros_like_sharded(target)  # overwritten by the restore below
     else:
-      params = initial_params(self.model.init, init_args, target, self.mesh, init)
+      params = initial_params(self.model.init, self.setup.init_args, abstract.params,
+                              self.mesh, init, rules)
+      self.state = state_lib.init_state(self.setup, params)
     # Created once the init sources have been read: a start that fails on one of them
     # leaves no checkpoint folder behind.
     self.checkpointer = checkpoint.Checkpointer(checkpoints, config.checkpoint, config=config)
-    self.mask = optim.trainable_mask(params, train)
-    self.schedule = optim.learning_rate_schedule(train, self.total_steps)
-    self.tx = optim.make_optimizer(train, self.total_steps, params)
-    # Eager init: each moment is created with its param's sharding (under jit, GSPMD
-    # would replicate them); the scalar counts land on one device and are then replicated.
-    opt_state = on_mesh(self.tx.init(params), self.mesh)
-    self.state = TrainState(on_mesh(jnp.zeros((), jnp.int32), self.mesh), params, opt_state)
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    batch_shardings = {k: sharding.batch_sharding(self.mesh, 5 if k == "pixels" else 2)
-                       for k in BATCH_KEYS}
-    self._compiled_step = jax.jit(
-        make_train_step(self.model, self.tx, train, self.mask, self.schedule),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, None), donate_argnums=0,
-        compiler_options=xla_options.compiler_options(self.mesh.devices.flat[0].platform))
+    self._compiled_step = state_lib.jit_train_step(self.setup, train)
     self.data = pipeline.make_iterator(config, self.source, "train",
                                        num_epochs=None)
     self.start_step = 0
     if resuming:
-      abstract_opt = checkpoint.abstract_tree(self.state.opt_state,
-                                              jax.tree.map(lambda x: x.sharding, self.state.opt_state))
-      restored = self.checkpointer.restore(target, abstract_opt, self.data.grain_iterator)
-      self.state = TrainState(on_mesh(jnp.asarray(restored.step, jnp.int32), self.mesh),
-                              restored.params, restored.opt_state)
+      restored = self.checkpointer.restore(abstract.params, abstract.opt_state,
+                                           self.data.grain_iterator)
+      step = jax.make_array_from_callback((), abstract.step.sharding,
+                                          lambda _: np.int32(restored.step))  # multi-host safe
+      self.state = TrainState(step, restored.params, restored.opt_state)
       self.start_step = restored.step
       log(f"resumed from step {restored.step} in {self.checkpointer.directory}")
 
   def step_fn(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    # The mesh and logical rules must be in scope when the step is traced.
-    with jax.set_mesh(self.mesh), sharding.axis_rules():
+    # The mesh must be in scope when the step is traced (the step applies the rules).
+    with jax.set_mesh(self.mesh):
       return self._compiled_step(state, batch)
 
   def step_flops(self) -> float:
@@ -255,7 +218,7 @@ class Trainer:
       step = int(self.state.step)  # a second run() goes on where the first stopped
       first_step, last_step, last_time = step + 1, step, time.perf_counter()
       while step < last_step_to_run:
-        batch = global_batch_from_host(next(self.data), self.mesh)
+        batch = global_batch_from_host(next(self.data), self.mesh, self.setup.rules)
         self.state, metrics = self.step_fn(self.state, batch)
         step += 1
         pending.append((step, metrics))
@@ -336,59 +299,3 @@ class _NullWriter:
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="infllava train", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True,
-                      help=config_help("synthetic:llava"))
-  parser.add_argument("--workdir", required=True,
-                      help="run folder: checkpoints, TensorBoard logs (resumes if present)")
-  parser.add_argument("--init_base", "--init-base", default=None, metavar="PATH",
-                      help="params to start from: every param of the model that PATH holds "
-                           "(a converted checkpoint, e.g. LLaMA-3 + CLIP from `infllava "
-                           "convert from-pytorch`, or a run folder)")
-  parser.add_argument("--init_from", "--init-from", default=None, metavar="PATH",
-                      help="params applied after --init_base: those train.init_include "
-                           "selects (e.g. a stage-1 run's DEM + projector; None: all PATH "
-                           "holds). Params no source gives keep their random init. Both are "
-                           "ignored when WORKDIR has checkpoints (the run resumes)")
-  parser.add_argument("--distributed", action="store_true",
-                      help="join a multi-process run whose coordinator and process id "
-                           "jax.distributed finds itself (Cloud TPU VM metadata: "
-                           "launch/tpu_pod.sh passes it). SLURM jobs of several tasks and "
-                           "GKE TPU slices are joined without it")
-  parser.add_argument("--coordinator", default=None,
-                      help="host:port of process 0 for a multi-process run")
-  parser.add_argument("--num-processes", type=int, default=None,
-                      help="processes in a multi-process run (with --coordinator)")
-  parser.add_argument("--process-id", type=int, default=None,
-                      help="this process's index, 0 .. num-processes - 1 (0 is the "
-                           "coordinator)")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
-                 "--config.train.lr=1e-4)")
-  initialize_distributed(args)
-  config = load_config(args.config, overrides)
-  trainer = Trainer(config, args.workdir, init=init_sources(
-      args.init_base, args.init_from, config.train.get("init_include")))
-  try:
-    state = trainer.run()
-  except NonFiniteLossError as e:  # its message says it all: no traceback
-    print(f"infllava train: error: {e}", file=sys.stderr)
-    return 1
-  if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
-    return 0
-  if config.get("eval") and config.eval.get("heldout_examples"):
-    from infllava_jax.evaluate import synthetic
-    accuracy = synthetic.heldout_accuracy(trainer.state.params, config)
-    log(f"held-out accuracy {accuracy['accuracy']:.3f} on {accuracy['examples']} examples "
-        f"({config.model.variant})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

@@ -206,15 +206,6 @@ def make_optimizer(train_cfg: ConfigDict, total_steps: int,
   return tx
 
 
-def stop_frozen_gradients(params: Any, mask: Any) -> Any:
-  """`params` with `lax.stop_gradient` on frozen leaves.
-
-  Apply inside the loss function: XLA then drops the backward pass into frozen towers
-  (CLIP) and their weight gradients instead of computing values the optimiser zeroes.
-  """
-  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-
-
 def per_token_cross_entropy(logits: jax.Array, targets: jax.Array,
                             vocab_split: bool = False) -> jax.Array:
   """Float32 CE of logits [B, T, V] against int32 targets [B, T] -> [B, T].

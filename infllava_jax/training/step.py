@@ -9,7 +9,7 @@ removes, since nothing reads them).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from infllava_jax import sharding
 from infllava_jax.model import layers
 from infllava_jax.model.infllava import InfLlava
 from infllava_jax.training import optim
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "pixels")
 
 
 @flax.struct.dataclass
@@ -46,10 +45,15 @@ def merge_trainable(treedef, mask_leaves: list[bool], trainable: list, frozen: l
 
 def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
                     train_cfg: ConfigDict, mask: Any,
-                    schedule: Callable[[jax.Array], jax.Array]) -> Callable:
-  """`step(state, batch) -> (state, metrics)`; jit it with the shardings of `sharding.py`.
+                    schedule: Callable[[jax.Array], jax.Array],
+                    rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> Callable:
+  """`step(state, batch) -> (state, metrics)`; jit it with the shardings of
+  `training.state` (`jit_train_step`) and trace it under the mesh they are on.
 
-  batch: the data pipeline's dict (`BATCH_KEYS`), leading axis the global batch [B, ...].
+  rules: the logical axis rules the model's and the loss's activation constraints resolve
+  by (`config.sharding.rules`), applied while the step is traced.
+  batch: the data pipeline's dict (`pipeline.BATCH_KEYS`), leading axis the global batch
+  [B, ...].
   metrics: loss (normalised as `train_cfg.loss_normalisation` says), supervised tokens,
   the trainable grad norm and the learning rate used, all scalars on device.
   """
@@ -64,13 +68,12 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
                                    micro["targets"], train_cfg, layers.dtype_of(model.cfg.dtype))
     return jnp.sum(ce * micro["weights"]), {"tokens": jnp.sum(micro["loss_mask"])}
 
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     weights = optim.loss_weights(batch["loss_mask"], train_cfg.loss_normalisation,
                                  train_cfg.get("loss_group_size"))
     trainable, frozen = split_trainable(state.params, mask)
     loss, aux, grads = optim.accumulate_gradients(
-        lambda t, micro: loss_fn(t, frozen, micro), trainable,
-        {**{k: batch[k] for k in BATCH_KEYS}, "weights": weights},
+        lambda t, micro: loss_fn(t, frozen, micro), trainable, {**batch, "weights": weights},
         train_cfg.grad_accum_steps)
     full_grads = merge_trainable(treedef, mask_leaves, grads,
                                  [jnp.zeros_like(x) for x in frozen])
@@ -79,5 +82,9 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
     metrics = {"loss": loss, "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with sharding.axis_rules(rules):
+      return update(state, batch)
 
   return step

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from infllava_jax import sharding
 from infllava_jax.config import load_config
 from infllava_jax.training import checkpoint, loop
+from infllava_jax.training import cli as train_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--config.model.vision.depth=1", "--config.model.llm.depth=1",
@@ -67,6 +69,11 @@ def test_batch_not_dividing_the_mesh_names_the_numbers(tmp_path):
   with pytest.raises(ValueError, match=r"global batch 4 .*grad_accum_steps=1.*"
                                        r"data x fsdp = 8 x 1 = 8 batch shards"):
     make_trainer(tmp_path, ["--config.mesh=data=8"], devices=jax.devices())
+  # The batch is split as the rules place it: here over `tensor` alone.
+  mesh = sharding.make_mesh("fsdp=4,tensor=2")
+  loop.check_divisible(4, mesh, 2, (("batch", "tensor"),))
+  with pytest.raises(ValueError, match=r"micro-batches over tensor = 2 = 2 batch shards"):
+    loop.check_divisible(4, mesh, 4, (("batch", "tensor"),))
 
 
 def test_total_steps_of_the_stage_recipes():
@@ -131,12 +138,29 @@ def test_loss_falls_resume_is_bitwise_and_metrics_are_logged(tmp_path, capsys):
 
 def test_cli_stops_on_a_non_finite_loss_with_one_line(tmp_path, capsys):
   flags = [t for t in TINY if not t.startswith(("--config.train.lr=", "--config.data.batch"))]
-  assert loop.main(["--config", "configs/synthetic.py", "--workdir", str(tmp_path),
-                    "--config.train.steps=4", "--config.train.lr=1e38",
-                    "--config.data.batch_size=8"] + flags) == 1  # a row per device
+  assert train_cli.main(["--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+                         "--config.train.steps=4", "--config.train.lr=1e38",
+                         "--config.data.batch_size=8"] + flags) == 1  # a row per device
   err = capsys.readouterr().err
   assert re.fullmatch(r"infllava train: error: (loss|grad_norm) is (nan|inf) at step \d; "
                       r"stopping without saving it\. .*\n", err), err
+
+
+def test_training_imports_no_evaluation_and_the_cli_reports_heldout_accuracy(tmp_path,
+                                                                            capsys):
+  code = ("import sys, infllava_jax.training.loop; "
+          "print([m for m in sys.modules if m.startswith('infllava_jax.evaluate')])")
+  imported = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1),
+                            capture_output=True, text=True, check=True).stdout
+  assert imported.strip() == "[]"
+  flags = [t for t in TINY if not t.startswith(("--config.eval.", "--config.data.batch"))]
+  assert train_cli.main(["--config", "configs/synthetic.py", "--workdir", str(tmp_path),
+                         "--config.train.steps=2", "--config.data.batch_size=8",  # a row per device
+                         "--config.eval.heldout_examples=2",
+                         "--config.eval.max_new_tokens=2"] + flags) == 0
+  out = capsys.readouterr().out
+  assert re.search(r"step 2/2 loss .*\n.*held-out accuracy \d\.\d{3} on 2 examples "
+                   r"\(infllava\)\n", out), out
 
 
 class NaNAt:
@@ -277,11 +301,10 @@ def test_two_processes_match_one_process(tmp_path):
 
   one = make_trainer(tmp_path / "one", overrides, devices=jax.devices()[:2])
   one.run()
-  abstract = checkpoint.abstract_tree(one.state.params, one.param_shardings)
+  abstract = one.setup.abstract
   two = checkpoint.Checkpointer(tmp_path / "two" / "checkpoints", one.config.checkpoint)
   assert two.latest_step() == k
-  restored = two.restore(abstract, checkpoint.abstract_tree(
-      one.state.opt_state, jax.tree.map(lambda x: x.sharding, one.state.opt_state))).params
+  restored = two.restore(abstract.params, abstract.opt_state).params
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(host(restored))[0],
                           jax.tree.leaves(host(one.state.params))):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from infllava_jax import sharding
 from infllava_jax.config import load_config
+from infllava_jax.training import compile as compile_cli
 from infllava_jax.training import loop, optim
+from infllava_jax.training import state as state_lib
 
 TINY = ["--config.model.vision.depth=1", "--config.model.llm.depth=1",
         "--config.data.synthetic.num_train=32", "--config.data.batch_size=8",
@@ -33,7 +36,7 @@ def take_steps(t, batches):
   """Runs `t`'s compiled step on host batches; returns (metrics per step, final params)."""
   metrics = []
   for batch in batches:
-    t.state, m = t.step_fn(t.state, loop.global_batch_from_host(batch, t.mesh))
+    t.state, m = t.step_fn(t.state, loop.global_batch_from_host(batch, t.mesh, t.setup.rules))
     metrics.append({k: float(v) for k, v in m.items()})
   return metrics, host(t.state.params)
 
@@ -95,6 +98,60 @@ def test_sharded_step_equals_one_device(tmp_path):
   for path, a, b in zip(jax.tree.leaves(optim.param_paths(p1)), jax.tree.leaves(p8),
                         jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
+
+
+def without_tensor(axes):
+  """`axes` (a rule's mesh axes) with `tensor` left out."""
+  kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != "tensor")
+  return kept[0] if len(kept) == 1 else kept or None
+
+
+def test_config_rules_move_params_not_the_maths(tmp_path):
+  """`config.sharding.rules` with tensor parallelism for the MLPs only (heads, vocabulary
+  and the loss replicated over `tensor`) vs the default table, on fsdp=4 x tensor=2: the
+  params lie elsewhere, two steps give the same numbers (see the test above for eps)."""
+  mlp_only = tuple((name, axes if "mlp" in name else without_tensor(axes))
+                   for name, axes in sharding.LOGICAL_AXIS_RULES)
+  common = ["--config.mesh=fsdp=4,tensor=2", "--config.train.lr=1e-2",
+            "--config.train.eps=1e-4"]
+  default = trainer(tmp_path, "default", common)
+  tp_mlp = trainer(tmp_path, "tp_mlp", common + [f"--config.sharding.rules={mlp_only!r}"])
+  assert tp_mlp.setup.rules == mlp_only and default.setup.rules == sharding.LOGICAL_AXIS_RULES
+  for t, attention in ((default, P(None, "fsdp", "tensor")), (tp_mlp, P(None, "fsdp", None))):
+    layer = t.state.params["llm"]["layers"]  # [layers, in, out] kernels
+    assert layer["attn"]["q"]["kernel"].sharding.spec == attention
+    assert layer["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    # The AdamW moments follow the params, whatever the rules.
+    moments = [x for path, x in jax.tree_util.tree_leaves_with_path(t.state.opt_state)
+               if jax.tree_util.keystr(path).endswith("['llm']['layers']['attn']['q']['kernel']")]
+    assert len(moments) == 2 and all(x.sharding.spec == attention for x in moments)
+  batches = [next(default.data), next(default.data)]
+  m0, p0 = take_steps(default, batches)
+  m1, p1 = take_steps(tp_mlp, batches)
+  for a, b in zip(m1, m0):
+    for name in ("loss", "grad_norm", "tokens", "lr"):
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  for path, a, b in zip(jax.tree.leaves(optim.param_paths(p0)), jax.tree.leaves(p1),
+                        jax.tree.leaves(p0)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=path)
+
+
+def test_the_step_constrains_activations_by_its_rules():
+  """The same state and batch shardings, two rule tables: the traced step differs (its
+  activation and loss constraints follow the rules it is given, not a global table)."""
+  config = load_config("configs/synthetic.py", TINY + ["--config.mesh=fsdp=4,tensor=2"])
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.train_setup(config, mesh, total_steps=10)
+  mlp_only = tuple((name, axes if "mlp" in name else without_tensor(axes))
+                   for name, axes in sharding.LOGICAL_AXIS_RULES)
+  batch = compile_cli.abstract_batch(config, mesh, setup.rules, 8, config.data.max_length)
+  texts = []
+  for rules in (setup.rules, mlp_only, setup.rules):
+    with jax.set_mesh(mesh):
+      texts.append(state_lib.jit_train_step(setup._replace(rules=rules), config.train)
+                   .lower(setup.abstract, batch).as_text())
+  assert texts[0] != texts[1]
+  assert texts[0] == texts[2]  # lowering is deterministic: the difference is the rules'
 
 
 def test_chunked_loss_step_equals_whole_logits_step(tmp_path):
