@@ -36,7 +36,7 @@ def data_config() -> ConfigDict:
           # in a named cell: beyond a 10-minute CPU run of the random-init tiny model).
           kinds=("pattern",),
       )),
-      tokenizer_path=None,   # a local HF tokenizer folder; None: the shipped small BPE
+      tokenizer_path=config_dict.placeholder(str),  # a local HF tokenizer folder; None: the shipped BPE
       template="llama3",     # "llama3" (stage 2, inference) or "plain" (stage 1 captions)
       double_bos=True,       # keep the released pipeline's BOS BOS start (spec 9.4)
       # Labels: "reference" (LLaVA's preprocess_llama3 token counting, its "tokenization
