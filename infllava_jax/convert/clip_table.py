@@ -1,4 +1,4 @@
-"""Hugging Face `CLIPVisionModel` state-dict names -> `model/clip.py` param paths (spec section 11).
+"""Hugging Face `CLIPVisionModel` state-dict names -> `model/clip.py` param paths (docs/architecture.md#release-layout).
 
 Names are those of a stand-alone `CLIPVisionModel` (`vision_model.*`); the copy inside an
 INF-LLaVA checkpoint sits under `model.vision_tower.vision_tower.`: use `mapping.prefixed`.

@@ -1,8 +1,8 @@
-"""PyTorch `SpatialEmbed` (the DEM, spec 5 and 8) -> `dem.DualPerspectiveEnhancement` params.
+"""PyTorch `SpatialEmbed` (the DEM, docs/fidelity.md#shared-attention) -> `dem.DualPerspectiveEnhancement` params.
 
 Names carry no prefix: the released checkpoints hold them under `model.spatial_embed.`, which
 the caller adds with `mapping.prefixed(DEM_TABLE, "model.spatial_embed.", <param path>)`.
-Note the naming trap of spec 5.4: `ffn_crop` acts on Lenh (our `mlp_local`) and
+Note the naming trap (docs/fidelity.md#concat-order): `ffn_crop` acts on Lenh (our `mlp_local`) and
 `ffn_stride` on Genh (our `mlp_global`).
 """
 

@@ -34,7 +34,7 @@ def expected_params(model_cfg: ConfigDict) -> dict:
 def init_modules(model_cfg: ConfigDict, modules: Iterable[str], seed: int = 0) -> dict:
   """Fresh params of top-level modules (e.g. 'dem', 'projector'), as the model inits them.
 
-  The model's own init (PyTorch-default Linear init, LayerNorm 1/0: spec 5.7), jitted with
+  The model's own init (PyTorch-default Linear init, LayerNorm 1/0: docs/fidelity.md#module-init), jitted with
   only these outputs, so XLA drops the rest of the model and nothing else is allocated.
   """
   modules = tuple(modules)
@@ -47,7 +47,7 @@ def init_modules(model_cfg: ConfigDict, modules: Iterable[str], seed: int = 0) -
 
 
 def _with_pad_row(read: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-  """A [V, D] reader -> [V + 1, D]: the new <pad> row is the mean of the others (spec 9.2)."""
+  """A [V, D] reader -> [V + 1, D]: the new <pad> row is the mean of the others (docs/fidelity.md#pad-row)."""
   def padded():
     rows = read()
     mean = rows.astype(np.float32).mean(axis=0, keepdims=True).astype(rows.dtype)
@@ -130,7 +130,7 @@ def _shape_problem(rule, layer, path, slice_shape, ref, source: Source) -> str:
   if path in PAD_ROW_PATHS:
     vocab = source.model_cfg.llm.vocab_size
     message += (f"; the model's vocab_size is {vocab}"
-                + (f" = the checkpoint's {vocab - 1} + the <pad> row (spec 9.2)"
+                + (f" = the checkpoint's {vocab - 1} + the <pad> row (docs/fidelity.md#pad-row)"
                    if source.pad_row else " (config.json)")
                 + f", so {rule.torch_name(layer)!r} needs {vocab} rows")
   return message

@@ -1,13 +1,13 @@
 """The checkpoints `infllava convert from-pytorch` reads, each as a `Source` ready to plan.
 
 Three sources, one path. Each source names its tensors in the INF-LLaVA release spelling
-(spec section 11) or its own, picks the table that maps those names to our param paths,
+(docs/architecture.md#release-layout) or its own, picks the table that maps those names to our param paths,
 and derives `config.model` from its config.json and its tensors' shapes:
 
   release_source(DIR)           INF-LLaVA release: config.json (model_type llava_llama),
                                 *.safetensors shards + model.safetensors.index.json
   separate_source(LLAMA, CLIP,  Hugging Face LLaMA-3 and CLIP folders, plus optionally a
-                  PROJECTOR)    stage-1 mm_projector.bin; what is absent is initialised (5.7)
+                  PROJECTOR)    stage-1 mm_projector.bin; what is absent is initialised (docs/fidelity.md#module-init)
   llava_hf_source(DIR)          llava-hf LlavaForConditionalGeneration -> the LLaVA-1.5
                                 baseline variant
 
@@ -41,7 +41,7 @@ RELEASE_PROJECTOR = "model.mm_projector."
 LLAVA_HF_CLIP = "model.vision_tower."
 LLAVA_HF_LLM = "model.language_model."
 
-# mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2 (spec 7).
+# mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2 (docs/fidelity.md#projector).
 PROJECTOR_TABLE: Table = (
     Rule("0.weight", "fc1/kernel", LINEAR), Rule("0.bias", "fc1/bias"),
     Rule("2.weight", "fc2/kernel", LINEAR), Rule("2.bias", "fc2/bias"),
@@ -114,8 +114,9 @@ class Source:
   """A checkpoint, ready to plan: tensors under the table's names, and the model config.
 
   `init`: top-level modules (e.g. 'dem', 'projector') the checkpoint lacks, initialised as
-  spec 5.7 says. `pad_row`: the model's vocabulary is the checkpoint's + 1, the <pad> row
-  (spec 9.2), added as the mean row to the embedding and the head.
+  PyTorch's defaults (docs/fidelity.md#module-init). `pad_row`: the model's vocabulary is the
+  checkpoint's + 1, the <pad> row (docs/fidelity.md#pad-row), added as the mean row to the
+  embedding and the head.
   """
   label: str
   tensors: dict[str, TensorRef]
@@ -239,7 +240,7 @@ def separate_source(llama_dir: str, clip_dir: str, projector: str | None = None,
   """HF LLaMA-3 + HF CLIP folders (+ a stage-1 mm_projector.bin): the start of training.
 
   Tensors are renamed into the release spelling, so the release table serves. With
-  `add_pad_row` the model's vocabulary is the LLaMA's + 1, the <pad> row (spec 9.2).
+  `add_pad_row` the model's vocabulary is the LLaMA's + 1, the <pad> row (docs/fidelity.md#pad-row).
   Modules without tensors (the DEM and projector without `projector`) are initialised.
   """
   base = base_config(config)

@@ -1,4 +1,4 @@
-"""Image preprocessing on the host (spec section 1.1): decode → RGB → square → resize → CLIP.
+"""Image preprocessing on the host (docs/fidelity.md#processor-resolution): decode → RGB → square → resize → CLIP.
 
 Bit-for-bit the same float32 as `transformers.CLIPImageProcessor` with size and crop size
 set to the model's resolution (the reference's ×3), applied to a PIL image already

@@ -1,8 +1,8 @@
-"""Conversation templates, tokenisation and label masks (spec sections 9.3-9.5).
+"""Conversation templates, tokenisation and label masks (docs/fidelity.md#llama3-template, #double-bos, #label-mask, #plain-template).
 
 A LLaVA conversation becomes token ids with reference-style labels (-100 where not
 supervised), then the single `<image>` placeholder becomes N_img image-slot ids (the model
-writes the visual tokens into them; spec 9.6 splices instead, our static-shape design does
+writes the visual tokens into them; the reference splices instead (docs/fidelity.md#image-slots), our static-shape design does
 not).
 
 Labels (data.label_rule):
@@ -20,7 +20,7 @@ Labels (data.label_rule):
 
 Templates:
   llama3 (stage 2, inference): system block, headers, `<|eot_id|>` after every message,
-    the double BOS of the released pipeline (spec 9.4) unless `double_bos=False`.
+    the double BOS of the released pipeline (docs/fidelity.md#double-bos) unless `double_bos=False`.
   plain (stage 1): `<image>` + caption + "\\n"; the human text is dropped.
 """
 

@@ -1,4 +1,4 @@
-"""Loading the tokenizer: any local Hugging Face tokenizer folder, `<pad>` added as spec 9.2.
+"""Loading the tokenizer: any local Hugging Face tokenizer folder, `<pad>` added as the reference does (docs/fidelity.md#pad-row).
 
 The default is the small byte-level BPE shipped in `assets/tokenizer` (built by
 `build_tokenizer.py`); the real Meta-Llama-3-8B-Instruct folder works as-is.

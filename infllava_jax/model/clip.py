@@ -1,4 +1,4 @@
-"""The CLIP ViT vision tower (spec section 3): sub-images -> patch features of one hidden state.
+"""The CLIP ViT vision tower (docs/fidelity.md#feature-layer): sub-images -> patch features of one hidden state.
 
 The feature is `hidden_states[feature_layer]` in Hugging Face's numbering: hidden_states has
 depth + 1 entries, 0 being the embeddings after `pre_layrnorm` and i the output of encoder

@@ -1,4 +1,4 @@
-"""The Dual-perspective Cropping Module (spec section 2): pixels -> the sub-images CLIP sees.
+"""The Dual-perspective Cropping Module (paper §4.2, eqs. 9-17; docs/fidelity.md#crop-grid): pixels -> the sub-images CLIP sees.
 
 Everything here is a parameter-free index map or resampling, on channels-last arrays
 `[B, H, W, C]`. A high-res image of side `N_h*h x N_w*w` is cut two ways (paper eqs. 9-17):
@@ -6,13 +6,13 @@ Everything here is a parameter-free index map or resampling, on channels-last ar
   local k = N_w*bi + bj:   Loc_k[y, x]  = I[h*bi + y, w*bj + x]      (contiguous blocks)
   global k = N_w*gh + gw:  Glob_k[y, x] = I[N_h*y + gh, N_w*x + gw]  (stride-N phases)
 
-Example, a 4x4 image holding `4r + c` on a 2x2 grid (spec 15.1):
+Example, a 4x4 image holding `4r + c` on a 2x2 grid (tests/model/test_dcm.py; docs/fidelity.md#test-vectors):
   local  k=0..3: [[0,1],[4,5]]  [[2,3],[6,7]]  [[8,9],[12,13]]  [[10,11],[14,15]]
   global k=0..3: [[0,2],[8,10]] [[1,3],[9,11]] [[4,6],[12,14]]  [[5,7],[13,15]]
 
 The low-res view is PyTorch's bicubic resize (A = -0.75, align_corners=False, no antialias)
 to the view size. For an odd integer ratio n it is exactly the centre phase `I[(n-1)/2::n]`,
-i.e. global crop k = (S-1)/2 (spec 1.2), and is then reused instead of encoded twice.
+i.e. global crop k = (S-1)/2 (docs/fidelity.md#low-res-view), and is then reused instead of encoded twice.
 
 `views(pixels, model_cfg)` stacks the sub-images one model configuration needs in the order
 its `ViewPlan` names; the DEM (`dem.py`) reads its features back by the same plan.
@@ -117,7 +117,7 @@ def interpolation_matrix(in_size: int, out_size: int, method: str) -> np.ndarray
   src = (scale * (dst + 0.5) - 0.5).astype(np.float32)
   if method == "bicubic":
     # Weights in float32 as well: then 1 - t rounds to 1 for a tiny t, so the 336 -> 1008 ->
-    # 336 round trip stays exact as in PyTorch (spec 15.3).
+    # 336 round trip stays exact as in PyTorch (docs/fidelity.md#torch-resampling).
     first = np.floor(src)
     weights = _cubic_weights(src - first)
     taps = first.astype(np.int64)[:, None] + np.arange(-1, 3)
@@ -138,7 +138,7 @@ def _resize_axis(x: jax.Array, axis: int, out_size: int, method: str) -> jax.Arr
   """Resizes one axis of a float32 array; integer down-ratios are exact slices."""
   in_size = x.shape[axis]
   if in_size == out_size:
-    return x  # both kernels reduce to the identity (spec 15.3)
+    return x  # both kernels reduce to the identity (docs/fidelity.md#torch-resampling)
   ratio = in_size // out_size
   pick = lambda start: jax.lax.slice_in_dim(x, start, start + ratio * (out_size - 1) + 1,
                                             ratio, axis)
@@ -156,7 +156,7 @@ def _resize_axis(x: jax.Array, axis: int, out_size: int, method: str) -> jax.Arr
 def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
   """[B, H, W, C] -> [B, h, w, C], equal to PyTorch's `F.interpolate(mode=method,
   align_corners=False)` on the NCHW transpose. Computed in float32 and cast back, as the
-  reference does (spec 1.2, 5.5). Width first, then height, in PyTorch's order of summation.
+  reference does (docs/fidelity.md#torch-resampling). Width first, then height, in PyTorch's order of summation.
   """
   y = _resize_axis(x.astype(jnp.float32), 2, size[1], method)
   return _resize_axis(y, 1, size[0], method).astype(x.dtype)
@@ -179,7 +179,7 @@ class ViewPlan:
     num_local: S or 0.
     global_phases: phases k of the global crops that are stacked, in stack order.
     low: index into the stack of the low-res view, or None (merge="none").
-    reduced: the DEM takes the exact reduced path of spec 5.6.
+    reduced: the DEM takes the exact reduced path (docs/fidelity.md#unused-global-crops).
   """
   crops: str
   grid: tuple[int, int]
@@ -258,7 +258,7 @@ def views(pixels: jax.Array, model_cfg: ConfigDict) -> jax.Array:
   """[B, H, W, C] -> [B, V, h, w, C], the CLIP inputs in `plan(model_cfg)` order.
 
   `pixels` are CLIP-normalised. If (H, W) differs from model.dcm.image_size they are first
-  resized bicubically to it, as `encode_images` does (spec 1.2; e.g. 336 processor output
+  resized bicubically to it, as `encode_images` does (docs/fidelity.md#inference-resolution; e.g. 336 processor output
   seen by a 1008 model); at the model's own size that resize is the identity and skipped.
   """
   p = plan(model_cfg)

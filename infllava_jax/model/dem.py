@@ -1,25 +1,25 @@
-"""The Dual-perspective Enhancement Module (spec sections 4-6): view features -> [B, P, D].
+"""The Dual-perspective Enhancement Module (paper §4.3; docs/fidelity.md#enhancement-windows): view features -> [B, P, D].
 
 Shapes: B batch, S = N_h*N_w sub-images, P = p_h*p_w patches per view, D = vision width,
 maps are `[B, N_h*p_h, N_w*p_w, D]` (72x72 for the released model).
 
-1. Recombination (spec 4). The local features tile the local map L in blocks; the global
+1. Recombination (paper eqs. 5-6; docs/fidelity.md#recombination). The local features tile the local map L in blocks; the global
    features interleave into the global map G:
      L[R, C] = F_loc[N_w*(R//p_h) + C//p_w][R % p_h, C % p_w]
      G[R, C] = F_glob[N_w*(R % N_h) + C % N_w][R//N_h, C//N_w]
-   With two 2x2 features holding `10k + (2r + c)` (spec 15.2, n = 2):
+   With two 2x2 features holding `10k + (2r + c)` (n = 2; docs/fidelity.md#test-vectors):
      L = [0,1,10,11] / [2,3,12,13] / [20,21,30,31] / [22,23,32,33]
      G = [0,10,1,11] / [20,30,21,31] / [2,12,3,13] / [22,32,23,33]
    `block_windows` and `stride_windows` are the inverses: Block_k(L) = F_loc[k] and
    Stride_k(G) = F_glob[k].
-2. One shared cross-attention `MHA(q, kv) = LN(O(attn(Q q, K kv, V kv)) + q)` (spec 5.1) runs
+2. One shared cross-attention `MHA(q, kv) = LN(O(attn(Q q, K kv, V kv)) + q)` (docs/fidelity.md#attention-block; one for both branches: #shared-attention) runs
    branch A (queries Block_k(G), keys/values F_loc[k]: Genh, the paper's global-perspective
    enhancement) and branch B (queries Stride_k(L), keys/values F_glob[k]: Lenh, the
    local-perspective enhancement). All S windows of a branch are one batched call.
-3. Fusion (spec 5.4): `Z = LN(concat[mlp_local(Lenh), mlp_global(Genh)] + Genh + Lenh)`.
-4. Token reduction to one view's patch grid (spec 5.5), then the low-res merge (spec 6).
+3. Fusion (paper eqs. 26-27 as released: docs/fidelity.md#fusion): `Z = LN(concat[mlp_local(Lenh), mlp_global(Genh)] + Genh + Lenh)`.
+4. Token reduction to one view's patch grid (paper eq. 7 as released: docs/fidelity.md#token-reduction), then the low-res merge (docs/fidelity.md#resolution-merge).
 
-The reduced path (spec 5.6) computes the same output from the S local features and the
+The reduced path (docs/fidelity.md#unused-global-crops) computes the same output from the S local features and the
 centre global feature only: with bilinear reduction at an odd ratio only the centre
 positions of each n x n cell survive, so it evaluates the pipeline at those P positions.
 `dcm.plan` decides when it applies and which views the input holds.
@@ -92,7 +92,7 @@ def stride_windows(maps: jax.Array, grid: tuple[int, int]) -> jax.Array:
 
 
 def reduce_tokens(maps: jax.Array, patches: tuple[int, int], method: str) -> jax.Array:
-  """[B, N_h*p_h, N_w*p_w, D] -> [B, P, D] (spec 5.5).
+  """[B, N_h*p_h, N_w*p_w, D] -> [B, P, D] (docs/fidelity.md#token-reduction).
 
   "bilinear": PyTorch's align_corners=False resize, exact for integer ratios (a pick at odd
   ratios, the mean of the two middle rows/columns at even ones). "avg": n x n mean pooling.
@@ -112,7 +112,7 @@ def reduce_tokens(maps: jax.Array, patches: tuple[int, int], method: str) -> jax
 
 @functools.lru_cache(maxsize=16)
 def reduced_index(grid: tuple[int, int], patches: tuple[int, int]):
-  """Static gather maps of the reduced path (spec 5.6), for odd grids.
+  """Static gather maps of the reduced path (docs/fidelity.md#unused-global-crops), for odd grids.
 
   Output token t = (i, j) sits at map position (R, C) = (N_h*i + N_h//2, N_w*j + N_w//2),
   inside block k(t) = N_w*(R // p_h) + C // p_w. Returns numpy int arrays:
@@ -120,7 +120,7 @@ def reduced_index(grid: tuple[int, int], patches: tuple[int, int]):
     group [S, Q]: the tokens t whose block is k, padded with 0 to Q = the largest block
       count (so branch A is one batched call of S windows with Q queries each).
     slot [P]: where token t's result lies in the flattened [S*Q] branch-A output.
-  The released 3x3 grid of 24x24 patches gives Q = 64 (9 calls of 64 x 576, spec 5.6).
+  The released 3x3 grid of 24x24 patches gives Q = 64 (9 calls of 64 x 576).
   """
   (n_h, n_w), (p_h, p_w) = grid, patches
   i, j = np.meshgrid(np.arange(p_h), np.arange(p_w), indexing="ij")
@@ -141,7 +141,7 @@ def reduced_index(grid: tuple[int, int], patches: tuple[int, int]):
 
 
 class CrossAttention(nn.Module):
-  """The DEM's one shared MHA (spec 5.1): `LN(o(attend(q(x), k(y), v(y))) + x)`.
+  """The DEM's one shared MHA (docs/fidelity.md#attention-block): `LN(o(attend(q(x), k(y), v(y))) + x)`.
 
   [N, Tq, D], [N, Tk, D] -> [N, Tq, D]. Heads are contiguous channel chunks, softmax over keys
   with scale 1/sqrt(D/H), no mask or dropout; post-LN residual of the raw, unprojected query.
@@ -272,7 +272,7 @@ class DualPerspectiveEnhancement(nn.Module):
     return out.reshape(b, s, t_q, d)
 
   def _fuse(self, local: jax.Array, glob: jax.Array) -> jax.Array:
-    """Per-token fusion of Lenh and Genh (spec 5.4); any leading shape, [..., D]."""
+    """Per-token fusion of Lenh and Genh (docs/fidelity.md#fusion); any leading shape, [..., D]."""
     z = local + glob
     if self.fusion == "concat":
       z = jnp.concatenate([self.mlp_local(local), self.mlp_global(glob)], axis=-1) + z
@@ -295,7 +295,7 @@ class DualPerspectiveEnhancement(nn.Module):
     return self._fuse(local_enh, glob_enh)
 
   def _reduced(self, f_loc: jax.Array, f_centre: jax.Array) -> jax.Array:
-    """The exact reduced path (spec 5.6): [B, S, P, D] local, [B, P, D] centre global -> [B, P, D].
+    """The exact reduced path (docs/fidelity.md#unused-global-crops): [B, S, P, D] local, [B, P, D] centre global -> [B, P, D].
 
     Evaluates L, G, Lenh, Genh and Z only at the positions the bilinear pick keeps.
     """

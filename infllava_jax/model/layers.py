@@ -45,7 +45,7 @@ def compute_platform() -> str:
 def torch_linear_init(fan_in: int) -> Initializer:
   """PyTorch's default `nn.Linear` init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias.
 
-  The DEM and the projector start from it in stage 1 (spec 5.7).
+  The DEM and the projector start from it in stage 1 (docs/fidelity.md#module-init).
   """
   bound = 1.0 / math.sqrt(fan_in)
 

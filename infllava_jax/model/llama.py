@@ -1,4 +1,4 @@
-"""The LLaMA-3 decoder (spec section 9.1): embeddings -> scanned decoder layers -> logits.
+"""The LLaMA-3 decoder (docs/fidelity.md#language-model): embeddings -> scanned decoder layers -> logits.
 
 The full model calls `llm.embed(tokens)`, writes the visual tokens into the image slots, then
 `llm(embeddings, positions, segment_ids, cache)`. Positions are explicit (they restart per

@@ -1,4 +1,4 @@
-"""The vision-language projector, LLaVA-1.5's `mlp2x_gelu` (spec section 7)."""
+"""The vision-language projector, LLaVA-1.5's `mlp2x_gelu` (docs/fidelity.md#projector)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from infllava_jax.model import layers
 class Projector(nn.Module):
   """`fc2(gelu_exact(fc1(v)))`: [B, N, Dv] -> [B, N, D].
 
-  Initialised like PyTorch's `nn.Linear` (spec 5.7): stage 1 trains it from scratch.
+  Initialised like PyTorch's `nn.Linear` (docs/fidelity.md#module-init): stage 1 trains it from scratch.
   """
 
   width: int

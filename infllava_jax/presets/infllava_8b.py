@@ -1,6 +1,6 @@
 """The released INF-LLaVA model: CLIP-ViT-L/14-336 seen at 1008 px on a 3x3 grid + LLaMA-3-8B.
 
-Every fixed number of the reference (spec sections 0-9) lives here, not in code.
+Every fixed number of the reference (docs/fidelity.md) lives here, not in code.
 `get_config("llava")` gives the LLaVA-1.5 baseline (one 336 view, no DCM/DEM).
 """
 
@@ -10,7 +10,7 @@ from infllava_jax.config import ConfigError
 
 
 def vision_config() -> ConfigDict:
-  """openai/clip-vit-large-patch14-336 (spec section 3)."""
+  """openai/clip-vit-large-patch14-336 (docs/fidelity.md#feature-layer)."""
   return ConfigDict(dict(
       image_size=336,        # side of one sub-image, as CLIP sees it
       patch_size=14,
@@ -26,7 +26,7 @@ def vision_config() -> ConfigDict:
 
 
 def llm_config() -> ConfigDict:
-  """meta-llama/Meta-Llama-3-8B-Instruct with the added <pad> row (spec section 9)."""
+  """meta-llama/Meta-Llama-3-8B-Instruct with the added <pad> row (docs/fidelity.md#language-model, #pad-row)."""
   return ConfigDict(dict(
       vocab_size=128257,
       width=4096,
@@ -46,7 +46,7 @@ def llm_config() -> ConfigDict:
 
 
 def dcm_config() -> ConfigDict:
-  """Dual-perspective Cropping Module (spec section 2)."""
+  """Dual-perspective Cropping Module (paper §4.2; docs/fidelity.md#crop-grid)."""
   return ConfigDict(dict(
       # "dual": local + global crops (INF-LLaVA); "local" or "global": one kind only
       # (paper ablation, needs dem.enhance="none"); "none": a single low-res view
@@ -55,14 +55,14 @@ def dcm_config() -> ConfigDict:
       image_size=1008,       # model input side; grid = image_size // vision.image_size
       # Side images are preprocessed to (None: image_size). encode_images resizes other
       # sides bicubically to image_size: 336 reproduces the released repository's
-      # inference, whose CLIP processor stays at 336 (spec 1.4; the paper's evaluation
+      # inference, whose CLIP processor stays at 336 (docs/fidelity.md#inference-resolution; the paper's evaluation
       # resolution is not known). Training used image_size.
       processor_size=config_dict.placeholder(int),
   ))
 
 
 def dem_config() -> ConfigDict:
-  """Dual-perspective Enhancement Module (spec sections 4-6)."""
+  """Dual-perspective Enhancement Module (paper §4.3; docs/fidelity.md#enhancement-windows)."""
   return ConfigDict(dict(
       # "both" (released), "global" or "local" (one enhancement only), or "none"
       # (DCM features fused without cross-attention; paper ablation).
@@ -73,7 +73,7 @@ def dem_config() -> ConfigDict:
       reduction="bilinear",  # "bilinear" (released; a pick for odd ratios) or "avg"
       merge="mean",          # low-res + DEM: "mean" (released), "add" (paper text) or
                              # "none" (DEM output alone: single-resolution ablation)
-      reduced_path=True,     # exact fast path of spec 5.6 where it applies
+      reduced_path=True,     # exact fast path where it applies (docs/fidelity.md#unused-global-crops)
       layer_norm_eps=1e-5,
   ))
 

@@ -7,8 +7,8 @@
       --config.data.tokenizer_path=...
 
 ckpt/base (base = converted LLaMA-3-8B-Instruct, + <pad> row, and CLIP-ViT-L/14-336) also
-holds a DEM and projector initialised as PyTorch's defaults (spec 5.7); `--init_base`
-takes every param it holds, so the run starts as the reference's does (spec 10) and
+holds a DEM and projector initialised as PyTorch's defaults (docs/fidelity.md#module-init); `--init_base`
+takes every param it holds, so the run starts as the reference's does (docs/fidelity.md#stage-init) and
 trains the DEM and projector. Stage 2 starts from ckpt/base again plus this run's DEM +
 projector. Memory check without a GPU:
 `infllava compile --config infllava_8b_stage1 --mesh fsdp=8`.
@@ -50,7 +50,7 @@ def data_config() -> ConfigDict:
       image_folder="/path/to/LLaVA-Pretrain/images",
       # The Meta-Llama-3-8B-Instruct tokenizer folder with the added <pad> (vocab 128257).
       tokenizer_path="/path/to/Meta-Llama-3-8B-Instruct",
-      template="plain",      # <image> + caption, loss on the caption (spec 10)
+      template="plain",      # <image> + caption, loss on the caption (docs/fidelity.md#plain-template)
       image_aspect="square",  # resize + centre crop, as the reference's pretraining
       max_length=2048,
       packing=False,         # one sample per row, as the reference (batch = 256 samples)
@@ -68,7 +68,7 @@ def data_config() -> ConfigDict:
 
 def train_config() -> ConfigDict:
   train = optim.default_train_config(1)  # DEM + projector, lr 1e-3, AdamW 0.9/0.999/1e-8,
-  # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (spec 10)
+  # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (docs/fidelity.md#recipe-numbers)
   train.update(dict(
       # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at once.
       grad_accum_steps=8,

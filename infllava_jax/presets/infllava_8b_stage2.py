@@ -8,7 +8,7 @@ ckpt/base is stage 1's converted LLaMA-3-8B-Instruct + CLIP (see infllava_8b_sta
 every param comes from it first (the LLM fresh again, as the reference's, read in float32
 since it trains here); then `train.init_include` takes the DEM and the projector from the
 stage-1 run's latest step (the reference's `--pretrain_mm_mlp_adapter mm_projector.bin`,
-spec 10). The run prints which module came from where. Memory check without a GPU:
+docs/fidelity.md#stage-init). The run prints which module came from where. Memory check without a GPU:
 `infllava compile --config infllava_8b_stage2 --mesh fsdp=8`.
 """
 
@@ -49,7 +49,7 @@ def data_config() -> ConfigDict:
       # The Meta-Llama-3-8B-Instruct tokenizer folder with the added <pad> (vocab 128257).
       tokenizer_path="/path/to/Meta-Llama-3-8B-Instruct",
       template="llama3",
-      image_aspect="pad",    # expand to square with the mean colour, then resize (spec 10)
+      image_aspect="pad",    # expand to square with the mean colour, then resize (docs/fidelity.md#aspect-ratio)
       max_length=2048,
       packing=False,         # one sample per row, as the reference (batch = 128 samples)
       max_images_per_row=1,
@@ -66,7 +66,7 @@ def data_config() -> ConfigDict:
 
 def train_config() -> ConfigDict:
   train = optim.default_train_config(2)  # + LLM, lr 2e-5, AdamW 0.9/0.999/1e-8, wd 0,
-  # 3% warmup + cosine, no clipping, global batch 128, 1 epoch (spec 10)
+  # 3% warmup + cosine, no clipping, global batch 128, 1 epoch (docs/fidelity.md#recipe-numbers)
   train.update(dict(
       # 128 rows over 8 devices in 4 micro-batches: 4 rows of 2048 tokens per device at once.
       grad_accum_steps=4,

@@ -38,7 +38,7 @@ def data_config() -> ConfigDict:
       )),
       tokenizer_path=config_dict.placeholder(str),  # a local HF tokenizer folder; None: the shipped BPE
       template="llama3",     # "llama3" (stage 2, inference) or "plain" (stage 1 captions)
-      double_bos=True,       # keep the released pipeline's BOS BOS start (spec 9.4)
+      double_bos=True,       # keep the released pipeline's BOS BOS start (docs/fidelity.md#double-bos)
       # Labels: "reference" (LLaVA's preprocess_llama3 token counting, its "tokenization
       # mismatch" included) or "spans" (character overlap; data/templates.py says how they differ).
       label_rule="reference",

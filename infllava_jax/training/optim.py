@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule, freeze masks and loss normalisation (spec section 10).
+"""Optimiser, learning-rate schedule, freeze masks and loss normalisation (docs/fidelity.md#recipe-numbers).
 
 Everything here reads one `train` ConfigDict section (`default_train_config(stage)` gives
 the reference's values):
@@ -10,7 +10,7 @@ the reference's values):
   weight_decay_exclude  regexes of params never decayed: HF excludes biases and norm
                       weights (ours are named `bias` and `scale`).
   b1, b2, eps         AdamW moments (torch defaults 0.9, 0.999, 1e-8).
-  max_grad_norm       None (reference: no clipping, see spec 10) or a global-norm bound
+  max_grad_norm       None (reference: no clipping, docs/fidelity.md#gradient-clipping) or a global-norm bound
                       taken over the trainable params only.
   grad_accum_steps    micro-batches per optimiser step, accumulated inside one jitted step
                       by `accumulate_gradients` (no `optax.MultiSteps`).
@@ -60,7 +60,7 @@ LOSS_MODES = ("global_token_mean", "micro_batch_mean")
 
 
 def default_train_config(stage: int = 2) -> ConfigDict:
-  """The reference's recipe (spec section 10) for stage 1 (alignment) or 2 (SFT)."""
+  """The reference's recipe (docs/fidelity.md#recipe-numbers) for stage 1 (alignment) or 2 (SFT)."""
   if stage not in (1, 2):
     raise ValueError(f"default_train_config: stage must be 1 or 2, got {stage!r}")
   return ConfigDict(dict(
@@ -76,7 +76,7 @@ def default_train_config(stage: int = 2) -> ConfigDict:
       trainable=(r"^dem/", r"^projector/") + (() if stage == 1 else (r"^llm/",)),
       param_groups=(),
       # Every supervised token weighs the same, however the batch is split. The reference
-      # averages per-micro-batch means instead (spec 9.6), which "micro_batch_mean" with
+      # averages per-micro-batch means instead (docs/fidelity.md#loss-normalisation), which "micro_batch_mean" with
       # these group sizes (its per-device micro-batches) reproduces, up to its stage-2
       # sampler sorting each global batch by length before splitting it (ours does not).
       loss_normalisation="global_token_mean",

@@ -1,4 +1,4 @@
-"""HF LLaMA-3 + HF CLIP folders (+ a stage-1 mm_projector.bin): the <pad> row, spec 5.7 init
+"""HF LLaMA-3 + HF CLIP folders (+ a stage-1 mm_projector.bin): the <pad> row, PyTorch-default init (docs/fidelity.md#module-init)
 and the tokenizer copied beside the params."""
 
 import math
@@ -56,7 +56,7 @@ def test_pad_row_is_the_mean_row_and_modules_are_initialised(folders):
   np.testing.assert_allclose(got_head[:, -1], head.mean(0), rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(params["vision"]["class_embed"],
                                 clip.state_dict()["embeddings.class_embedding"].numpy())
-  # Spec 5.7: PyTorch default init, U(+-1/sqrt(fan_in)) for Linear, LayerNorm (1, 0).
+  # docs/fidelity.md#module-init: PyTorch default init, U(+-1/sqrt(fan_in)) for Linear, LayerNorm (1, 0).
   fc1 = params["projector"]["fc1"]
   bound = 1 / math.sqrt(model_cfg.vision.width)
   assert 0.9 * bound < np.abs(fc1["kernel"]).max() <= bound

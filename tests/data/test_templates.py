@@ -1,4 +1,4 @@
-"""Templates, tokenisation and label masks: spec 9.3-9.5 and test vector 15.6."""
+"""Templates, tokenisation and label masks: docs/fidelity.md#llama3-template to #plain-template, and the token-layout vector (#test-vectors)."""
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ def llama3(tok, conv, n_img=1, has_image=True, **kw):
                                  image_token_id=IMG, num_image_tokens=n_img, **kw)
 
 
-def test_spec_15_6_layout_and_labels(tok):
+def test_one_turn_layout_and_labels(tok):
   bos, sh, eh, eot = (special(tok, s) for s in ("<|begin_of_text|>", "<|start_header_id|>",
                                                  "<|end_header_id|>", "<|eot_id|>"))
   nn, n = ids(tok, "\n\n"), ids(tok, "\n")

@@ -19,7 +19,7 @@ def test_specials_and_size():
   tok = load_tokenizer()
   assert len(tok) == build_tokenizer.VOCAB_SIZE == 512
   specials = [tok.convert_tokens_to_ids(s) for s in build_tokenizer.SPECIALS]
-  # After the BPE vocabulary, in LLaMA-3's order, <pad> last (spec 9.2).
+  # After the BPE vocabulary, in LLaMA-3's order, <pad> last (docs/fidelity.md#pad-row).
   assert specials == list(range(506, 511))
   assert tok.pad_token == "<pad>" and tok.pad_token_id == 511
   assert tok.bos_token_id == specials[0] and tok.padding_side == "right"

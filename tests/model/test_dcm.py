@@ -1,4 +1,4 @@
-"""DCM: pixel index maps (spec 2, 15.1), resampling against PyTorch (spec 1.2, 15.3), views."""
+"""DCM: pixel index maps (paper eqs. 9-17), resampling against PyTorch (docs/fidelity.md#torch-resampling), views."""
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ def _torch_resize(x, size, mode):
 # ----------------------------------------------------------------------------- index maps
 
 
-def test_spec_15_1_four_by_four_grid_of_two():
+def test_index_vector_four_by_four_grid_of_two():
   image = _image(4, 4)
   assert _grid_lists(dcm.local_crops(image, (2, 2))) == [
       [[0, 1], [4, 5]], [[2, 3], [6, 7]], [[8, 9], [12, 13]], [[10, 11], [14, 15]]]
@@ -39,7 +39,7 @@ def test_spec_15_1_four_by_four_grid_of_two():
       [[0, 2], [8, 10]], [[1, 3], [9, 11]], [[4, 6], [12, 14]], [[5, 7], [13, 15]]]
 
 
-def test_spec_15_1_six_by_six_grid_of_three():
+def test_index_vector_six_by_six_grid_of_three():
   image = _image(6, 6)
   assert _grid_lists(dcm.local_crops(image, (2, 2))) == [
       [[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10, 11]], [[12, 13], [18, 19]],
@@ -52,13 +52,13 @@ def test_spec_15_1_six_by_six_grid_of_three():
 
 
 @pytest.mark.parametrize("height,width,view", [
-    (1008, 1008, (336, 336)),  # the released 3x3 grid, spec 2.4 gather form
+    (1008, 1008, (336, 336)),  # the released 3x3 grid
     (6, 12, (2, 3)),           # non-square grid 3x4 with non-square views
     (9, 8, (4, 3)),            # floor: the last row and the last 2 columns are dropped
     (10, 15, (5, 3)),          # 2x5
 ])
 def test_index_maps_equal_the_gather_form(height, width, view):
-  """Paper eqs. 11-17 / spec 2.4: local Y = h*(k//N_w) + y; global Y = N_h*y + k//N_w."""
+  """Paper eqs. 11-17: local Y = h*(k//N_w) + y; global Y = N_h*y + k//N_w."""
   image = _image(height, width)
   n_h, n_w = height // view[0], width // view[1]
   assert dcm.grid_shape(height, width, view) == (n_h, n_w)
@@ -84,20 +84,20 @@ def test_centre_phase():
 # ----------------------------------------------------------------------------- resampling
 
 
-def test_spec_15_3_bicubic_identities_at_the_released_size():
+def test_bicubic_identities_at_the_released_size():
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.normal(size=(1, 1008, 1008, 2)).astype(np.float32))
   low = dcm.resize(image, (336, 336), "bicubic")
   np.testing.assert_array_equal(low, image[:, 1::3, 1::3])
   np.testing.assert_array_equal(low, _torch_resize(image, (336, 336), "bicubic"))
   np.testing.assert_array_equal(dcm.resize(image, (1008, 1008), "bicubic"), image)
-  # 336 -> 1008 -> 336 round trip (the 336-processor inference path of spec 1.4).
+  # 336 -> 1008 -> 336 round trip (the 336-processor inference path, docs/fidelity.md#inference-resolution).
   up = dcm.resize(low, (1008, 1008), "bicubic")
   np.testing.assert_allclose(up, _torch_resize(low, (1008, 1008), "bicubic"), atol=1e-5)
   np.testing.assert_array_equal(dcm.resize(up, (336, 336), "bicubic"), low)
 
 
-def test_spec_15_3_bilinear_72_to_24_is_a_pick():
+def test_bilinear_72_to_24_is_a_pick():
   rng = np.random.default_rng(1)
   maps = jnp.asarray(rng.normal(size=(2, 72, 72, 5)).astype(np.float32))
   out = dcm.resize(maps, (24, 24), "bilinear")
@@ -185,7 +185,7 @@ def test_views_even_grid_adds_a_real_bicubic_low_res_view():
 
 
 def test_views_upsample_a_smaller_input_first():
-  """An 84-px (processor-size) input is bicubically resized to the model's 252 (spec 1.2, 1.4)."""
+  """An 84-px (processor-size) input is bicubically resized to the model's 252 (docs/fidelity.md#inference-resolution)."""
   cfg = _config()
   small = _pixels(cfg, side=84)
   big = jnp.asarray(_torch_resize(small, (252, 252), "bicubic"))

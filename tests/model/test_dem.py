@@ -1,5 +1,5 @@
-"""DEM: recombination (spec 4, 15.2), the toy vector (15.4), invariances (15.5), reduced ==
-literal, a PyTorch re-implementation of `SpatialEmbed` from the spec, ablations, param count."""
+"""DEM: recombination, the toy vector and invariances (docs/fidelity.md#test-vectors), reduced ==
+literal, a PyTorch re-implementation of `SpatialEmbed` (docs/fidelity.md#attention-block, #fusion), ablations, param count."""
 
 import math
 
@@ -61,7 +61,7 @@ def _as_plan(all_feats, cfg):
 # ----------------------------------------------------------------------------- recombination
 
 
-def _spec_15_2_feats(n):
+def _recombination_feats(n):
   """Sub-feature k holds 10k + (2r + c) on a 2x2 grid: [1, S, 4, 1]."""
   k = np.arange(n * n)[:, None]
   return jnp.asarray((10 * k + np.arange(4)).reshape(1, n * n, 4, 1).astype(np.float32))
@@ -71,16 +71,16 @@ def _rows(maps):
   return np.asarray(maps[0, ..., 0]).astype(int).tolist()
 
 
-def test_spec_15_2_recombination_n2():
-  f = _spec_15_2_feats(2)
+def test_recombination_vector_n2():
+  f = _recombination_feats(2)
   assert _rows(dem.combine_local(f, (2, 2), (2, 2))) == [
       [0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
   assert _rows(dem.combine_global(f, (2, 2), (2, 2))) == [
       [0, 10, 1, 11], [20, 30, 21, 31], [2, 12, 3, 13], [22, 32, 23, 33]]
 
 
-def test_spec_15_2_recombination_n3():
-  f = _spec_15_2_feats(3)
+def test_recombination_vector_n3():
+  f = _recombination_feats(3)
   assert _rows(dem.combine_local(f, (3, 3), (2, 2))) == [
       [0, 1, 10, 11, 20, 21], [2, 3, 12, 13, 22, 23], [30, 31, 40, 41, 50, 51],
       [32, 33, 42, 43, 52, 53], [60, 61, 70, 71, 80, 81], [62, 63, 72, 73, 82, 83]]
@@ -92,7 +92,7 @@ def test_spec_15_2_recombination_n3():
 @pytest.mark.parametrize("grid,patches", [((3, 3), (24, 24)), ((2, 2), (3, 3)), ((2, 3), (4, 5)),
                                           ((5, 3), (3, 2))])
 def test_windows_invert_recombination(grid, patches):
-  """Block_k(L) == F_loc[k] and Stride_k(G) == F_glob[k] (spec 4), also on non-square grids."""
+  """Block_k(L) == F_loc[k] and Stride_k(G) == F_glob[k] (docs/fidelity.md#recombination), also on non-square grids."""
   n_h, n_w = grid
   f = _normal((2, n_h * n_w, patches[0] * patches[1], 3))
 
@@ -106,7 +106,7 @@ def test_windows_invert_recombination(grid, patches):
   assert local.shape == glob.shape == (2, n_h * patches[0], n_w * patches[1], 3)
   np.testing.assert_array_equal(blocks, f)
   np.testing.assert_array_equal(strides, f)
-  for k in range(n_h * n_w):  # the spec's slicing definitions
+  for k in range(n_h * n_w):  # the slicing definitions (docs/fidelity.md#recombination)
     a, b = divmod(k, n_w)
     block = local[:, patches[0] * a:patches[0] * (a + 1), patches[1] * b:patches[1] * (b + 1)]
     np.testing.assert_array_equal(block.reshape(f[:, k].shape), f[:, k])
@@ -123,7 +123,7 @@ def test_reduction_methods():
 
 
 def test_reduced_index_released_layout():
-  """3x3 grid of 24x24: 9 groups of 64 queries (spec 5.6); 5x5 grid: uneven blocks, padded."""
+  """3x3 grid of 24x24: 9 groups of 64 queries (docs/fidelity.md#unused-global-crops); 5x5 grid: uneven blocks, padded."""
   local, group, slot = dem.reduced_index((3, 3), (24, 24))
   assert group.shape == (9, 64) and sorted(slot.tolist()) == list(range(576))
   i, j = 10, 17  # R = 31, C = 52 -> block k = 3*1 + 2 = 5, position (7, 4) in it
@@ -134,11 +134,11 @@ def test_reduced_index_released_layout():
   assert group5.shape == (25, 25) and np.all(group5.ravel()[slot5] == np.arange(576))
 
 
-# ----------------------------------------------------------------------------- spec 15.4
+# ----------------------------------------------------------------------------- the DEM toy vector (docs/fidelity.md#test-vectors)
 
 
 def _toy_torch_params(d=32, hidden=2, out=16):
-  """The PyTorch-named parameters of spec 15.4, in its order p = 0..19."""
+  """The PyTorch-named parameters of the toy vector, in its order p = 0..19."""
   linear = lambda n_out, n_in: [(n_out, n_in), (n_out,)]
   shapes = [("attention.linears.%d" % i, linear(d, d)) for i in range(4)]
   shapes += [("attention.ln", [(d,), (d,)])]
@@ -175,7 +175,7 @@ def _load(module, feats, tensors):
 
 
 @pytest.mark.parametrize("reduced", [False, True])
-def test_spec_15_4_toy_vector(reduced):
+def test_dem_toy_vector(reduced):
   cfg = _config(width=32, patch_side=24, heads=8, dem__merge="none", dem__reduced_path=reduced)
   module = _module(cfg)
   assert module.plan.reduced == reduced
@@ -212,7 +212,7 @@ def test_spec_15_4_toy_vector(reduced):
   close(b_4[0, 0, 0:4], [0.405172, 0.162446, 0.316554, 0.738211])
 
 
-# ----------------------------------------------------------------------------- spec 15.5
+# ----------------------------------------------------------------------------- invariances (docs/fidelity.md#unused-global-crops)
 
 
 def _init(module, feats, seed=1):
@@ -230,7 +230,7 @@ def _init(module, feats, seed=1):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def test_spec_15_5_only_local_crops_and_the_centre_phase_matter():
+def test_only_local_crops_and_the_centre_phase_matter():
   cfg = _config(dem__reduced_path=False, dem__merge="none")
   module = _module(cfg)
   feats = _feats(cfg, batch=1)
@@ -291,7 +291,7 @@ def test_reduced_path_equals_literal_path_at_the_released_width():
 
 
 class TorchMHA(torch.nn.Module):
-  """Spec 5.1, written from its equations."""
+  """The released attention block (docs/fidelity.md#attention-block), written from its equations."""
 
   def __init__(self, d, heads):
     super().__init__()
@@ -311,7 +311,7 @@ class TorchMHA(torch.nn.Module):
 
 
 class TorchSpatialEmbed(torch.nn.Module):
-  """Spec 4-5 with explicit loops and slice assignments (an independent formulation)."""
+  """The released SpatialEmbed (docs/fidelity.md#recombination to #fusion) with explicit loops and slice assignments (an independent formulation)."""
 
   def __init__(self, d, heads, n, p, ratio=16):
     super().__init__()
@@ -345,7 +345,7 @@ class TorchSpatialEmbed(torch.nn.Module):
 
 @pytest.mark.parametrize("n,reduced", [(3, True), (2, False)])
 def test_matches_a_pytorch_spatial_embed(n, reduced):
-  """Random PyTorch weights through DEM_TABLE; output after the mean merge (spec 6)."""
+  """Random PyTorch weights through DEM_TABLE; output after the mean merge (docs/fidelity.md#resolution-merge)."""
   cfg = _config(n=n, dem__reduced_path=reduced)
   module = _module(cfg)
   assert module.plan.reduced == reduced
@@ -397,7 +397,7 @@ def _run(cfg, batch=2):
 
 
 def test_init_is_pytorch_default():
-  """Uniform(+-1/sqrt(fan_in)) Linear weights and biases, LayerNorm ones / zeros (spec 5.7)."""
+  """Uniform(+-1/sqrt(fan_in)) Linear weights and biases, LayerNorm ones / zeros (docs/fidelity.md#module-init)."""
   cfg = _config()
   module = _module(cfg)
   params = nn.unbox(jax.jit(module.init)(jax.random.key(0), _feats(cfg)))["params"]

@@ -77,7 +77,7 @@ def test_batch_not_dividing_the_mesh_names_the_numbers(tmp_path):
 
 
 def test_total_steps_of_the_stage_recipes():
-  # Spec 10: 558,128 / 256 -> 2,180 steps; 665,298 / 128 -> 5,198 (the modality-grouped
+  # docs/fidelity.md#recipe-numbers: 558,128 / 256 -> 2,180 steps; 665,298 / 128 -> 5,198 (the modality-grouped
   # epoch ends on a partly empty batch, as the reference's ends on a short one).
   stage1 = load_config("configs/infllava_8b_stage1.py")
   stage2 = load_config("configs/infllava_8b_stage2.py")
