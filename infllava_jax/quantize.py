@@ -1,0 +1,223 @@
+"""Weight-only low-bit inference through qwix: which params are quantised (rules by param
+path), the quantised params, the model that runs on them, and saving / loading them.
+
+    model, params = quantize.quantize(model, params, "int8")     # or "int4", "nf4"
+    quantize.convert("ckpt/", "ckpt-int8/", "int8")               # a converted checkpoint
+    model_cfg, params = quantize.load("ckpt-int8/")               # ready for `quantize`
+
+What is quantised: the language model's decoder linear layers (attention q, k, v, o and the
+MLP's gate, up, down), 6.98 B of LLaMA-3-8B's 8.03 B params and every weight the decode
+loop reads per token except the lm_head. Symmetric absmax scales: int8 one per output
+channel; int4 and nf4 one per output channel per group of `group_size` input rows (128, or
+the whole input where it is shorter). What stays in the checkpoint's dtype, and why:
+  * the lm_head (0.53 B): `generate.last_logits` applies it outside `model.apply`, where no
+    interception runs, and it is the product most sensitive to rounding (the logits);
+  * the embedding table (0.53 B): a gather, not a matmul (qwix quantises matmul operands);
+  * CLIP, the DEM and the projector (0.33 B): they run once per image at prefill, not once
+    per token, so they add little to what decoding reads, and their rounding would reach
+    every visual token.
+
+How it runs: `qwix.PtqProvider` intercepts `jnp.dot` in the modules named by
+`QUANTIZED_OPS` and multiplies by the `qwix.QArray` it finds there. With floating
+activations qwix's `dot_general` dequantises the weight (qvalue * scale) and multiplies
+in the activation dtype, a product XLA fuses: weights sit in memory and are read at low
+bit width, the arithmetic is the float one (on CPU, GPU and TPU alike).
+
+Two things qwix's own flow (`quantize_model` + `init` finding the weights) does not cover
+here, so the params are quantised by path instead, with qwix's `quantize_params`:
+  * `llama.MLP` creates its kernels in `llama.Kernel` submodules and multiplies them in
+    its own scope, where qwix's param discovery (`flax_util.find_param`) finds none;
+  * `layers.Dense` and `llama.swiglu` cast the kernel with `.astype`, which qwix 0.1.8's
+    `WithAux` cannot do for a QArray (it handles flax's `promote_dtype`): `QuantizedKernel`
+    casts the QArray's scale, which sets the dequantised dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from qwix._src.core import qarray
+from qwix._src.providers import ptq
+from ml_collections import ConfigDict
+
+from infllava_jax.convert import checkpoint_io
+
+MODES = ("int8", "int4", "nf4")
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
+GROUP_SIZE = 128  # input rows per 4-bit scale (as GPTQ / AWQ checkpoints use)
+
+# The quantised kernels: [in, out], or [depth, in, out] in the scanned layout, in an
+# `InfLlava` (llm/...) or a bare `llama.Llama`.
+QUANTIZED_PARAMS = re.compile(r"(llm/)?layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel")
+# The modules whose products take them (the MLP multiplies its kernels in its own scope).
+QUANTIZED_OPS = r"(llm/)?layers(_\d+)?/(attn/(q|k|v|o)|mlp)"
+
+QUANTIZATION_FILE = "quantization.json"  # beside a converted checkpoint's model_config.json
+
+
+@flax.struct.dataclass
+class QuantizedKernel(ptq.WithAux):
+  """qwix's PTQ weight (a QArray and how it was made) with a working `astype`: the model
+  casts kernels to the compute dtype, and a QArray dequantises to its scale's dtype."""
+
+  def astype(self, dtype):
+    return self.replace(array=self.array.astype(dtype))
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise ValueError(f"quantize={mode!r}; expected one of {', '.join(MODES)}")
+  return mode
+
+
+def how_to_quantize(path: str, shape: tuple[int, ...], mode: str,
+                    group_size: int = GROUP_SIZE) -> qarray.HowToQuantize | None:
+  """How the param at `path` ('/'-joined) of `shape` is quantised in `mode`, or None when
+  it is not. The input axis (second to last) is contracted: int8 scales every other axis's
+  entries apart (per output channel, and per layer when scanned); 4-bit modes also split
+  the input axis into groups of `group_size` (fewer rows: one group)."""
+  if not QUANTIZED_PARAMS.fullmatch(path):
+    return None
+  rows = len(shape) - 2
+  tiled = {}
+  if check_mode(mode) != "int8":
+    group = min(group_size, shape[rows])
+    if shape[rows] % group:
+      raise ValueError(f"{path}: {shape[rows]} input rows are not a multiple of the "
+                       f"quantisation group size {group}")
+    tiled = {rows: group}
+  return qarray.HowToQuantize(qtype=QTYPES[mode], tiled_axes=tiled,
+                              channelwise_axes=[a for a in range(len(shape)) if a != rows])
+
+
+def _flat(params) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(params, sep="/")
+
+
+def quantize_params(params, mode: str, group_size: int = GROUP_SIZE,
+                    consume: bool = False) -> dict:
+  """`params` with the kernels of `QUANTIZED_PARAMS` as `QuantizedKernel`s (the others
+  unchanged). consume: delete each float kernel once quantised (the caller gives `params`
+  up), so memory peaks at one float kernel over the result."""
+  flat = _flat(params)
+  out = {}
+  for path, x in flat.items():
+    how = how_to_quantize(path, x.shape, mode, group_size)
+    if how is None or isinstance(x, ptq.WithAux):
+      out[path] = x
+      continue
+    x = jnp.asarray(x)
+    abstract = QuantizedKernel(jax.ShapeDtypeStruct(x.shape, x.dtype), how)
+    out[path] = qwix.quantize_params({"w": x}, {"w": abstract})["w"]
+    if consume:
+      jax.block_until_ready(out[path])
+      x.delete()
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def params_mode(params) -> str | None:
+  """The mode `params` were quantised in, or None for float params."""
+  qtypes = {x.how.qtype for x in _flat(params).values() if isinstance(x, ptq.WithAux)}
+  modes = [m for m, q in QTYPES.items() if q in qtypes]
+  if len(qtypes) > 1 or len(modes) != len(qtypes):
+    raise ValueError(f"params quantised in {sorted(map(str, qtypes))}: expected one of {MODES}")
+  return modes[0] if modes else None
+
+
+def quantized_model(model, mode: str):
+  """`model` (an `InfLlava` or a `llama.Llama`) running its `QUANTIZED_OPS` products on
+  `quantize_params(..., mode)` params; every other product is unchanged."""
+  rule = qwix.QtRule(module_path=QUANTIZED_OPS, weight_qtype=QTYPES[check_mode(mode)])
+  return qwix.quantize_model(model, qwix.PtqProvider([rule]))
+
+
+def quantize(model, params, mode: str | None, group_size: int = GROUP_SIZE,
+             consume: bool = False):
+  """(model, params) for inference in `mode`. Params already quantised (`load`) are kept,
+  and mode None takes theirs (float params: nothing changes); another mode: ValueError.
+  consume: as `quantize_params`'."""
+  held = params_mode(params)
+  if mode is None and held is None:
+    return model, params
+  if held is None:
+    params = quantize_params(params, mode, group_size, consume)
+  elif mode not in (None, held):
+    raise ValueError(f"quantize={mode!r} but the params are quantised as {held!r}")
+  return quantized_model(model, mode or held), params
+
+
+# Saved form: a converted checkpoint (`convert/checkpoint_io.py`) whose quantised kernels are
+# {qvalue, scale} trees, and `quantization.json` naming the mode and group size. Tensorstore
+# has no uint4, so nf4's 4-bit codes are stored as uint8 (int4 and int8 as themselves).
+
+
+def _stored(x: QuantizedKernel) -> dict:
+  qvalue = x.array.qvalue
+  if qvalue.dtype == jnp.uint4:
+    qvalue = qvalue.astype(jnp.uint8)
+  return {"qvalue": qvalue, "scale": x.array.scale}
+
+
+def save(directory: str, model_cfg: ConfigDict, params, mode: str,
+         group_size: int = GROUP_SIZE) -> None:
+  """Writes `quantize_params(params, mode, group_size)` (or params already quantised so) as
+  a converted checkpoint that `load` reads back."""
+  params = quantize_params(params, mode, group_size)
+  tree = jax.tree.map(lambda x: _stored(x) if isinstance(x, QuantizedKernel) else x, params,
+                      is_leaf=lambda x: isinstance(x, QuantizedKernel))
+  checkpoint_io.save_converted(directory, model_cfg, tree)
+  with open(os.path.join(os.path.abspath(directory), QUANTIZATION_FILE), "w") as f:
+    json.dump({"mode": mode, "group_size": group_size}, f, indent=2)
+
+
+def is_saved(directory: str) -> bool:
+  """Whether `directory` is a checkpoint written by `save`."""
+  return (checkpoint_io.is_converted(directory)
+          and os.path.isfile(os.path.join(directory, QUANTIZATION_FILE)))
+
+
+def load(directory: str) -> tuple[ConfigDict, dict]:
+  """(model_cfg, params) of a checkpoint written by `save`: quantised kernels as
+  `QuantizedKernel`s, the other params as stored, on the default device."""
+  with open(os.path.join(directory, QUANTIZATION_FILE)) as f:
+    saved = json.load(f)
+  mode, group_size = check_mode(saved["mode"]), saved["group_size"]
+  model_cfg, stored = checkpoint_io.load_converted(directory)
+  stored = _flat(stored)
+  kernels = {p.rsplit("/", 1)[0] for p in stored if p.endswith("/qvalue")}
+  out = {p: jnp.asarray(x) for p, x in stored.items() if p.rsplit("/", 1)[0] not in kernels}
+  for path in kernels:
+    qvalue, scale = stored[f"{path}/qvalue"], stored[f"{path}/scale"]
+    how = how_to_quantize(path, qvalue.shape, mode, group_size)
+    if how is None:
+      raise ValueError(f"{directory}: {path} is stored quantised but is not one of the "
+                       "quantised kernels")
+    if mode == "nf4":
+      qvalue = qvalue.astype(jnp.uint4)
+    out[path] = QuantizedKernel(qarray.QArray(jnp.asarray(qvalue), jnp.asarray(scale),
+                                              qtype=how.qtype), how)
+  return model_cfg, flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def convert(source: str, out: str, mode: str, group_size: int = GROUP_SIZE) -> None:
+  """Quantises the converted checkpoint `source` into `out` (its tokenizer copied too)."""
+  model_cfg, params = checkpoint_io.load_converted(source)
+  save(out, model_cfg, params, mode, group_size)
+  tokenizer = checkpoint_io.tokenizer_dir(source)
+  if tokenizer:
+    checkpoint_io.save_tokenizer(out, tokenizer)
+
+
+def packed_bytes(params) -> int:
+  """Bytes of the param arrays at their dtypes' bit widths (4-bit values at half a byte, as
+  XLA packs them on TPU and GPU; `jax.Array.on_device_size_in_bytes` gives what a backend
+  actually holds)."""
+  return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(params))
