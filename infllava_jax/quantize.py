@@ -9,19 +9,23 @@ What is quantised: the language model's decoder linear layers (attention q, k, v
 MLP's gate, up, down), 6.98 B of LLaMA-3-8B's 8.03 B params and every weight the decode
 loop reads per token except the lm_head. Symmetric absmax scales: int8 one per output
 channel; int4 and nf4 one per output channel per group of `group_size` input rows (128, or
-the whole input where it is shorter). What stays in the checkpoint's dtype, and why:
-  * the lm_head (0.53 B): `generate.last_logits` applies it outside `model.apply`, where no
-    interception runs, and it is the product most sensitive to rounding (the logits);
+the whole input where it is shorter). The released model's LLM in bfloat16, 16.1 GB, takes
+9.1 GB in int8 and 5.7 GB in int4 / nf4 (4-bit values packed two to a byte, as XLA holds
+them on GPU and TPU). What stays in the checkpoint's dtype, and why:
+  * the lm_head (0.53 B params): `generate.last_logits` applies it outside `model.apply`,
+    where no interception runs (quantising it means that function takes a quantised kernel);
   * the embedding table (0.53 B): a gather, not a matmul (qwix quantises matmul operands);
-  * CLIP, the DEM and the projector (0.33 B): they run once per image at prefill, not once
-    per token, so they add little to what decoding reads, and their rounding would reach
-    every visual token.
+  * CLIP, the DEM and the projector (0.32 B): they run once per image at prefill, not once
+    per token, so they add nothing to what each decode step reads, and their rounding would
+    reach every visual token.
 
 How it runs: `qwix.PtqProvider` intercepts `jnp.dot` in the modules named by
 `QUANTIZED_OPS` and multiplies by the `qwix.QArray` it finds there. With floating
-activations qwix's `dot_general` dequantises the weight (qvalue * scale) and multiplies
-in the activation dtype, a product XLA fuses: weights sit in memory and are read at low
-bit width, the arithmetic is the float one (on CPU, GPU and TPU alike).
+activations qwix's `dot_general` dequantises the weight (qvalue * scale) and multiplies in
+the activation dtype: weights are held at low bit width, the arithmetic is the float one.
+XLA:CPU computes the dequantised weight as a whole float32 array in a fusion of its own and
+then the dot reads it (bench/lowbit.py counts those fusions), at every decode step; whether
+a GPU or TPU fuses the dequantisation into the dot is not measured here.
 
 Two things qwix's own flow (`quantize_model` + `init` finding the weights) does not cover
 here, so the params are quantised by path instead, with qwix's `quantize_params`:
