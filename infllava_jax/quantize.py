@@ -51,9 +51,10 @@ import orbax.checkpoint as ocp
 import qwix
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FrozenConfigDict
 
 from infllava_jax.convert import checkpoint_io
+from infllava_jax.model import llama
 
 MODES = ("int8", "int4", "nf4")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
@@ -147,7 +148,15 @@ def params_mode(params) -> str | None:
 
 def quantized_model(model, mode: str):
   """`model` (an `InfLlava` or a `llama.Llama`) running its `QUANTIZED_OPS` products on
-  `quantize_params(..., mode)` params; every other product is unchanged."""
+  `quantize_params(..., mode)` params; every other product is unchanged. Its MLP is
+  computed whole: column sets (`mlp_chunks`, a training memory layout that decoding does
+  not use) would slice the kernels, which a QArray cannot be."""
+  if isinstance(model, llama.Llama):
+    model = model.clone(mlp_chunks=1)
+  else:
+    cfg = model.cfg.as_configdict()
+    cfg.mlp_chunks = 1
+    model = model.clone(cfg=FrozenConfigDict(cfg))
   rule = qwix.QtRule(module_path=QUANTIZED_OPS, weight_qtype=QTYPES[check_mode(mode)])
   return qwix.quantize_model(model, qwix.PtqProvider([rule]))
 
