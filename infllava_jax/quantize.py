@@ -195,7 +195,9 @@ def save(directory: str, model_cfg: ConfigDict, params, mode: str,
   params = quantize_params(params, mode, group_size)
   tree = jax.tree.map(lambda x: _stored(x) if isinstance(x, QuantizedKernel) else x, params,
                       is_leaf=lambda x: isinstance(x, QuantizedKernel))
-  checkpoint_io.save_converted(directory, model_cfg, tree)
+  # Host arrays: restored as numpy, they go to whichever device loads them (jax.Arrays
+  # would come back on the device that saved them).
+  checkpoint_io.save_converted(directory, model_cfg, jax.device_get(tree))
   with open(os.path.join(os.path.abspath(directory), QUANTIZATION_FILE), "w") as f:
     json.dump({"mode": mode, "group_size": group_size}, f, indent=2)
 

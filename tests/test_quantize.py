@@ -100,6 +100,8 @@ def test_a_quantised_checkpoint_saves_loads_and_answers_the_same(tiny_config, tm
   for mode, stored, groups in (("int8", "int8", 1), ("int4", "int4", 2), ("nf4", "uint8", 2)):
     out = str(tmp_path / mode)
     quantize.convert(source, out, mode, group_size=32)
+    _, stored_params = checkpoint_io.load_converted(out)
+    assert {type(x) for x in jax.tree.leaves(stored_params)} == {np.ndarray}  # host arrays
     saved = checkpoint_io.params_metadata(out)["llm"]["layers"]["attn"]["q"]["kernel"]
     assert saved["qvalue"].dtype == np.dtype(stored)
     assert saved["scale"].shape == (2, groups, 64)  # [depth, input groups, outputs]
