@@ -49,9 +49,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import qwix
+from ml_collections import ConfigDict, FrozenConfigDict
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
-from ml_collections import ConfigDict, FrozenConfigDict
 
 from infllava_jax.convert import checkpoint_io
 from infllava_jax.model import llama
