@@ -24,6 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from infllava_jax import generate
+from infllava_jax import quantize as quantization
 from infllava_jax.convert import checkpoint_io
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
@@ -218,10 +219,12 @@ class Assistant:
   """
 
   def __init__(self, config: ConfigDict, params: Any, tokenizer=None, length_bucket: int = 64,
-               consume_params: bool = False):
+               consume_params: bool = False, quantize: str | None = None):
     """consume_params: `params` are handed over, and each stacked layer array is deleted once
     unrolled, so loading peaks at the params plus one such array, not twice the LLM
-    (`from_run` does this with the params it loads)."""
+    (`from_run` does this with the params it loads). quantize: "int8", "int4" or "nf4"
+    runs the LLM's linear layers on weights quantised so (`infllava_jax.quantize`); None
+    runs `params` as they are (quantised ones, from `quantize.load`, in their mode)."""
     if length_bucket < 1:
       raise ValueError(f"Assistant: length_bucket must be >= 1, got {length_bucket}")
     self.config = config
@@ -233,6 +236,8 @@ class Assistant:
     params = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, params)
     # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
     self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params,
+                                                    consume=consume_params)
+    self.model, self.params = quantization.quantize(self.model, self.params, quantize,
                                                     consume=consume_params)
     self.aspect = data.get("image_aspect", "pad")
     self.double_bos = data.get("double_bos", True)
@@ -247,8 +252,14 @@ class Assistant:
     """From a training run folder (latest step) or a converted checkpoint folder; `dtype`:
     the compute dtype, in place of the stored config's `model.dtype`.
 
-    kwargs go to the constructor (`tokenizer`, `length_bucket`).
+    kwargs go to the constructor (`tokenizer`, `length_bucket`, `quantize`). A checkpoint
+    written by `quantize.save` loads and runs quantised.
     """
+    if quantization.is_saved(path):
+      config = checkpoint_config(path)
+      if dtype is not None:
+        config.model.dtype = dtype
+      return cls(config, quantization.load(path)[1], consume_params=True, **kwargs)
     return cls(*load_checkpoint(path, step, dtype), consume_params=True, **kwargs)
 
   @property
