@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from infllava_jax import generate
+from infllava_jax import generate, quantize
 from infllava_jax.cli import user_error
 from infllava_jax.convert.cli import DTYPES
 from infllava_jax.data import images
@@ -25,7 +25,8 @@ from infllava_jax.inference import Assistant
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --step, --tokenizer and --dtype: what the inference commands load."""
+  """--checkpoint, --step, --tokenizer, --dtype and --quantize: what the inference commands
+  load, and how."""
   parser.add_argument("--checkpoint", required=True, help="run folder or converted checkpoint")
   parser.add_argument("--step", type=int, default=None, help="step of a run (default: latest)")
   parser.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -36,6 +37,11 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                       help="compute dtype (default: the checkpoint's model.dtype, which "
                            "the load line names; float32 runs a float32 checkpoint as "
                            "stored, bfloat16 halves the LLM's float32 params on load)")
+  parser.add_argument("--quantize", choices=quantize.MODES, default=None,
+                      help="run the LLM's linear layers on weight-only quantised weights "
+                           "(int8: one scale per output channel; int4 / nf4: per group of 128 "
+                           "inputs). A checkpoint written by `infllava convert quantize` runs "
+                           "in its own mode without this flag")
 
 
 def check_checkpoint_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -62,7 +68,9 @@ def flag_tokenizer(args: argparse.Namespace):
 def loaded_line(args: argparse.Namespace, assistant: Assistant, seconds: float) -> str:
   """`loaded CHECKPOINT (variant, compute dtype) in Ns`."""
   model = assistant.config.model
-  return f"loaded {args.checkpoint} ({model.variant}, {model.dtype}) in {seconds:.1f}s"
+  mode = quantize.params_mode(assistant.params)
+  return (f"loaded {args.checkpoint} ({model.variant}, {model.dtype}"
+          f"{', ' + mode if mode else ''}) in {seconds:.1f}s")
 
 
 def load_assistant(prog: str, args: argparse.Namespace, suffix: str = "",
@@ -73,7 +81,8 @@ def load_assistant(prog: str, args: argparse.Namespace, suffix: str = "",
   start = time.perf_counter()
   try:
     assistant = Assistant.from_run(args.checkpoint, args.step, dtype=args.dtype,
-                                   tokenizer=flag_tokenizer(args), **kwargs)
+                                   tokenizer=flag_tokenizer(args), quantize=args.quantize,
+                                   **kwargs)
   except ValueError as e:
     user_error(prog, e)
     return None

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 from flax.traverse_util import flatten_dict
 
@@ -17,6 +18,7 @@ from infllava_jax.evaluate import synthetic
 from infllava_jax.inference import Assistant
 from infllava_jax.training import loop
 from tests.random_params import random_params
+from tests.run_cli import error_line, infllava
 
 
 def test_rules_pick_the_llms_linear_kernels_by_path():
@@ -150,3 +152,28 @@ def test_trained_synthetic_run_keeps_its_heldout_answers_quantised(tmp_path):
   int8 = answer("int8")
   assert _agreement(int8, reference) >= 0.99 and accuracy(int8) == 1.0
   assert _agreement(answer("int4"), reference) >= 0.95
+
+
+def test_the_commands_quantise_a_checkpoint_and_run_it(tiny_config, tmp_path):
+  """`infllava convert quantize --bits 8` writes an int8 checkpoint that `generate` runs in
+  int8 (its load line says so) with the same answer as `generate --quantize int8` on the
+  float checkpoint; refused flags are one line."""
+  params = random_params(tiny_config.model, std=0.05, unit_scales=False)
+  source, out = tmp_path / "float", tmp_path / "int8"
+  checkpoint_io.save_converted(str(source), tiny_config.model, params)
+  image = tmp_path / "image.png"
+  images, questions = _questions(1)
+  PIL.Image.fromarray(images[0]).save(image)
+  done = infllava("convert", "quantize", "--checkpoint", source, "--out", out, "--bits", "8")
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith(f"wrote {out} (int8)")
+  assert quantize.is_saved(str(out))
+  ask = ("--image", image, "--prompt", questions[0], "--max-new-tokens", 6)
+  stored = infllava("generate", "--checkpoint", out, *ask)
+  in_memory = infllava("generate", "--checkpoint", source, "--quantize", "int8", *ask)
+  for done in (stored, in_memory):
+    assert done.returncode == 0, done.stderr
+    assert ", int8) in " in done.stderr
+  assert stored.stdout == in_memory.stdout
+  taken = infllava("convert", "quantize", "--checkpoint", source, "--out", out, "--bits", "4")
+  assert "is not empty" in error_line(taken, "convert quantize")

@@ -1,10 +1,12 @@
-"""`infllava convert from-pytorch | to-pytorch`: PyTorch checkpoints <-> converted (Orbax).
+"""`infllava convert from-pytorch | to-pytorch | quantize`: PyTorch checkpoints <-> converted
+(Orbax), and converted checkpoints to weight-only quantised ones.
 
   infllava convert from-pytorch --model INF-LLaVA-sft/ --out ckpt/
   infllava convert from-pytorch --llama Meta-Llama-3-8B-Instruct/ \
       --clip clip-vit-large-patch14-336/ [--projector mm_projector.bin] --out ckpt/
   infllava convert from-pytorch --llava-hf llava-1.5-7b-hf/ --out ckpt/
   infllava convert to-pytorch --checkpoint ckpt/ --out release/    # or a training run folder
+  infllava convert quantize --checkpoint ckpt/ --out ckpt-int8/ --bits 8   # or --bits 4 [--nf4]
 
 `from-pytorch` takes `--config.a.b=value` overrides of its `--config`, as `infllava train`
 does: `--config.model.dtype=float32` records float32 compute for a float32 source (the
@@ -104,6 +106,22 @@ def _parser() -> argparse.ArgumentParser:
   dst.add_argument("--max-shard-size", dest="max_shard_size", type=float, default=5.0,
                    metavar="GB", help="largest shard in GB (default 5)")
   dst.add_argument("--quiet", action="store_true", help="no progress lines")
+
+  low = commands.add_parser(
+      "quantize", help="converted checkpoint -> one with the LLM's linear layers in 8 or 4 bits",
+      description="Writes a converted checkpoint whose LLM linear kernels (attention q, k, v, "
+                  "o; MLP gate, up, down) are weight-only quantised (int8: a scale per output "
+                  "channel; 4-bit: per group of inputs), on the host's CPU, one kernel at a "
+                  "time: the float model never reaches an accelerator. generate, chat, serve "
+                  "and evaluate run the result in its mode.")
+  low.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="converted checkpoint (DIR/params + DIR/model_config.json)")
+  low.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+  low.add_argument("--bits", type=int, choices=(8, 4), required=True,
+                   help="8: int8; 4: int4 (or NormalFloat4 with --nf4)")
+  low.add_argument("--nf4", action="store_true", help="with --bits 4: NormalFloat4 codes")
+  low.add_argument("--group-size", dest="group_size", type=int, default=128,
+                   help="inputs per 4-bit scale (default %(default)s)")
   return parser
 
 
@@ -194,6 +212,24 @@ def to_pytorch(args, parser) -> None:
     print(f"wrote {args.out}")
 
 
+def quantize_checkpoint(args, parser) -> None:
+  from infllava_jax import quantize
+  from infllava_jax.convert import checkpoint_io
+  check_paths(parser, checkpoint=args.checkpoint)
+  if args.nf4 and args.bits != 4:
+    parser.error("--nf4 goes with --bits 4")
+  if not checkpoint_io.is_converted(args.checkpoint):
+    raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: not a converted checkpoint "
+                            f"(no {checkpoint_io.CONFIG_FILE}); a training run converts with "
+                            "`infllava convert to-pytorch` + `from-pytorch` first")
+  if os.path.exists(args.out) and os.listdir(args.out):
+    raise FileExistsError(f"--out {args.out!r} is not empty")
+  mode = "int8" if args.bits == 8 else "nf4" if args.nf4 else "int4"
+  start = time.perf_counter()
+  quantize.convert(args.checkpoint, args.out, mode, args.group_size)
+  print(f"wrote {args.out} ({mode}) in {time.perf_counter() - start:.1f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -204,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "from-pytorch":
       from_pytorch(args, parser, overrides)
+    elif args.command == "quantize":
+      quantize_checkpoint(args, parser)
     else:
       to_pytorch(args, parser)
   except ConversionError as err:  # the checkpoint's contents: every problem, listed

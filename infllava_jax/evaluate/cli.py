@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from infllava_jax import generate
+from infllava_jax import generate, quantize
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
 from infllava_jax.cli import user_error
@@ -143,7 +143,8 @@ def main(argv: list[str]) -> int:
         return 2
     try:
       assistant = Assistant(config, params, tokenizer=flag_tokenizer(args),
-                            length_bucket=args.length_bucket, consume_params=True)
+                            length_bucket=args.length_bucket, consume_params=True,
+                            quantize=args.quantize)
     except ValueError as e:  # a tokenizer that is not the model's
       return user_error("infllava evaluate", e)
     del params  # handed over: the Assistant holds them with the layers unrolled
@@ -173,6 +174,7 @@ def main(argv: list[str]) -> int:
                  step=checkpoint.params_step(args.checkpoint, args.step),
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
                  dtype=assistant.config.model.dtype,
+                 quantize=quantize.params_mode(assistant.params),
                  processor_size=infllava.input_size(assistant.config.model),
                  seconds=round(time.perf_counter() - start, 1))
   with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
