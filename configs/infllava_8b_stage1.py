@@ -17,7 +17,8 @@ projector. Memory check without a GPU:
 from ml_collections import ConfigDict, config_dict
 
 from configs import infllava_8b, synthetic
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints.run import default_checkpoint_config
+from infllava_jax.training import optim
 
 
 def model_config() -> ConfigDict:
@@ -95,7 +96,7 @@ def get_config(arg: str = "") -> ConfigDict:
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = default_checkpoint_config()
   config.checkpoint.every_steps = 500   # ~2,180 steps: a few restart points
   config.checkpoint.max_to_keep = 2     # each step holds the frozen LLM too (~17 GB)
   config.mesh = "fsdp"   # ZeRO-3 style over all devices (the reference: ZeRO-2 on 8 GPUs)

@@ -15,7 +15,8 @@ spec 10). The run prints which module came from where. Memory check without a GP
 from ml_collections import ConfigDict, config_dict
 
 from configs import infllava_8b, synthetic
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints.run import default_checkpoint_config
+from infllava_jax.training import optim
 
 
 def model_config() -> ConfigDict:
@@ -87,7 +88,7 @@ def get_config(arg: str = "") -> ConfigDict:
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = default_checkpoint_config()
   config.checkpoint.every_steps = 1000  # ~5,198 steps
   # A step holds float32 params and AdamW moments: ~96 GB for 8B. Keep two.
   config.checkpoint.max_to_keep = 2

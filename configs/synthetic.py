@@ -8,7 +8,8 @@ same records; the data pipeline resizes them to config.model.dcm.image_size.
 from ml_collections import ConfigDict, config_dict
 
 from configs import tiny
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints.run import default_checkpoint_config
+from infllava_jax.training import optim
 
 # Size of the shipped tokenizer (infllava_jax/data/assets/tokenizer), <pad> included.
 SHIPPED_VOCAB_SIZE = 512
@@ -84,7 +85,7 @@ def get_config(arg: str = "infllava") -> ConfigDict:
   config.train = train_config()
   if config.model.variant == "llava":  # the baseline has no DEM
     config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = default_checkpoint_config()
   config.checkpoint.every_steps = 200
   config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"
   config.eval = ConfigDict(dict(heldout_examples=256, max_new_tokens=4))

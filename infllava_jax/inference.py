@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,11 +24,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from infllava_jax import generate
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import locate, params as checkpoint_params
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint
 
 
 def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool = True,
@@ -57,18 +56,6 @@ def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool 
   return ids.tolist()
 
 
-def checkpoint_config(path: str, step: int | None = None) -> ConfigDict:
-  """The config stored with a checkpoint: a run's whole config, or a converted one's model
-  (and `data.tokenizer_path`, its DIR/tokenizer, when the conversion copied one)."""
-  if checkpoint_io.is_converted(path):
-    config = ConfigDict({"model": checkpoint_io.read_model_config(path)})
-    tokenizer = checkpoint_io.tokenizer_dir(path)
-    if tokenizer:
-      config.data = ConfigDict({"tokenizer_path": tokenizer})
-    return config
-  return checkpoint.read_config(path, step)
-
-
 # How far a model's vocabulary may outnumber its tokenizer's entries: tables are padded to
 # multiples of 64 or 128 rows at most (llava-hf's LLaMA-3: 128,320 rows for 128,258 entries).
 VOCAB_PADDING = 128
@@ -88,29 +75,40 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
         "`infllava convert from-pytorch` copies the source's into the converted checkpoint)")
 
 
-def load_checkpoint(path: str, step: int | None = None) -> tuple[ConfigDict, Any]:
-  """(config, params) for inference from a training run folder (its latest step, or `step`)
-  or a converted checkpoint folder, on one device (the first), in the dtypes the config's
-  model builds, except that the LLM's params come in the compute dtype (`model.dtype`) where
-  that is narrower than their stored one (the config returned says so).
+class Loaded(NamedTuple):
+  """What `load_checkpoint` read."""
+  config: ConfigDict
+  params: Any
+  step: int | None   # the run's step read; None for a converted checkpoint
+
+
+def load_checkpoint(path: str, step: int | None = None) -> Loaded:
+  """(config, params, step) for inference from a training run folder (`step`, or its
+  newest step that reads: a damaged newer one is reported in one line and skipped), one
+  step folder, or a converted checkpoint folder; on one device (the first), in the dtypes
+  the config's model builds, except that the LLM's params come in the compute dtype
+  (`model.dtype`) where that is narrower than their stored one (the config returned says
+  so).
 
   The LLM casts every param to the compute dtype before using it (products, norms, the
   embedding lookup), so narrowing them on load changes no answer, bit for bit; a training
   run's float32 master weights (8B: 30.6 GB) then take half the memory, and decoding reads
   half the bytes per token.
   """
-  path = checkpoint.run_checkpoints(path)
-  config = checkpoint_config(path, step)
-  llm = config.model.llm
-  if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
-    llm.param_dtype = config.model.dtype
-  model = infllava.build_model(config.model)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               *infllava.dummy_inputs(config.model)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nn.meta.unbox(abstract["params"]))
-  return config, checkpoint.restore_params_only(path, target, step=step)
+  def read(folder) -> tuple[ConfigDict, Any]:
+    config = locate.folder_config(folder)
+    llm = config.model.llm
+    if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
+      llm.param_dtype = config.model.dtype
+    model = infllava.build_model(config.model)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                 *infllava.dummy_inputs(config.model)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = checkpoint_params.abstract_tree(nn.meta.unbox(abstract["params"]), device)
+    return config, checkpoint_params.restore_folder(folder, target)
+
+  step, (config, params) = locate.read_checkpoint(path, step, read)
+  return Loaded(config, params, step)
 
 
 class ContextLengthError(ValueError):
@@ -243,7 +241,8 @@ class Assistant:
 
     kwargs go to the constructor (`tokenizer`, `length_bucket`).
     """
-    return cls(*load_checkpoint(path, step), consume_params=True, **kwargs)
+    config, params, _ = load_checkpoint(path, step)
+    return cls(config, params, consume_params=True, **kwargs)
 
   @property
   def context_length(self) -> int:

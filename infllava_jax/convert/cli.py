@@ -114,14 +114,15 @@ def _source(args, parser):
 
 
 def from_pytorch(args, parser) -> None:
-  from infllava_jax.convert import checkpoint_io, hf
+  from infllava_jax.checkpoints import converted
+  from infllava_jax.convert import hf
   from infllava_jax.convert.mapping import flatten
   source = _source(args, parser)
   progress = Progress(0, 0, args.quiet)
   reader = hf.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
   model_cfg, params = hf.plan(source, reader, dtype=args.dtype, seed=args.seed)
   streamed = [leaf for leaf in flatten(params).values()
-              if isinstance(leaf, checkpoint_io.StreamedArray)]
+              if isinstance(leaf, converted.StreamedArray)]
   progress.total_tensors = sum(leaf.shape[0] if leaf.stacked else 1 for leaf in streamed)
   progress.total_bytes = sum(leaf.nbytes for leaf in streamed)
   if not args.quiet:
@@ -129,11 +130,11 @@ def from_pytorch(args, parser) -> None:
           f"({progress.total_bytes / 1e9:.2f} GB) to convert"
           + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
              if source.init else ""))
-  checkpoint_io.save_converted(args.out, model_cfg, params)
+  converted.save_converted(args.out, model_cfg, params)
   folder = args.model or args.llama or args.llava_hf
-  tokenizer = checkpoint_io.save_tokenizer(args.out, folder)
+  tokenizer = converted.save_tokenizer(args.out, folder)
   if tokenizer is None:
-    print(f"note: {folder} holds no tokenizer ({', '.join(checkpoint_io.TOKENIZER_FILES)}): "
+    print(f"note: {folder} holds no tokenizer ({', '.join(converted.TOKENIZER_FILES)}): "
           "give generate, chat, serve and evaluate the model's tokenizer folder with "
           "--tokenizer DIR", file=sys.stderr)
   if not args.quiet:

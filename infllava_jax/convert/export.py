@@ -23,6 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
+from infllava_jax.checkpoints import locate, params as checkpoint_params
 from infllava_jax.convert import hf
 from infllava_jax.convert.mapping import ConversionError, flatten, params_to_torch
 from infllava_jax.data.tokenizer import load_tokenizer
@@ -105,19 +106,23 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
                    max_shard_bytes: int = 5 * 10**9,
                    on_write: Callable[[str, int, int, int], None] | None = None) -> None:
   """Writes the release layout of a converted checkpoint, or of a training run folder's
-  latest step, into `out_dir`.
+  newest step that reads (a damaged newer step is reported and skipped), into `out_dir`.
 
   dtype: None keeps each param's stored dtype; else every tensor is cast.
   on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
   """
-  from infllava_jax.inference import checkpoint_config
-  from infllava_jax.training import checkpoint
-  path = checkpoint.run_checkpoints(checkpoint_dir)
-  config = checkpoint_config(path)
+  locate.read_checkpoint(checkpoint_dir, None, lambda folder: _export_folder(
+      folder, out_dir, dtype, max_shard_bytes, on_write))
+
+
+def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int,
+                   on_write: Callable[[str, int, int, int], None] | None) -> None:
+  """`export_release` of one folder holding params/ (a run's step or a converted one)."""
+  config = locate.folder_config(folder)
   model_cfg = config.model
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
-  params = checkpoint.lazy_params(path)
+  params = checkpoint_params.lazy_folder(folder)
   table = hf.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)

@@ -12,7 +12,7 @@ and derives `config.model` from its config.json and its tensors' shapes:
                                 baseline variant
 
 `plan(source)` checks every name and shape against the model from metadata alone (no tensor
-is read) and returns the param tree with `checkpoint_io.StreamedArray` leaves: a leaf reads
+is read) and returns the param tree with `converted.StreamedArray` leaves: a leaf reads
 its PyTorch tensor(s) only when it is written, one layer at a time. Nothing from a
 checkpoint is executed: safetensors are parsed, .bin files go through
 `torch.load(weights_only=True)`, and torch is imported only for .bin files.
@@ -37,8 +37,8 @@ import flax.linen as nn
 from ml_collections import ConfigDict
 from safetensors import safe_open
 
+from infllava_jax.checkpoints import converted
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io
 from infllava_jax.convert.clip_table import clip_table, clip_unused
 from infllava_jax.convert.dem_table import DEM_TABLE
 from infllava_jax.convert.llama_table import EMBED, LM_HEAD, llama_config_from_hf, llama_table
@@ -638,7 +638,7 @@ def plan(source: Source, reader: Reader, dtype: str | None = None, seed: int = 0
         if not pad:
           problems.append(_shape_problem(rule, i, path, slice_shape, refs[i], source))
     leaf_dtype = np.dtype(dtype) if dtype else refs[layers[0]].dtype
-    leaves[path] = checkpoint_io.StreamedArray(
+    leaves[path] = converted.StreamedArray(
         want_shape, leaf_dtype, rule.stacked, _leaf_reader(rule, refs, reader, leaf_dtype, pad))
   if problems:
     raise ConversionError(f"{source.label}: {len(problems)} problem(s):\n  "
@@ -690,7 +690,7 @@ def materialize(params: Mapping, shardings: Any = None) -> dict:
   flat_shardings = flatten(shardings) if shardings is not None else {}
   out: dict = {}
   for path, leaf in flatten(params).items():
-    if isinstance(leaf, checkpoint_io.StreamedArray):
+    if isinstance(leaf, converted.StreamedArray):
       array = np.empty(leaf.shape, leaf.dtype)
       if leaf.stacked:
         for i in range(leaf.shape[0]):

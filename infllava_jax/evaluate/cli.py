@@ -34,7 +34,6 @@ from infllava_jax.evaluate import synthetic
 from infllava_jax.generate_cli import add_checkpoint_flags, check_checkpoint_flags, flag_tokenizer
 from infllava_jax.inference import Assistant, load_checkpoint
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint
 
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
 MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
@@ -121,7 +120,7 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
-    config, params = load_checkpoint(args.checkpoint, args.step)
+    config, params, step = load_checkpoint(args.checkpoint, args.step)
     if args.processor_size:
       config.model.dcm.processor_size = args.processor_size
       try:
@@ -160,7 +159,7 @@ def main(argv: list[str]) -> int:
     return 1
   summary = scoring.summarize(args.benchmark, rows)
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
-                 step=checkpoint.params_step(args.checkpoint, args.step),
+                 step=step,
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
                  processor_size=infllava.input_size(assistant.config.model),
                  seconds=round(time.perf_counter() - start, 1))

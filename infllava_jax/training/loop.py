@@ -30,10 +30,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
+from infllava_jax.checkpoints import init_sources as init_lib
+from infllava_jax.checkpoints import locate, params as checkpoint_params, preemption
+from infllava_jax.checkpoints import run as checkpoint
 from infllava_jax.config import load_config
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint, flops, optim
+from infllava_jax.training import flops, optim
 from infllava_jax.training.step import BATCH_KEYS, TrainState, make_train_step
 
 
@@ -94,21 +97,21 @@ def check_divisible(global_batch: int, mesh, accum: int) -> None:
 
 
 def init_sources(init_base: str | None, init_from: str | None,
-                 init_include: Sequence[str] | None) -> list[checkpoint.InitSource]:
+                 init_include: Sequence[str] | None) -> list[init_lib.InitSource]:
   """The command line's sources, in the order they apply: `--init_base` (every param it
   holds, e.g. a converted LLaMA-3 + CLIP), then `--init_from` (the `train.init_include`
   params, e.g. a stage-1 run's DEM + projector, or all it holds when that is None)."""
   out = []
   if init_base:
-    out.append(checkpoint.InitSource(init_base))
+    out.append(init_lib.InitSource(init_base))
   if init_from:
-    out.append(checkpoint.InitSource(init_from,
-                                     None if init_include is None else tuple(init_include)))
+    out.append(init_lib.InitSource(init_from,
+                                   None if init_include is None else tuple(init_include)))
   return out
 
 
 def initial_params(init_fn, init_args: tuple, target: Any, mesh,
-                   init: Sequence[checkpoint.InitSource]) -> Any:
+                   init: Sequence[init_lib.InitSource]) -> Any:
   """A new run's params: each read from the last `init` source that gives it, the rest
   from `init_fn(*init_args)`, all laid out as `target` (ShapeDtypeStructs with shardings).
 
@@ -116,13 +119,13 @@ def initial_params(init_fn, init_args: tuple, target: Any, mesh,
   random init computes only the params no source gives (XLA drops the rest): an 8B run
   from a converted checkpoint never builds, nor compiles, a random LLM it would discard.
   """
-  plans = checkpoint.plan_init(target, init)
+  plans = init_lib.plan_init(target, init)
   flat = traverse_util.flatten_dict(target, sep="/")
   given = {k for plan in plans for k in plan.paths}
   fresh = [k for k in flat if k not in given]
   if init:
-    log(checkpoint.describe_init(plans, list(flat)))
-  out = checkpoint.read_init(plans, target)
+    log(init_lib.describe_init(plans, list(flat)))
+  out = init_lib.read_init(plans, target)
   if fresh:
     def init_fresh(*args):
       params = traverse_util.flatten_dict(nn.meta.unbox(init_fn(*args))["params"], sep="/")
@@ -145,14 +148,14 @@ class Trainer:
   """Everything a run holds: mesh, model, optimiser, compiled step, data, checkpoints."""
 
   def __init__(self, config: ConfigDict, workdir: str, *,
-               init: Sequence[checkpoint.InitSource] = (),
+               init: Sequence[init_lib.InitSource] = (),
                devices: Sequence[jax.Device] | None = None):
     """init: where a new run's params come from (`init_sources`), applied in order; params
     no source gives keep their random init (train.seed). Ignored when `workdir` already
     has checkpoints: the run resumes from them.
     devices: what `config.mesh` spans (default: all of them, every process's)."""
     if isinstance(init, (str, os.PathLike)):
-      raise TypeError("Trainer(init=...) takes a list of checkpoint.InitSource, not a path")
+      raise TypeError("Trainer(init=...) takes a list of init_sources.InitSource, not a path")
     config = config.copy_and_resolve_references()
     with config.unlocked():  # the pipeline reads the rows per process from here
       config.data.batch_size = pipeline.host_batch_size(config, jax.process_count())
@@ -167,13 +170,14 @@ class Trainer:
     check_divisible(self.global_batch, self.mesh, train.grad_accum_steps)
     self.total_steps = total_steps(config, len(self.source), self.global_batch)
     checkpoint.check_config(config.checkpoint)
-    checkpoints = os.path.join(workdir, checkpoint.RUN_CHECKPOINTS)
-    resuming = bool(checkpoint.complete_steps(checkpoints))
+    checkpoints = os.path.join(workdir, locate.RUN_CHECKPOINTS)
+    resuming = bool(locate.complete_steps(checkpoints))
 
     init_args = (jax.random.key(train.seed), *infllava.dummy_inputs(config.model))
     abstract = jax.eval_shape(self.model.init, *init_args)
     self.param_shardings = sharding.param_shardings(abstract, self.mesh)["params"]
-    target = checkpoint.abstract_tree(nn.meta.unbox(abstract["params"]), self.param_shardings)
+    target = checkpoint_params.abstract_tree(nn.meta.unbox(abstract["params"]),
+                                             self.param_shardings)
     if resuming:
       if init:
         log(f"{workdir} has checkpoints: resuming it, --init_* ignored "
@@ -203,9 +207,10 @@ class Trainer:
                                        num_epochs=None)
     self.start_step = 0
     if resuming:
-      abstract_opt = checkpoint.abstract_tree(self.state.opt_state,
-                                              jax.tree.map(lambda x: x.sharding, self.state.opt_state))
-      restored = self.checkpointer.restore(target, abstract_opt, self.data.grain_iterator)
+      abstract_opt = checkpoint_params.abstract_tree(
+          self.state.opt_state, jax.tree.map(lambda x: x.sharding, self.state.opt_state))
+      restored = self.checkpointer.restore_newest(target, abstract_opt,
+                                                  self.data.grain_iterator)
       self.state = TrainState(on_mesh(jnp.asarray(restored.step, jnp.int32), self.mesh),
                               restored.params, restored.opt_state)
       self.start_step = restored.step
@@ -243,7 +248,7 @@ class Trainer:
     with contextlib.ExitStack() as cleanup:
       writer = metric_writer(self.workdir)
       cleanup.callback(writer.close)
-      preempted = checkpoint.PreemptionFlag()
+      preempted = preemption.PreemptionFlag()
       cleanup.callback(preempted.restore)
       cleanup.callback(self.checkpointer.wait_until_finished)
       sizes = [x.size for x in jax.tree.leaves(self.state.params)]
@@ -264,7 +269,7 @@ class Trainer:
           now = time.perf_counter()
           log(f"step {step} took {now - last_time:.1f}s (the step compiles on its first call)")
           last_step, last_time = step, now
-        stop = preempted.should_stop()
+        stop = preempted.should_stop(step)
         if step % cfg.log_every == 0 or step == last_step_to_run or stop or \
             self.checkpointer.should_save(step):
           host = check_finite(pending)  # one host sync per interval, not per step
@@ -314,8 +319,8 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return host
 
 
-def preempted_by(flag: checkpoint.PreemptionFlag) -> str:
-  return signal.Signals(flag.signal).name if flag.signal else "signal on another process"
+def preempted_by(flag: preemption.PreemptionFlag) -> str:
+  return signal.Signals(flag.signal).name if flag.signal else "JAX's preemption notice"
 
 
 def metric_writer(workdir: str):

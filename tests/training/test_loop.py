@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from infllava_jax.config import load_config
-from infllava_jax.training import checkpoint, loop
+from infllava_jax.checkpoints import params as checkpoint_params, run as checkpoint_run
+from infllava_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--config.model.vision.depth=1", "--config.model.llm.depth=1",
@@ -224,9 +225,9 @@ def test_sigterm_saves_and_exits_0_then_kill_9_resumes_from_last_complete(tmp_pa
   assert proc.returncode == 0, "".join(seen)
   saved = int(re.search(r"preempted \(SIGTERM\): saved step (\d+), exiting", out).group(1))
   assert saved >= 5
-  assert checkpoint.Checkpointer(tmp_path / "checkpoints",
-                                 load_config("configs/synthetic.py").checkpoint
-                                 ).latest_step() == saved
+  assert checkpoint_run.Checkpointer(tmp_path / "checkpoints",
+                                     load_config("configs/synthetic.py").checkpoint
+                                     ).latest_step() == saved
 
   seen = []
   proc = start_train(tmp_path, overrides)
@@ -277,10 +278,10 @@ def test_two_processes_match_one_process(tmp_path):
 
   one = make_trainer(tmp_path / "one", overrides, devices=jax.devices()[:2])
   one.run()
-  abstract = checkpoint.abstract_tree(one.state.params, one.param_shardings)
-  two = checkpoint.Checkpointer(tmp_path / "two" / "checkpoints", one.config.checkpoint)
+  abstract = checkpoint_params.abstract_tree(one.state.params, one.param_shardings)
+  two = checkpoint_run.Checkpointer(tmp_path / "two" / "checkpoints", one.config.checkpoint)
   assert two.latest_step() == k
-  restored = two.restore(abstract, checkpoint.abstract_tree(
+  restored = two.restore(abstract, checkpoint_params.abstract_tree(
       one.state.opt_state, jax.tree.map(lambda x: x.sharding, one.state.opt_state))).params
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(host(restored))[0],
                           jax.tree.leaves(host(one.state.params))):
