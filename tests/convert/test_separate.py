@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from infllava_jax import inference
-from infllava_jax.checkpoints import converted
+from infllava_jax.checkpoints import converted, locate
 from infllava_jax.convert import cli, hf
 from infllava_jax.convert.mapping import flatten
 from infllava_jax.data import tokenizer
@@ -84,7 +83,7 @@ def test_the_sources_tokenizer_goes_with_the_checkpoint(folders, capsys):
   assert "tokenizer copied from" not in capsys.readouterr().out  # --quiet
   copied = converted.tokenizer_dir(str(out))
   assert copied == str(out / "tokenizer")
-  assert inference.checkpoint_config(str(out)).data.tokenizer_path == copied
+  assert locate.checkpoint_config(str(out)).data.tokenizer_path == copied
   loaded = tokenizer.load_tokenizer(copied)
   shipped = tokenizer.load_tokenizer()
   assert len(loaded) == len(shipped)
