@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
 from infllava_jax.checkpoints import init_sources as init_lib
-from infllava_jax.checkpoints import locate, params as checkpoint_params, preemption
+from infllava_jax.checkpoints import locate, lock, params as checkpoint_params, preemption
 from infllava_jax.checkpoints import run as checkpoint
 from infllava_jax.config import load_config
 from infllava_jax.data import pipeline, sources
@@ -378,13 +378,14 @@ def main(argv: list[str]) -> int:
                  "--config.train.lr=1e-4)")
   initialize_distributed(args)
   config = load_config(args.config, overrides)
-  trainer = Trainer(config, args.workdir, init=init_sources(
-      args.init_base, args.init_from, config.train.get("init_include")))
-  try:
-    state = trainer.run()
-  except NonFiniteLossError as e:  # its message says it all: no traceback
-    print(f"infllava train: error: {e}", file=sys.stderr)
-    return 1
+  with lock.WorkdirOwner(args.workdir):  # a second trainer on this workdir stops here
+    trainer = Trainer(config, args.workdir, init=init_sources(
+        args.init_base, args.init_from, config.train.get("init_include")))
+    try:
+      state = trainer.run()
+    except NonFiniteLossError as e:  # its message says it all: no traceback
+      print(f"infllava train: error: {e}", file=sys.stderr)
+      return 1
   if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
     return 0
   if config.get("eval") and config.eval.get("heldout_examples"):

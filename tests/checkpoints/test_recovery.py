@@ -1,21 +1,24 @@
-"""Damaged checkpoints and a changed config: what a user sees.
+"""Damaged checkpoints, a changed config, two trainers on one workdir: what a user sees.
 
 One tiny run is trained through the CLI (steps 2 and 4 saved) and copied per test; every
 case runs an `infllava` command on it, as a user would, and checks its exit code and the
-first line of its message. `train` runs in a subprocess (one CPU device, as a user's); the
-reading commands run in-process through the same entry point (`cli.main`).
+first line of its message. `train` runs in a subprocess (it owns the workdir while it runs);
+the reading commands run in-process through the same entry point (`cli.main`).
 """
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from infllava_jax import cli
-from tests.training.test_loop import REPO, TINY, cli_env
+from infllava_jax.checkpoints import lock
+from tests.training.test_loop import REPO, TINY, cli_env, read_until
 
 # A vision tower of two layers: the release layout (convert to-pytorch) keeps the layer
 # before the feature layer.
@@ -36,6 +39,7 @@ def trained(tmp_path_factory):
   done = train(workdir)
   assert done.returncode == 0, done.stdout + done.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert not (workdir / lock.OWNER_FILE).exists()  # released at the end
   return workdir
 
 
@@ -135,3 +139,32 @@ def test_resume_with_another_model_shape_names_the_param_and_both_shapes(run):
       r"with shape \(1, 128, 64\) but the config's model has \(1, 96, 64\) \(and 2 more "
       r"params\): the config differs from the one that saved it$", err[0]), err
   assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]  # nothing set aside
+  assert not (run / lock.OWNER_FILE).exists()
+
+
+def test_a_second_trainer_on_a_workdir_refuses_at_once_and_leaves_the_first_running(run):
+  first = subprocess.Popen(
+      [sys.executable, "-m", "infllava_jax.cli", "train", "--config", "configs/synthetic.py",
+       "--workdir", str(run), *RUN, "--config.train.steps=10000"],
+      cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = []
+  try:
+    read_until(first, r"step 6/10000", 300, seen)
+    start = time.monotonic()
+    second = train(run, "--config.train.steps=10000", timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert time.monotonic() - start < 60  # refuses before building anything
+    err = second.stderr.strip().splitlines()
+    assert len(err) == 1 and re.match(
+        rf"infllava train: error: {re.escape(str(run))} is in use by another training run "
+        rf"\(host \S+, pid {first.pid}, started \S+, run id \w+; last heartbeat \d+s ago\)\. "
+        rf"Wait for it to end, .* or remove {re.escape(str(run / lock.OWNER_FILE))}$",
+        err[0]), err
+    read_until(first, r"step 8/10000", 120, seen)  # the first goes on
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, "".join(seen) + out
+    assert "preempted (SIGTERM): saved step" in out
+  finally:
+    first.kill()
+  assert not (run / lock.OWNER_FILE).exists()
