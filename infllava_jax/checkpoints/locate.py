@@ -19,6 +19,7 @@ import re
 import sys
 from typing import Callable, NamedTuple, TypeVar
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import ConfigDict
@@ -115,7 +116,6 @@ def is_storage_error(error: BaseException) -> bool:
 
 def warn(message: str) -> None:
   """One line on stderr (process 0 of a multi-process run)."""
-  import jax
   if jax.process_index() == 0:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
