@@ -140,30 +140,32 @@ def newest_readable(runs: epath.Path, read: Callable[[int], T], steps: list[int]
   reads without a storage error.
 
   A step whose read raises a storage error (`is_storage_error`; not, e.g., a config whose
-  model differs from the saved one, which an older step would not fix) is reported in
-  one line on stderr, and the next older one is tried; `on_unreadable(step, error)` may
-  act on it (`set_aside`) and return a note for that line. Raises UnreadableStepError naming every
-  step when none reads. Each step is read once: the check is the read itself.
+  model differs from the saved one, which an older step would not fix) is skipped for the
+  next older one. Once one reads, each skipped step is reported in one line on stderr,
+  after `on_unreadable(step, error)` has acted on it (`set_aside`) and returned a note for
+  that line. When none reads, nothing is acted on: UnreadableStepError names every step.
+  Each step is read once: the check is the read itself.
   """
   steps = sorted(complete_steps(runs) if steps is None else steps, reverse=True)
   if not steps:
     raise FileNotFoundError(f"no complete checkpoint step in {runs}")
-  skipped = []
+  skipped: list[tuple[int, BaseException]] = []
   for step in steps:
     try:
-      return Readable(step, read(step))
+      value = read(step)
     except Exception as error:  # noqa: BLE001 - a storage error: try an older step
       if not is_storage_error(error):
         raise
-      why = describe_error(error)
-      skipped.append((step, why))
-      note = on_unreadable(step, error) if on_unreadable is not None else None
-      older = next((s for s in steps if s < step), None)
-      then = f"using step {older} instead" if older is not None else "no older step left"
-      warn(f"{runs}/{step} is unreadable ({why}); {note + '; ' if note else ''}{then}")
+      skipped.append((step, error))
+      continue
+    for bad, error in skipped:
+      note = on_unreadable(bad, error) if on_unreadable is not None else None
+      warn(f"{runs}/{bad} is unreadable ({describe_error(error)}); "
+           f"{note + '; ' if note else ''}using step {step} instead")
+    return Readable(step, value)
   raise UnreadableStepError(
       f"{runs}: no checkpoint step reads; "
-      + "; ".join(f"step {s}: {why}" for s, why in skipped))
+      + "; ".join(f"step {s}: {describe_error(e)}" for s, e in skipped))
 
 
 def read_step(runs: epath.Path, step: int, read: Callable[[int], T]) -> T:

@@ -315,6 +315,18 @@ def test_restore_newest_sets_a_damaged_step_aside_and_takes_the_one_before(tmp_p
   assert ckpt.save(6, params, opt_state, force=True)  # the step number is free again
   ckpt.close()
 
+  # No step reads: an error naming each, and nothing is moved (a restart must not begin
+  # afresh because every step was set aside).
+  for step in (2, 4):
+    truncate_largest_file(tmp_path / "run" / str(step) / "params")
+  truncate_largest_file(tmp_path / "run" / "6" / "params")
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg(max_to_keep=None)) as ckpt:
+    with pytest.raises(locate.UnreadableStepError,
+                       match=r"/run: no checkpoint step reads; step 6: OUT_OF_RANGE: .*; "
+                             r"step 4: OUT_OF_RANGE: .*; step 2: OUT_OF_RANGE: "):
+      ckpt.restore_newest(target, abstract_opt)
+  assert sorted(os.listdir(tmp_path / "run")) == ["2", "4", "6", "6.unreadable-out-of-range"]
+
 
 def test_restore_newest_sets_nothing_aside_for_a_tree_that_does_not_match(tmp_path):
   """Another optimiser (a tree of another structure) is not a damaged step."""
