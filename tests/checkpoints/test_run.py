@@ -224,7 +224,7 @@ def test_loading_a_run_logs_no_warnings(tmp_path, caplog):
 
 
 def test_restore_params_only_from_converted_folder(tmp_path):
-  # The converted format (convert/checkpoint_io.py): an Orbax PyTree of numpy arrays in
+  # The converted format (checkpoints/converted.py): an Orbax PyTree of numpy arrays in
   # DIR/params, no steps.
   params = jax.tree.map(np.asarray, toy_params())
   ocp.PyTreeCheckpointer().save(tmp_path / "converted" / "params", params)
