@@ -123,9 +123,9 @@ def peak_rss(argv: list[str]) -> tuple[float, float]:
 
 
 def largest_param_bytes(converted: str) -> int:
-  from infllava_jax.training import checkpoint
+  from infllava_jax.checkpoints import params
   return max(int(np.prod(p.shape)) * p.dtype.itemsize
-             for p in checkpoint.lazy_params(converted).values())
+             for p in params.lazy_params(converted).values())
 
 
 def folder_bytes(directory: str) -> int:

@@ -6,7 +6,7 @@
     assistant.ask("cat.png", "And its colour?", history=[("What is in the picture?", "A cat.")])
     assistant.stream("cat.png", "Describe it.", on_text=print)  # text pieces as tokens arrive
 
-Prompts use the llama3 template with its generation prompt (spec 9.3); images go through
+Prompts use the llama3 template with its generation prompt (docs/fidelity.md#llama3-template); images go through
 the same preprocessing as training (`data.images.preprocess`, `data.image_aspect`). An image
 of None asks a text-only question (no image slots in the prompt).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,11 +25,10 @@ from ml_collections import ConfigDict
 
 from infllava_jax import generate
 from infllava_jax import quantize as quantization
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import locate, params as checkpoint_params
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint
 
 
 def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool = True,
@@ -58,18 +57,6 @@ def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool 
   return ids.tolist()
 
 
-def checkpoint_config(path: str, step: int | None = None) -> ConfigDict:
-  """The config stored with a checkpoint: a run's whole config, or a converted one's model
-  (and `data.tokenizer_path`, its DIR/tokenizer, when the conversion copied one)."""
-  if checkpoint_io.is_converted(path):
-    config = ConfigDict({"model": checkpoint_io.read_model_config(path)})
-    tokenizer = checkpoint_io.tokenizer_dir(path)
-    if tokenizer:
-      config.data = ConfigDict({"tokenizer_path": tokenizer})
-    return config
-  return checkpoint.read_config(path, step)
-
-
 # How far a model's vocabulary may outnumber its tokenizer's entries: tables are padded to
 # multiples of 64 or 128 rows at most (llava-hf's LLaMA-3: 128,320 rows for 128,258 entries).
 VOCAB_PADDING = 128
@@ -89,33 +76,44 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
         "`infllava convert from-pytorch` copies the source's into the converted checkpoint)")
 
 
-def load_checkpoint(path: str, step: int | None = None,
-                    dtype: str | None = None) -> tuple[ConfigDict, Any]:
-  """(config, params) for inference from a training run folder (its latest step, or `step`)
-  or a converted checkpoint folder, on one device (the first), in the dtypes the config's
-  model builds, except that the LLM's params come in the compute dtype (`model.dtype`, or
-  `dtype` in its place) where that is narrower than their stored one (the config returned
-  says so).
+class Loaded(NamedTuple):
+  """What `load_checkpoint` read."""
+  config: ConfigDict
+  params: Any
+  step: int | None   # the run's step read; None for a converted checkpoint
+
+
+def load_checkpoint(path: str, step: int | None = None, dtype: str | None = None) -> Loaded:
+  """(config, params, step) for inference from a training run folder (`step`, or its
+  newest step that reads: a damaged newer one is reported in one line and skipped), one
+  step folder, or a converted checkpoint folder (a quantised one, from `quantize.save`,
+  comes quantised); on one device (the first), in the dtypes the config's model builds,
+  except that the LLM's params come in the compute dtype (`model.dtype`, or `dtype` in its
+  place) where that is narrower than their stored one (the config returned says so).
 
   The LLM casts every param to the compute dtype before using it (products, norms, the
   embedding lookup), so narrowing them on load changes no answer, bit for bit; a training
   run's float32 master weights (8B: 30.6 GB) then take half the memory, and decoding reads
   half the bytes per token.
   """
-  path = checkpoint.run_checkpoints(path)
-  config = checkpoint_config(path, step)
-  if dtype:
-    config.model.dtype = dtype
-  llm = config.model.llm
-  if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
-    llm.param_dtype = config.model.dtype
-  model = infllava.build_model(config.model)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               *infllava.dummy_inputs(config.model)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nn.meta.unbox(abstract["params"]))
-  return config, checkpoint.restore_params_only(path, target, step=step)
+  def read(folder) -> tuple[ConfigDict, Any]:
+    config = locate.folder_config(folder)
+    if dtype:
+      config.model.dtype = dtype
+    if quantization.is_saved(folder):
+      return config, quantization.load(folder)[1]
+    llm = config.model.llm
+    if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
+      llm.param_dtype = config.model.dtype
+    model = infllava.build_model(config.model)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                 *infllava.dummy_inputs(config.model)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = checkpoint_params.abstract_tree(nn.meta.unbox(abstract["params"]), device)
+    return config, checkpoint_params.restore_folder(folder, target)
+
+  step, (config, params) = locate.read_checkpoint(path, step, read)
+  return Loaded(config, params, step)
 
 
 class ContextLengthError(ValueError):
@@ -255,12 +253,8 @@ class Assistant:
     kwargs go to the constructor (`tokenizer`, `length_bucket`, `quantize`). A checkpoint
     written by `quantize.save` loads and runs quantised.
     """
-    if quantization.is_saved(path):
-      config = checkpoint_config(path)
-      if dtype is not None:
-        config.model.dtype = dtype
-      return cls(config, quantization.load(path)[1], consume_params=True, **kwargs)
-    return cls(*load_checkpoint(path, step, dtype), consume_params=True, **kwargs)
+    config, params, _ = load_checkpoint(path, step, dtype)
+    return cls(config, params, consume_params=True, **kwargs)
 
   @property
   def context_length(self) -> int:

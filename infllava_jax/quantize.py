@@ -53,7 +53,7 @@ from ml_collections import ConfigDict, FrozenConfigDict
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
 
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import converted
 from infllava_jax.model import llama
 
 MODES = ("int8", "int4", "nf4")
@@ -186,7 +186,7 @@ def quantize(model, params, mode: str | None, group_size: int = GROUP_SIZE,
   return quantized_model(model, mode or held), params
 
 
-# Saved form: a converted checkpoint (`convert/checkpoint_io.py`) whose quantised kernels are
+# Saved form: a converted checkpoint (`checkpoints/converted.py`) whose quantised kernels are
 # {qvalue, scale} trees, and `quantization.json` naming the mode and group size. Tensorstore
 # has no uint4, so nf4's 4-bit codes are stored as uint8 (int4 and int8 as themselves).
 
@@ -207,14 +207,14 @@ def save(directory: str, model_cfg: ConfigDict, params, mode: str,
                       is_leaf=lambda x: isinstance(x, QuantizedKernel))
   # Host arrays: restored as numpy, they go to whichever device loads them (jax.Arrays
   # would come back on the device that saved them).
-  checkpoint_io.save_converted(directory, model_cfg, jax.device_get(tree))
+  converted.save_converted(directory, model_cfg, jax.device_get(tree))
   with open(os.path.join(os.path.abspath(directory), QUANTIZATION_FILE), "w") as f:
     json.dump({"mode": mode, "group_size": group_size}, f, indent=2)
 
 
 def is_saved(directory: str) -> bool:
   """Whether `directory` is a checkpoint written by `save`."""
-  return (checkpoint_io.is_converted(directory)
+  return (converted.is_converted(directory)
           and os.path.isfile(os.path.join(directory, QUANTIZATION_FILE)))
 
 
@@ -224,7 +224,7 @@ def load(directory: str) -> tuple[ConfigDict, dict]:
   with open(os.path.join(directory, QUANTIZATION_FILE)) as f:
     saved = json.load(f)
   mode, group_size = check_mode(saved["mode"]), saved["group_size"]
-  model_cfg, stored = checkpoint_io.load_converted(directory)
+  model_cfg, stored = converted.load_converted(directory)
   stored = _flat(stored)
   kernels = {p.rsplit("/", 1)[0] for p in stored if p.endswith("/qvalue")}
   out = {p: jnp.asarray(x) for p, x in stored.items() if p.rsplit("/", 1)[0] not in kernels}
@@ -248,8 +248,8 @@ def convert(source: str, out: str, mode: str, group_size: int = GROUP_SIZE) -> N
   quantised form together (a 0.98 GB bfloat16 LLM, 0.62 GB in int8: peak RSS 2.3 GB, against
   3.1 GB when the float checkpoint is loaded whole first; jax and orbax alone take 0.27)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  directory = os.path.join(os.path.abspath(source), checkpoint_io.PARAMS_DIR)
-  stored = _flat(checkpoint_io.params_metadata(source))
+  directory = os.path.join(os.path.abspath(source), converted.PARAMS_DIR)
+  stored = _flat(converted.params_metadata(source))
   kernels = [p for p, meta in stored.items() if how_to_quantize(p, meta.shape, mode, group_size)]
 
   def read(paths):  # {path: array on the CPU} of those stored params only
@@ -264,11 +264,11 @@ def convert(source: str, out: str, mode: str, group_size: int = GROUP_SIZE) -> N
     params = _flat(read([p for p in stored if p not in kernels]))
     for path in kernels:
       params.update(_flat(quantize_params(read([path]), mode, group_size, consume=True)))
-  save(out, checkpoint_io.read_model_config(source),
+  save(out, converted.read_model_config(source),
        flax.traverse_util.unflatten_dict(params, sep="/"), mode, group_size)
-  tokenizer = checkpoint_io.tokenizer_dir(source)
+  tokenizer = converted.tokenizer_dir(source)
   if tokenizer:
-    checkpoint_io.save_tokenizer(out, tokenizer)
+    converted.save_tokenizer(out, tokenizer)
 
 
 def packed_bytes(params) -> int:

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from infllava_jax import chat
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import converted
 from infllava_jax.inference import Assistant
 from tests.random_params import random_params
 
 
 def test_two_turns_reset_image_and_eof(tiny_config, tmp_path, monkeypatch, capsys):
   checkpoint = tmp_path / "tiny"
-  checkpoint_io.save_converted(str(checkpoint), tiny_config.model,
+  converted.save_converted(str(checkpoint), tiny_config.model,
                                random_params(tiny_config.model, seed=1))
   rng = np.random.default_rng(0)
   first, second = tmp_path / "first.png", tmp_path / "second.png"

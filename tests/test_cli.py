@@ -47,7 +47,7 @@ def test_transformers_advice_is_off_unless_the_user_set_it(monkeypatch):
       "--config.train.stepz=3"], "unknown field 'stepz'. Did you mean \"steps\""),
     (["demo", "--config.model.llm.depth=two"], "invalid literal for int()"),
     (["generate", "--checkpoint", "{empty}", "--image", "{image}", "--prompt", "hi"],
-     "is not a checkpoint: no 'config' folder and no complete checkpoint step"),
+     "is not a checkpoint: no params/ folder and no complete step"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
   (tmp_path / "empty").mkdir()
@@ -64,10 +64,10 @@ def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_config):
-  from infllava_jax.convert import checkpoint_io
+  from infllava_jax.checkpoints import converted
   from tests.random_params import random_params
   path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  checkpoint_io.save_converted(path, tiny_config.model, random_params(tiny_config.model))
+  converted.save_converted(path, tiny_config.model, random_params(tiny_config.model))
   return path
 
 

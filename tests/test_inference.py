@@ -13,7 +13,8 @@ from infllava_jax.data import synthetic
 from infllava_jax.data.tokenizer import load_tokenizer
 from infllava_jax.inference import Assistant
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint, loop
+from infllava_jax.checkpoints import locate, run as checkpoint_run
+from infllava_jax.training import loop
 from tests.random_params import random_params
 
 
@@ -102,11 +103,12 @@ def test_a_runs_float32_llm_loads_in_the_compute_dtype_and_answers_the_same(tiny
   model_cfg = tiny_config.model.copy_and_resolve_references()
   model_cfg.dtype = "bfloat16"  # llm.param_dtype stays float32
   params = random_params(model_cfg)
-  with checkpoint.Checkpointer(tmp_path / "run" / checkpoint.RUN_CHECKPOINTS,
-                               checkpoint.default_checkpoint_config(),
-                               config=ConfigDict({"model": model_cfg})) as run:
-    run.save(3, params, {"count": np.zeros((), np.int32)}, force=True)
-  config, loaded = inference.load_checkpoint(str(tmp_path / "run"))
+  with checkpoint_run.Checkpointer(tmp_path / "run" / locate.RUN_CHECKPOINTS,
+                                  checkpoint_run.default_checkpoint_config(),
+                                  config=ConfigDict({"model": model_cfg})) as steps:
+    steps.save(3, params, {"count": np.zeros((), np.int32)}, force=True)
+  config, loaded, step = inference.load_checkpoint(str(tmp_path / "run"))
+  assert step == 3
   assert config.model.llm.param_dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(loaded["llm"])} == {np.dtype("bfloat16")}
   assert {x.dtype for x in jax.tree.leaves(loaded["projector"])} == {np.dtype("float32")}

@@ -12,7 +12,7 @@ from flax.traverse_util import flatten_dict
 
 from infllava_jax import generate, quantize
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import converted
 from infllava_jax.data import synthetic as synthetic_data
 from infllava_jax.evaluate import synthetic
 from infllava_jax.inference import Assistant
@@ -97,15 +97,15 @@ def test_a_quantised_checkpoint_saves_loads_and_answers_the_same(tiny_config, tm
   it quantised and answers exactly as quantising the float params in memory does."""
   params = random_params(tiny_config.model, std=0.05, unit_scales=False)
   source = str(tmp_path / "float")
-  checkpoint_io.save_converted(source, tiny_config.model, params)
+  converted.save_converted(source, tiny_config.model, params)
   images, questions = _questions(2)
   sampling = generate.Sampling(max_new_tokens=6)
   for mode, stored, groups in (("int8", "int8", 1), ("int4", "int4", 2), ("nf4", "uint8", 2)):
     out = str(tmp_path / mode)
     quantize.convert(source, out, mode, group_size=32)
-    _, stored_params = checkpoint_io.load_converted(out)
+    _, stored_params = converted.load_converted(out)
     assert {type(x) for x in jax.tree.leaves(stored_params)} == {np.ndarray}  # host arrays
-    saved = checkpoint_io.params_metadata(out)["llm"]["layers"]["attn"]["q"]["kernel"]
+    saved = converted.params_metadata(out)["llm"]["layers"]["attn"]["q"]["kernel"]
     assert saved["qvalue"].dtype == np.dtype(stored)
     assert saved["scale"].shape == (2, groups, 64)  # [depth, input groups, outputs]
     loaded = Assistant.from_run(out)
@@ -160,7 +160,7 @@ def test_the_commands_quantise_a_checkpoint_and_run_it(tiny_config, tmp_path):
   float checkpoint; refused flags are one line."""
   params = random_params(tiny_config.model, std=0.05, unit_scales=False)
   source, out = tmp_path / "float", tmp_path / "int8"
-  checkpoint_io.save_converted(str(source), tiny_config.model, params)
+  converted.save_converted(str(source), tiny_config.model, params)
   image = tmp_path / "image.png"
   images, questions = _questions(1)
   PIL.Image.fromarray(images[0]).save(image)

@@ -168,13 +168,14 @@ def dtypes_note(model_cfg) -> str:
 def from_pytorch(args, parser, overrides: list[str]) -> None:
   import jax.numpy as jnp
   from flax import traverse_util
-  from infllava_jax.convert import checkpoint_io, plan, readers
+  from infllava_jax.checkpoints import converted
+  from infllava_jax.convert import plan, readers
   source = _source(args, parser, overrides)
   progress = Progress(0, 0, args.quiet)
   reader = readers.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
   model_cfg, params = plan.plan(source, reader, dtype=args.dtype, seed=args.seed)
   streamed = [leaf for leaf in traverse_util.flatten_dict(params).values()
-              if isinstance(leaf, checkpoint_io.StreamedArray)]
+              if isinstance(leaf, converted.StreamedArray)]
   progress.total_tensors = sum(leaf.shape[0] if leaf.stacked else 1 for leaf in streamed)
   progress.total_bytes = sum(leaf.nbytes for leaf in streamed)
   if not args.quiet:
@@ -182,11 +183,11 @@ def from_pytorch(args, parser, overrides: list[str]) -> None:
           f"({progress.total_bytes / 1e9:.2f} GB) to convert"
           + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
              if source.init else ""))
-  checkpoint_io.save_converted(args.out, model_cfg, params)
+  converted.save_converted(args.out, model_cfg, params)
   folder = args.model or args.llama or args.llava_hf
-  tokenizer = checkpoint_io.save_tokenizer(args.out, folder)
+  tokenizer = converted.save_tokenizer(args.out, folder)
   if tokenizer is None:
-    print(f"note: {folder} holds no tokenizer ({', '.join(checkpoint_io.TOKENIZER_FILES)}): "
+    print(f"note: {folder} holds no tokenizer ({', '.join(converted.TOKENIZER_FILES)}): "
           "give generate, chat, serve and evaluate the model's tokenizer folder with "
           "--tokenizer DIR", file=sys.stderr)
   if jnp.dtype(model_cfg.dtype).itemsize < max(
@@ -214,13 +215,13 @@ def to_pytorch(args, parser) -> None:
 
 def quantize_checkpoint(args, parser) -> None:
   from infllava_jax import quantize
-  from infllava_jax.convert import checkpoint_io
+  from infllava_jax.checkpoints import converted
   check_paths(parser, checkpoint=args.checkpoint)
   if args.nf4 and args.bits != 4:
     parser.error("--nf4 goes with --bits 4")
-  if not checkpoint_io.is_converted(args.checkpoint):
+  if not converted.is_converted(args.checkpoint):
     raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: not a converted checkpoint "
-                            f"(no {checkpoint_io.CONFIG_FILE}); a training run converts with "
+                            f"(no {converted.CONFIG_FILE}); a training run converts with "
                             "`infllava convert to-pytorch` + `from-pytorch` first")
   if os.path.exists(args.out) and os.listdir(args.out):
     raise FileExistsError(f"--out {args.out!r} is not empty")

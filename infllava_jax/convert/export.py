@@ -1,4 +1,5 @@
-"""Converted checkpoint -> the INF-LLaVA release layout (spec section 11), for PyTorch tools.
+"""Converted checkpoint -> the INF-LLaVA release layout, for PyTorch tools
+(docs/architecture.md#release-layout).
 
 Writes `model-0000i-of-0000n.safetensors` shards, `model.safetensors.index.json`, a
 `config.json` (model_type llava_llama, the LLaMA fields in the old `rope_theta` /
@@ -24,6 +25,7 @@ from flax import traverse_util
 from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
+from infllava_jax.checkpoints import locate, params as checkpoint_params
 from infllava_jax.convert import sources
 from infllava_jax.convert.mapping import ConversionError, params_to_torch
 from infllava_jax.data.tokenizer import load_tokenizer
@@ -37,7 +39,7 @@ LLAMA3_IDS = dict(bos_token_id=128000, eos_token_id=[128001, 128009])
 
 
 def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
-  """config.json of the release layout for `model_cfg` (spec 11 fields)."""
+  """config.json of the release layout for `model_cfg` (docs/architecture.md#release-layout)."""
   llm, vision = model_cfg.llm, model_cfg.vision
   config = dict(
       architectures=["LlavaLlamaForCausalLM"], model_type=sources.RELEASE_MODEL_TYPE,
@@ -106,19 +108,23 @@ def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
                    max_shard_bytes: int = 5 * 10**9,
                    on_write: Callable[[str, int, int, int], None] | None = None) -> None:
   """Writes the release layout of a converted checkpoint, or of a training run folder's
-  latest step, into `out_dir`.
+  newest step that reads (a damaged newer step is reported and skipped), into `out_dir`.
 
   dtype: None keeps each param's stored dtype; else every tensor is cast.
   on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
   """
-  from infllava_jax.inference import checkpoint_config
-  from infllava_jax.training import checkpoint
-  path = checkpoint.run_checkpoints(checkpoint_dir)
-  config = checkpoint_config(path)
+  locate.read_checkpoint(checkpoint_dir, None, lambda folder: _export_folder(
+      folder, out_dir, dtype, max_shard_bytes, on_write))
+
+
+def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int,
+                   on_write: Callable[[str, int, int, int], None] | None) -> None:
+  """`export_release` of one folder holding params/ (a run's step or a converted one)."""
+  config = locate.folder_config(folder)
   model_cfg = config.model
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
-  params = checkpoint.lazy_params(path)
+  params = checkpoint_params.lazy_folder(folder)
   table = sources.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)

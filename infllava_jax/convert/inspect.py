@@ -1,8 +1,10 @@
 """`infllava inspect DIR`: what a checkpoint holds, from metadata only (no tensor is read).
 
-DIR is a converted checkpoint (model_config.json + params/), a PyTorch checkpoint folder
-(safetensors shards with or without an index, or .bin files) or a single weights file.
-Prints every tensor's name, shape and dtype, then the parameter count per module.
+DIR is a converted checkpoint (model_config.json + params/), a training run (its workdir or
+checkpoints/ folder: its newest step whose metadata reads, or `--step`; or one step folder),
+a PyTorch checkpoint folder (safetensors shards with or without an index, or .bin files) or
+a single weights file. Prints every tensor's name, shape and dtype, then the parameter count
+per module.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from collections import defaultdict
 from infllava_jax.convert.mapping import ConversionError
 
 
-def converted_entries(directory: str) -> list[tuple[str, tuple[int, ...], str]]:
-  from flax import traverse_util
-  from infllava_jax.convert import checkpoint_io
-  flat = traverse_util.flatten_dict(checkpoint_io.params_metadata(directory), sep="/")
-  return [(path, tuple(meta.shape), str(meta.dtype)) for path, meta in sorted(flat.items())]
+def orbax_entries(path: str, step: int | None = None
+                  ) -> tuple[int | None, list[tuple[str, tuple[int, ...], str]]]:
+  """(step, entries) of a converted checkpoint or a run's step (None: its newest that
+  reads), from the param tree's metadata."""
+  from infllava_jax.checkpoints import locate, params
+  step, lazy = locate.read_checkpoint(path, step, params.lazy_folder)
+  return step, [(name, p.shape, str(p.dtype)) for name, p in sorted(lazy.items())]
 
 
 def pytorch_entries(path: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -57,17 +61,25 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="infllava inspect",
       description="List the tensors (name, shape, dtype) and per-module parameter counts of "
-                  "a converted checkpoint or a PyTorch checkpoint (folder or file).")
-  parser.add_argument("path", help="checkpoint folder or weights file")
+                  "a converted checkpoint, a training run (workdir, checkpoints/ or step "
+                  "folder) or a PyTorch checkpoint (folder or file).")
+  parser.add_argument("path", help="checkpoint folder, run folder or weights file")
+  parser.add_argument("--step", type=int, default=None,
+                      help="step of a training run (default: its newest that reads)")
   parser.add_argument("--summary", action="store_true", help="only the per-module counts")
   parser.add_argument("--grep", metavar="REGEX", help="only tensors whose name matches")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  from infllava_jax.convert import checkpoint_io
+  from infllava_jax.checkpoints import converted, locate
   try:
-    if checkpoint_io.is_converted(args.path):
-      entries = converted_entries(args.path)
+    if converted.is_converted(args.path):
+      _, entries = orbax_entries(args.path, args.step)
       print(f"{args.path}: converted checkpoint")
+    elif locate.is_step_folder(locate.absolute(args.path)) or locate.is_run(args.path):
+      step, entries = orbax_entries(args.path, args.step)
+      print(f"{args.path}: training run, step {step}")
     else:
+      if args.step is not None:
+        parser.error(f"--step applies to a training run; {args.path} is not one")
       entries = pytorch_entries(args.path)
       print(f"{args.path}: PyTorch checkpoint")
   except (ConversionError, FileNotFoundError) as err:

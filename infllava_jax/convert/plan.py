@@ -1,5 +1,5 @@
 """Planning a conversion: a `sources.Source` checked against the model from metadata alone
-(no tensor is read), then the param tree it maps to, with `checkpoint_io.StreamedArray`
+(no tensor is read), then the param tree it maps to, with `converted.StreamedArray`
 leaves that read their PyTorch tensor(s) only when written, one layer at a time.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 from ml_collections import ConfigDict
 
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import converted
 from infllava_jax.convert.mapping import ConversionError, Rule, flax_shape, match, torch_shape
 from infllava_jax.convert.readers import Reader, TensorRef
 from infllava_jax.convert.sources import Source
@@ -108,7 +108,7 @@ def plan(source: Source, reader: Reader, dtype: str | None = None, seed: int = 0
         if not pad:
           problems.append(_shape_problem(rule, i, path, slice_shape, refs[i], source))
     leaf_dtype = np.dtype(dtype) if dtype else refs[layers[0]].dtype
-    leaves[path] = checkpoint_io.StreamedArray(
+    leaves[path] = converted.StreamedArray(
         want_shape, leaf_dtype, rule.stacked, _leaf_reader(rule, refs, reader, leaf_dtype, pad))
   if problems:
     raise ConversionError(f"{source.label}: {len(problems)} problem(s):\n  "
@@ -152,7 +152,7 @@ def materialize(params: Mapping, shardings: Any = None) -> dict:
                     else traverse_util.flatten_dict(shardings, sep="/"))
   out = {}
   for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
-    if isinstance(leaf, checkpoint_io.StreamedArray):
+    if isinstance(leaf, converted.StreamedArray):
       array = np.empty(leaf.shape, leaf.dtype)
       if leaf.stacked:
         for i in range(leaf.shape[0]):

@@ -37,7 +37,6 @@ from infllava_jax.generate_cli import (add_checkpoint_flags, check_checkpoint_fl
                                        flag_tokenizer, loaded_line)
 from infllava_jax.inference import Assistant, load_checkpoint
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint
 
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
 MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
@@ -133,7 +132,7 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
-    config, params = load_checkpoint(args.checkpoint, args.step, args.dtype)
+    config, params, step = load_checkpoint(args.checkpoint, args.step, args.dtype)
     if args.processor_size:
       config.model.dcm.processor_size = args.processor_size
       try:
@@ -171,7 +170,7 @@ def main(argv: list[str]) -> int:
     return 1
   summary = scoring.summarize(args.benchmark, rows)
   summary.update(checkpoint=os.path.abspath(args.checkpoint),
-                 step=checkpoint.params_step(args.checkpoint, args.step),
+                 step=step,
                  data=args.data and os.path.abspath(args.data), max_new_tokens=tokens,
                  dtype=assistant.config.model.dtype,
                  quantize=quantize.params_mode(assistant.params),

@@ -18,7 +18,8 @@ from ml_collections import ConfigDict, config_dict
 
 from infllava_jax import sharding
 from infllava_jax.presets import infllava_8b, synthetic
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints import run as checkpoint
+from infllava_jax.training import optim
 
 
 def model_config() -> ConfigDict:

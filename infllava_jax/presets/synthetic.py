@@ -9,7 +9,8 @@ from ml_collections import ConfigDict, config_dict
 
 from infllava_jax import sharding
 from infllava_jax.presets import tiny
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints import run as checkpoint
+from infllava_jax.training import optim
 
 # Size of the shipped tokenizer (infllava_jax/data/assets/tokenizer), <pad> included.
 SHIPPED_VOCAB_SIZE = 512

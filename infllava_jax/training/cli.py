@@ -21,6 +21,7 @@ import sys
 
 import jax
 
+from infllava_jax.checkpoints import lock
 from infllava_jax.config import config_help, load_config
 from infllava_jax.training import loop
 
@@ -78,13 +79,14 @@ def main(argv: list[str]) -> int:
                  "--config.train.lr=1e-4)")
   initialize_distributed(args)
   config = load_config(args.config, overrides)
-  trainer = loop.Trainer(config, args.workdir, init=loop.init_sources(
-      args.init_base, args.init_from, config.train.get("init_include")))
-  try:
-    state = trainer.run()
-  except loop.NonFiniteLossError as e:  # its message says it all: no traceback
-    print(f"infllava train: error: {e}", file=sys.stderr)
-    return 1
+  with lock.WorkdirOwner(args.workdir):  # a second trainer on this workdir stops here
+    trainer = loop.Trainer(config, args.workdir, init=loop.init_sources(
+        args.init_base, args.init_from, config.train.get("init_include")))
+    try:
+      state = trainer.run()
+    except loop.NonFiniteLossError as e:  # its message says it all: no traceback
+      print(f"infllava train: error: {e}", file=sys.stderr)
+      return 1
   if int(state.step) < trainer.total_steps:  # preempted: exit now, the next run resumes
     return 0
   if config.get("eval") and config.eval.get("heldout_examples"):

@@ -24,9 +24,12 @@ from flax import traverse_util
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding
+from infllava_jax.checkpoints import init_sources as init_lib
+from infllava_jax.checkpoints import locate, preemption
+from infllava_jax.checkpoints import run as checkpoint
 from infllava_jax.data import pipeline, sources
 from infllava_jax.model import infllava
-from infllava_jax.training import checkpoint, flops, optim
+from infllava_jax.training import flops, optim
 from infllava_jax.training import state as state_lib
 from infllava_jax.training.step import TrainState
 
@@ -74,21 +77,21 @@ def check_divisible(global_batch: int, mesh, accum: int,
 
 
 def init_sources(init_base: str | None, init_from: str | None,
-                 init_include: Sequence[str] | None) -> list[checkpoint.InitSource]:
+                 init_include: Sequence[str] | None) -> list[init_lib.InitSource]:
   """The command line's sources, in the order they apply: `--init_base` (every param it
   holds, e.g. a converted LLaMA-3 + CLIP), then `--init_from` (the `train.init_include`
   params, e.g. a stage-1 run's DEM + projector, or all it holds when that is None)."""
   out = []
   if init_base:
-    out.append(checkpoint.InitSource(init_base))
+    out.append(init_lib.InitSource(init_base))
   if init_from:
-    out.append(checkpoint.InitSource(init_from,
-                                     None if init_include is None else tuple(init_include)))
+    out.append(init_lib.InitSource(init_from,
+                                   None if init_include is None else tuple(init_include)))
   return out
 
 
 def initial_params(init_fn, init_args: tuple, target: Any, mesh,
-                   init: Sequence[checkpoint.InitSource],
+                   init: Sequence[init_lib.InitSource],
                    rules: Sequence[tuple[str, Any]] = sharding.LOGICAL_AXIS_RULES) -> Any:
   """A new run's params: each read from the last `init` source that gives it, the rest
   from `init_fn(*init_args)`, all laid out as `target` (ShapeDtypeStructs with shardings).
@@ -97,13 +100,13 @@ def initial_params(init_fn, init_args: tuple, target: Any, mesh,
   random init computes only the params no source gives (XLA drops the rest): an 8B run
   from a converted checkpoint never builds, nor compiles, a random LLM it would discard.
   """
-  plans = checkpoint.plan_init(target, init)
+  plans = init_lib.plan_init(target, init)
   flat = traverse_util.flatten_dict(target, sep="/")
   given = {k for plan in plans for k in plan.paths}
   fresh = [k for k in flat if k not in given]
   if init:
-    log(checkpoint.describe_init(plans, list(flat)))
-  out = checkpoint.read_init(plans, target)
+    log(init_lib.describe_init(plans, list(flat)))
+  out = init_lib.read_init(plans, target)
   if fresh:
     def init_fresh(*args):
       params = traverse_util.flatten_dict(nn.meta.unbox(init_fn(*args))["params"], sep="/")
@@ -119,14 +122,14 @@ class Trainer:
   """Everything a run holds: mesh, model, optimiser, compiled step, data, checkpoints."""
 
   def __init__(self, config: ConfigDict, workdir: str, *,
-               init: Sequence[checkpoint.InitSource] = (),
+               init: Sequence[init_lib.InitSource] = (),
                devices: Sequence[jax.Device] | None = None):
     """init: where a new run's params come from (`init_sources`), applied in order; params
     no source gives keep their random init (train.seed). Ignored when `workdir` already
     has checkpoints: the run resumes from them.
     devices: what `config.mesh` spans (default: all of them, every process's)."""
     if isinstance(init, (str, os.PathLike)):
-      raise TypeError("Trainer(init=...) takes a list of checkpoint.InitSource, not a path")
+      raise TypeError("Trainer(init=...) takes a list of init_sources.InitSource, not a path")
     config = config.copy_and_resolve_references()
     with config.unlocked():  # the pipeline reads the rows per process from here
       config.data.batch_size = pipeline.host_batch_size(config, jax.process_count())
@@ -140,8 +143,8 @@ class Trainer:
     check_divisible(self.global_batch, self.mesh, train.grad_accum_steps, rules)
     self.total_steps = total_steps(config, len(self.source), self.global_batch)
     checkpoint.check_config(config.checkpoint)
-    checkpoints = os.path.join(workdir, checkpoint.RUN_CHECKPOINTS)
-    resuming = bool(checkpoint.complete_steps(checkpoints))
+    checkpoints = os.path.join(workdir, locate.RUN_CHECKPOINTS)
+    resuming = bool(locate.complete_steps(checkpoints))
 
     # Shapes and shardings only: the fresh init and the restore below each create the
     # state once, in place (`training/state.py`).
@@ -166,8 +169,8 @@ class Trainer:
                                        num_epochs=None)
     self.start_step = 0
     if resuming:
-      restored = self.checkpointer.restore(abstract.params, abstract.opt_state,
-                                           self.data.grain_iterator)
+      restored = self.checkpointer.restore_newest(abstract.params, abstract.opt_state,
+                                                  self.data.grain_iterator)
       step = jax.make_array_from_callback((), abstract.step.sharding,
                                           lambda _: np.int32(restored.step))  # multi-host safe
       self.state = TrainState(step, restored.params, restored.opt_state)
@@ -206,7 +209,7 @@ class Trainer:
     with contextlib.ExitStack() as cleanup:
       writer = metric_writer(self.workdir)
       cleanup.callback(writer.close)
-      preempted = checkpoint.PreemptionFlag()
+      preempted = preemption.PreemptionFlag()
       cleanup.callback(preempted.restore)
       cleanup.callback(self.checkpointer.wait_until_finished)
       sizes = [x.size for x in jax.tree.leaves(self.state.params)]
@@ -227,7 +230,7 @@ class Trainer:
           now = time.perf_counter()
           log(f"step {step} took {now - last_time:.1f}s (the step compiles on its first call)")
           last_step, last_time = step, now
-        stop = preempted.should_stop()
+        stop = preempted.should_stop(step)
         if step % cfg.log_every == 0 or step == last_step_to_run or stop or \
             self.checkpointer.should_save(step):
           host = check_finite(pending)  # one host sync per interval, not per step
@@ -277,8 +280,8 @@ def check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
   return host
 
 
-def preempted_by(flag: checkpoint.PreemptionFlag) -> str:
-  return signal.Signals(flag.signal).name if flag.signal else "signal on another process"
+def preempted_by(flag: preemption.PreemptionFlag) -> str:
+  return signal.Signals(flag.signal).name if flag.signal else "JAX's preemption notice"
 
 
 def metric_writer(workdir: str):

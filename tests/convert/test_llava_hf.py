@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io, cli, sources
+from infllava_jax.checkpoints import converted as converted_format
+from infllava_jax.convert import cli, sources
 from infllava_jax.convert.llama_table import llama_config_from_hf
 from infllava_jax.model import infllava
 from tests.convert import tiny_checkpoints as tc
@@ -21,7 +22,7 @@ def converted(tmp_path_factory):
   hf_model = tc.write_llava_hf(str(root / "hf"), model_cfg, IMAGE_TOKEN)
   assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py:llava",
                    "--llava-hf", str(root / "hf"), "--out", str(root / "converted")]) == 0
-  return hf_model, *checkpoint_io.load_converted(str(root / "converted"))
+  return hf_model, *converted_format.load_converted(str(root / "converted"))
 
 
 def test_config_is_the_baseline_with_the_hf_image_token(converted):

@@ -14,10 +14,11 @@ from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io, cli, export, plan, readers, sources
+from infllava_jax.checkpoints import converted as converted_format
+from infllava_jax.checkpoints import locate, params as checkpoint_params, run
+from infllava_jax.convert import cli, export, plan, readers, sources
 from infllava_jax.convert import inspect as inspect_cli
 from infllava_jax.model import clip, llama
-from infllava_jax.training import checkpoint
 from tests.convert import tiny_checkpoints as tc
 
 LOGITS_TOL = 1e-4
@@ -35,7 +36,7 @@ def release_f32(tiny_config, tmp_path_factory):
   root = tmp_path_factory.mktemp("release_f32")
   llama_hf, clip_hf, tensors = tc.write_release(str(root / "release"), tiny_config.model)
   convert(["--model", str(root / "release"), "--out", str(root / "converted")])
-  model_cfg, params = checkpoint_io.load_converted(str(root / "converted"))
+  model_cfg, params = converted_format.load_converted(str(root / "converted"))
   return llama_hf, clip_hf, tensors, model_cfg, params, root
 
 
@@ -93,8 +94,8 @@ def test_load_converted_places_params_on_a_mesh(release_f32, tmp_path):
   *_, model_cfg, params, _ = release_f32
   mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  checkpoint_io.save_converted(str(tmp_path / "copy"), model_cfg, params)
-  _, placed = checkpoint_io.load_converted(str(tmp_path / "copy"), replicated)
+  converted_format.save_converted(str(tmp_path / "copy"), model_cfg, params)
+  _, placed = converted_format.load_converted(str(tmp_path / "copy"), replicated)
   for path, array in flatten_dict(placed, sep="/").items():
     assert isinstance(array, jax.Array) and array.sharding == replicated, path
     np.testing.assert_array_equal(np.asarray(array), flatten_dict(params, sep="/")[path])
@@ -104,12 +105,12 @@ def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path, capsys):
   _, _, tensors = tc.write_release(str(tmp_path / "release"), tiny_config.model, torch.bfloat16)
   convert(["--model", str(tmp_path / "release"), "--out", str(tmp_path / "first")])
   assert "holds no tokenizer" in capsys.readouterr().err  # and says what to do about it
-  assert checkpoint_io.tokenizer_dir(str(tmp_path / "first")) is None
+  assert converted_format.tokenizer_dir(str(tmp_path / "first")) is None
   assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(tmp_path / "first"),
                    "--out", str(tmp_path / "exported"), "--max-shard-size", "0.0001"]) == 0
   convert(["--model", str(tmp_path / "exported"), "--out", str(tmp_path / "second")])
-  first_cfg, first = checkpoint_io.load_converted(str(tmp_path / "first"))
-  second_cfg, second = checkpoint_io.load_converted(str(tmp_path / "second"))
+  first_cfg, first = converted_format.load_converted(str(tmp_path / "first"))
+  second_cfg, second = converted_format.load_converted(str(tmp_path / "second"))
   assert second_cfg.to_dict() == first_cfg.to_dict()
   first, second = flatten_dict(first, sep="/"), flatten_dict(second, sep="/")
   assert sorted(first) == sorted(second)
@@ -139,10 +140,10 @@ def test_round_trip_is_bit_exact_in_bfloat16(tiny_config, tmp_path, capsys):
 def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f32, tmp_path):
   *_, model_cfg, params, root = release_f32
   converted = root / "converted"
-  with checkpoint.Checkpointer(tmp_path / "run" / checkpoint.RUN_CHECKPOINTS,  # as Trainer's
-                               checkpoint.default_checkpoint_config(),
-                               config=ConfigDict({"model": model_cfg})) as run:
-    run.save(7, params, {"count": np.zeros((), np.int32)}, force=True)
+  with run.Checkpointer(tmp_path / "run" / locate.RUN_CHECKPOINTS,  # as Trainer's
+                       run.default_checkpoint_config(),
+                       config=ConfigDict({"model": model_cfg})) as steps:
+    steps.save(7, params, {"count": np.zeros((), np.int32)}, force=True)
   for source, out in ((converted, "from_converted"), (tmp_path / "run", "from_run")):
     assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(source),
                      "--out", str(tmp_path / out)]) == 0
@@ -161,16 +162,16 @@ def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f
 def test_export_reads_one_param_at_a_time(release_f32, tmp_path, monkeypatch):
   *_, root = release_f32
   reads = []
-  read = checkpoint._read
+  read = checkpoint_params.read
 
   def spy(directory, wanted):
     reads.append(sorted(wanted))
     return read(directory, wanted)
 
-  monkeypatch.setattr(checkpoint, "_read", spy)
+  monkeypatch.setattr(checkpoint_params, "read", spy)
   assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(root / "converted"),
                    "--out", str(tmp_path / "out")]) == 0
-  saved = checkpoint.lazy_params(root / "converted")
+  saved = checkpoint_params.lazy_params(root / "converted")
   assert all(len(paths) == 1 for paths in reads), reads[:3]
   # Each param the release holds is read once (CLIP's unused layers are not kept).
   assert sorted(p for (p,) in reads) == sorted(saved)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
-from infllava_jax import inference
-from infllava_jax.convert import checkpoint_io, cli, sources
+from infllava_jax.checkpoints import converted, locate
+from infllava_jax.convert import cli, sources
 from infllava_jax.data import tokenizer
 from tests.convert import tiny_checkpoints as tc
 
@@ -39,7 +39,7 @@ def convert(root, out, *extra):
   assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py",
                    "--llama", str(root / "llama"), "--clip", str(root / "clip"),
                    "--out", str(root / out), *extra]) == 0
-  return checkpoint_io.load_converted(str(root / out))
+  return converted.load_converted(str(root / out))
 
 
 def test_pad_row_is_the_mean_row_and_modules_are_initialised(folders):
@@ -81,9 +81,9 @@ def test_the_sources_tokenizer_goes_with_the_checkpoint(folders, capsys):
   convert(root, "with_tokenizer")
   out = root / "with_tokenizer"
   assert "tokenizer copied from" not in capsys.readouterr().out  # --quiet
-  copied = checkpoint_io.tokenizer_dir(str(out))
+  copied = converted.tokenizer_dir(str(out))
   assert copied == str(out / "tokenizer")
-  assert inference.checkpoint_config(str(out)).data.tokenizer_path == copied
+  assert locate.checkpoint_config(str(out)).data.tokenizer_path == copied
   loaded = tokenizer.load_tokenizer(copied)
   shipped = tokenizer.load_tokenizer()
   assert len(loaded) == len(shipped)
@@ -95,5 +95,5 @@ def test_the_sources_tokenizer_goes_with_the_checkpoint(folders, capsys):
   assert (root / "exported" / "tokenizer.json").is_file()
   assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py", "--model",
                    str(root / "exported"), "--out", str(root / "reconverted")]) == 0
-  again = tokenizer.load_tokenizer(checkpoint_io.tokenizer_dir(str(root / "reconverted")))
+  again = tokenizer.load_tokenizer(converted.tokenizer_dir(str(root / "reconverted")))
   assert again.encode(text) == shipped.encode(text) and len(again) == len(shipped)

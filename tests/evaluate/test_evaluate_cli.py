@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from infllava_jax.convert import checkpoint_io
+from infllava_jax.checkpoints import converted
 from infllava_jax.data import synthetic as synthetic_data
 from infllava_jax.evaluate import cli, synthetic
 from infllava_jax.inference import Assistant
@@ -16,7 +16,7 @@ from tests.random_params import random_params
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_config):
   path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  checkpoint_io.save_converted(path, tiny_config.model,
+  converted.save_converted(path, tiny_config.model,
                                random_params(tiny_config.model, std=0.05, unit_scales=False))
   return path
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from infllava_jax.config import load_config
-from infllava_jax.convert import checkpoint_io
-from infllava_jax.training import checkpoint, loop, optim
+from infllava_jax.checkpoints import converted, init_sources, locate, run
+from infllava_jax.training import loop, optim
 from tests.random_params import random_params
 from tests.training.test_loop import TINY, assert_trees_equal, host
 
@@ -37,9 +37,9 @@ def sources(tmp_path_factory):
   root = tmp_path_factory.mktemp("sources")
   config = config_with()
   base, stage1 = (random_params(config.model, seed, std=0.05, unit_scales=False) for seed in (1, 2))
-  checkpoint_io.save_converted(str(root / "base"), config.model, base)
-  with checkpoint.Checkpointer(root / "stage1" / checkpoint.RUN_CHECKPOINTS,
-                               config.checkpoint, config=config) as ckpt:
+  converted.save_converted(str(root / "base"), config.model, base)
+  with run.Checkpointer(root / "stage1" / locate.RUN_CHECKPOINTS,
+                       config.checkpoint, config=config) as ckpt:
     ckpt.save(7, stage1, {"count": np.zeros((), np.int32)}, force=True)
   return {"base": (str(root / "base"), base), "stage1": (str(root / "stage1"), stage1)}
 
@@ -74,18 +74,18 @@ def test_init_line_names_shares_overridden_sources_and_ignored_params(sources):
   base_path, base = sources["base"]
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
   paths = jax.tree.leaves(optim.param_paths(base))
-  plans = checkpoint.plan_init(target, [checkpoint.InitSource(base_path, (r"^llm/embed/",))])
+  plans = init_sources.plan_init(target, [init_sources.InitSource(base_path, (r"^llm/embed/",))])
   n_llm = sum(p.startswith("llm/") for p in paths)
-  assert checkpoint.describe_init(plans, paths) == (
+  assert init_sources.describe_init(plans, paths) == (
       f"init: llm (1 of {n_llm} params) from {base_path} (converted); dem, "
       f"llm ({n_llm - 1} of {n_llm} params), projector, vision random init")
   # A source wholly overridden, and params a source holds that the model lacks, are named.
   run_path, _ = sources["stage1"]
   no_dem = {k: v for k, v in target.items() if k != "dem"}
-  plans = checkpoint.plan_init(no_dem, loop.init_sources(base_path, run_path, None))
+  plans = init_sources.plan_init(no_dem, loop.init_sources(base_path, run_path, None))
   n_dem = len(jax.tree.leaves(base["dem"]))
   assert [len(p.paths) for p in plans] == [0, len(paths) - n_dem]
-  assert checkpoint.describe_init(plans, [p for p in paths if not p.startswith("dem/")]) == (
+  assert init_sources.describe_init(plans, [p for p in paths if not p.startswith("dem/")]) == (
       f"init: llm, projector, vision from {run_path} (step 7); nothing from {base_path} "
       f"(converted): later sources give all it would; {n_dem} params of {base_path} "
       f"(converted) not in the model, ignored (e.g. dem/attention/k/bias); {n_dem} params "
@@ -100,14 +100,14 @@ def test_init_errors_name_the_path_the_param_and_the_regex(sources, tmp_path):
                      match=rf"init source {re.escape(nowhere)}: does not exist; expected a run "
                            r"folder .* or a converted checkpoint"):
     trainer(tmp_path / "a", loop.init_sources(nowhere, None, None))
-  assert not (tmp_path / "a" / checkpoint.RUN_CHECKPOINTS).exists()  # nothing left behind
+  assert not (tmp_path / "a" / locate.RUN_CHECKPOINTS).exists()  # nothing left behind
   os.makedirs(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match=r"empty: holds no complete checkpoint step"):
     trainer(tmp_path / "b", loop.init_sources(base_path, str(tmp_path / "empty"), None))
   # The config's LLM is narrower than the checkpoint's: the param and both shapes.
-  with pytest.raises(ValueError, match=r"(?s)converted\): shape mismatch.*"
-                                       r"llm/layers/mlp/down/kernel: saved \(1, 128, 64\), "
-                                       r"target \(1, 96, 64\)"):
+  with pytest.raises(ValueError, match=r"converted\): param llm/layers/mlp/down/kernel is "
+                                       r"saved with shape \(1, 128, 64\) but the config's "
+                                       r"model has \(1, 96, 64\) \(and 2 more params\)"):
     trainer(tmp_path / "c", loop.init_sources(base_path, None, None),
             ["--config.model.llm.mlp_dim=96"])
   with pytest.raises(ValueError, match=r"step 7\): include regex '\^mm_projector/' matches "

@@ -19,7 +19,8 @@ import pytest
 
 from infllava_jax import sharding
 from infllava_jax.config import load_config
-from infllava_jax.training import checkpoint, loop
+from infllava_jax.checkpoints import run as checkpoint
+from infllava_jax.training import loop
 from infllava_jax.training import cli as train_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -249,8 +250,8 @@ def test_sigterm_saves_and_exits_0_then_kill_9_resumes_from_last_complete(tmp_pa
   saved = int(re.search(r"preempted \(SIGTERM\): saved step (\d+), exiting", out).group(1))
   assert saved >= 5
   assert checkpoint.Checkpointer(tmp_path / "checkpoints",
-                                 load_config("configs/synthetic.py").checkpoint
-                                 ).latest_step() == saved
+                                     load_config("configs/synthetic.py").checkpoint
+                                     ).latest_step() == saved
 
   seen = []
   proc = start_train(tmp_path, overrides)

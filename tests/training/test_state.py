@@ -14,7 +14,8 @@ import pytest
 
 from infllava_jax import sharding
 from infllava_jax.config import load_config
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints import run as checkpoint
+from infllava_jax.training import optim
 from infllava_jax.training import compile as compile_cli
 from infllava_jax.training import state as state_lib
 from tests.training.test_loop import assert_trees_equal, host, make_trainer
@@ -94,14 +95,14 @@ def test_fresh_start_resume_and_compile_share_the_abstract_state(tmp_path, monke
   gc.collect()
   before = device_bytes()
   placeholders = []
-  restore = checkpoint.Checkpointer.restore
+  restore = checkpoint.Checkpointer.restore_newest
 
   def watched(self, *args, **kwargs):
     placeholders.extend(x.shape for x in jax.live_arrays()
                         if (x.shape, x.dtype, x.sharding) in layouts)
     return restore(self, *args, **kwargs)
 
-  monkeypatch.setattr(checkpoint.Checkpointer, "restore", watched)
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore_newest", watched)
   resumed = make_trainer(tmp_path, MESH, devices=devices)
   assert resumed.start_step == 3 and int(resumed.state.step) == 3
   assert placeholders == []  # nothing laid out as a state leaf exists before the restore

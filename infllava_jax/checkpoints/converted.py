@@ -34,8 +34,6 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from ml_collections import ConfigDict
 from orbax.checkpoint import future, type_handlers
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -78,13 +76,11 @@ class _StreamedHandler(type_handlers.NumpyHandler):
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
       write_shape = (1, *value.shape[1:]) if value.stacked else value.shape
-      spec = ts_utils.build_array_write_spec(
-          info=info, arg=arg, global_shape=value.shape, local_shape=write_shape,
-          dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
-          process_index=ocdbt_utils.get_process_index_for_subdir(
-              use_ocdbt=info.is_ocdbt_checkpoint))
-      store = await ts.open(ts.Spec(spec.json), create=True, open=True,
-                            context=info.ts_context)
+      spec = type_handlers.get_json_tspec_write(
+          info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape,
+          local_shape=write_shape, dtype=np.dtype(value.dtype),
+          process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
+      store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       for index in (range(value.shape[0]) if value.stacked else [None]):
         data = _checked(value, index, info.name)
         target = store if index is None else store[index]

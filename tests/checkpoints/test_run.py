@@ -1,4 +1,5 @@
-"""Orbax checkpoints: round trips, resharding restores, params-only init, crash safety, SIGTERM."""
+"""A run's Orbax checkpoints: round trips, resharding restores, params alone, crash safety,
+damaged steps."""
 
 import logging
 import os
@@ -6,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import grain
 import jax
@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from infllava_jax import sharding
 from infllava_jax.config import ConfigError
-from infllava_jax.training import checkpoint, optim
+from infllava_jax.checkpoints import locate, params as checkpoint_params, run
+from infllava_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,7 +48,7 @@ def shard(tree, mesh, axes):
 
 
 def ckpt_cfg(**overrides):
-  cfg = checkpoint.default_checkpoint_config()
+  cfg = run.default_checkpoint_config()
   cfg.update(dict(every_steps=2, max_to_keep=2))
   cfg.update(overrides)
   return cfg
@@ -71,7 +72,7 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
   opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)[1]
   config = ConfigDict(dict(model=dict(width=8, layers=(1, 2)), train=train_cfg))
   data = iter(dataset())
-  with checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg(), config) as ckpt:
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg(), config) as ckpt:
     saved = []
     for step in range(1, 8):
       next(data)
@@ -84,10 +85,10 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
     assert list(ckpt.all_steps()) == [6, 7]                          # keep-last-2
     expected_next = [np.asarray(next(data)) for _ in range(2)]
 
-  ckpt = checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg())
+  ckpt = run.Checkpointer(tmp_path / "run", ckpt_cfg())
   device = SingleDeviceSharding(jax.devices()[0])
-  out = ckpt.restore(checkpoint.abstract_tree(params, device),
-                     checkpoint.abstract_tree(opt_state, device), iter(dataset()))
+  out = ckpt.restore(checkpoint_params.abstract_tree(params, device),
+                     checkpoint_params.abstract_tree(opt_state, device), iter(dataset()))
   ckpt.close()
   assert out.step == 7
   assert_trees_equal(out.params, params)
@@ -96,17 +97,17 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
   np.testing.assert_array_equal(next(out.data_iterator), expected_next[0])
   np.testing.assert_array_equal(next(out.data_iterator), expected_next[1])
 
-  stored = checkpoint.read_config(tmp_path / "run")
+  stored = locate.checkpoint_config(tmp_path / "run")
   assert stored.model.width == 8 and list(stored.model.layers) == [1, 2]
   assert stored.train.lr == 1e-3 and stored.train.max_grad_norm is None
   with pytest.raises(FileNotFoundError, match="step 3"):
-    checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(params, opt_state, step=3)
+    run.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(params, opt_state, step=3)
 
 
 def test_restore_by_another_number_of_processes_says_so(tmp_path):
   params = toy_params()
   opt_state = optim.make_optimizer(optim.default_train_config(1), 10, params).init(params)
-  with checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
     ckpt.save(4, params, opt_state, iter(dataset()), force=True)
   # As a 2-process run would have left it (grain writes one file per process).
   data = tmp_path / "run" / "4" / "data"
@@ -114,33 +115,32 @@ def test_restore_by_another_number_of_processes_says_so(tmp_path):
   device = SingleDeviceSharding(jax.devices()[0])
   with pytest.raises(ValueError, match="step 4's data position was saved by 2 processes and "
                                        "this run has 1: resume with as many processes"):
-    checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(
-        checkpoint.abstract_tree(params, device), checkpoint.abstract_tree(opt_state, device),
-        iter(dataset()))
+    run.Checkpointer(tmp_path / "run", ckpt_cfg()).restore(
+        checkpoint_params.abstract_tree(params, device),
+        checkpoint_params.abstract_tree(opt_state, device), iter(dataset()))
 
 
 def test_a_save_interval_below_one_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match="checkpoint.every_steps must be >= 1, got 0"):
-    checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg(every_steps=0))
+    run.Checkpointer(tmp_path / "run", ckpt_cfg(every_steps=0))
 
 
 def test_relative_run_folder_saves_and_restores(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # `--workdir runs/x`, as the README's main command gives it
-  ckpt = checkpoint.Checkpointer("runs/x/checkpoints", checkpoint.default_checkpoint_config())
+  ckpt = run.Checkpointer("runs/x/checkpoints", run.default_checkpoint_config())
   assert ckpt.save(3, {"w": jnp.arange(4.0)}, {"count": jnp.ones((), jnp.int32)}, force=True)
   ckpt.close()
   device = SingleDeviceSharding(jax.devices()[0])
-  restored = checkpoint.Checkpointer("runs/x/checkpoints",
-                                     checkpoint.default_checkpoint_config()).restore(
+  restored = run.Checkpointer("runs/x/checkpoints",
+                                     run.default_checkpoint_config()).restore(
       {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)},
       {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)})
   assert restored.step == 3 and os.path.isdir(tmp_path / "runs/x/checkpoints/3")
   np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))
   # `infllava generate --checkpoint runs/x` reads the params alone, also by a relative path.
-  params = checkpoint.restore_params_only(checkpoint.run_checkpoints("runs/x"),
-                                          {"w": jnp.zeros(4)})
+  params = checkpoint_params.restore_params_only("runs/x", {"w": jnp.zeros(4)})
   np.testing.assert_array_equal(params["w"], np.arange(4.0))
-  assert str(checkpoint.absolute("gs://bucket/run")) == "gs://bucket/run"
+  assert str(locate.absolute("gs://bucket/run")) == "gs://bucket/run"
 
 
 def test_restore_onto_other_meshes(tmp_path):
@@ -148,7 +148,7 @@ def test_restore_onto_other_meshes(tmp_path):
   fsdp = sharding.make_mesh("fsdp", devices[:4])
   params = shard(toy_params(), fsdp, ("fsdp", None))
   opt_state = {"mu": shard(jax.tree.map(lambda x: 2 * x, toy_params()), fsdp, ("fsdp", None))}
-  with checkpoint.Checkpointer(tmp_path, ckpt_cfg()) as ckpt:
+  with run.Checkpointer(tmp_path, ckpt_cfg()) as ckpt:
     assert ckpt.save(4, params, opt_state)
 
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices[4:])
@@ -157,9 +157,9 @@ def test_restore_onto_other_meshes(tmp_path):
       "one device": lambda x: SingleDeviceSharding(devices[7]),
   }
   for name, make in targets.items():
-    abstract_params = checkpoint.abstract_tree(params, jax.tree.map(make, params))
-    abstract_opt = checkpoint.abstract_tree(opt_state, jax.tree.map(make, opt_state))
-    ckpt = checkpoint.Checkpointer(tmp_path, ckpt_cfg())
+    abstract_params = checkpoint_params.abstract_tree(params, jax.tree.map(make, params))
+    abstract_opt = checkpoint_params.abstract_tree(opt_state, jax.tree.map(make, opt_state))
+    ckpt = run.Checkpointer(tmp_path, ckpt_cfg())
     out = ckpt.restore(abstract_params, abstract_opt)
     ckpt.close()
     assert_trees_equal(out.params, toy_params())
@@ -175,15 +175,15 @@ def test_restore_onto_other_meshes(tmp_path):
 
 def test_restore_params_only_subset(tmp_path):
   stage1 = toy_params()
-  with checkpoint.Checkpointer(tmp_path / "stage1", ckpt_cfg()) as ckpt:
+  with run.Checkpointer(tmp_path / "stage1", ckpt_cfg()) as ckpt:
     ckpt.save(2, stage1, {"count": jnp.zeros((), jnp.int32)})
     ckpt.save(4, jax.tree.map(lambda x: x + 1, stage1), {"count": jnp.ones((), jnp.int32)})
 
   fresh = jax.tree.map(jnp.zeros_like, stage1)
   fresh["vision"]["patch_embed"] = fresh["vision"]["patch_embed"].astype(jnp.bfloat16)
-  assert checkpoint.params_step(tmp_path / "stage1") == 4  # the latest, read below
-  assert checkpoint.params_step(tmp_path / "stage1", step=2) == 2
-  out = checkpoint.restore_params_only(tmp_path / "stage1", fresh,
+  assert locate.read_checkpoint(tmp_path / "stage1", None, lambda f: f)[0] == 4  # the latest
+  assert locate.read_checkpoint(tmp_path / "stage1", 2, lambda f: f)[0] == 2
+  out = checkpoint_params.restore_params_only(tmp_path / "stage1", fresh,
                                        include=(r"^dem/", r"^projector/"))
   np.testing.assert_array_equal(out["dem"]["fuse"]["kernel"], stage1["dem"]["fuse"]["kernel"] + 1)
   np.testing.assert_array_equal(out["projector"]["fc1"]["kernel"],
@@ -193,52 +193,54 @@ def test_restore_params_only_subset(tmp_path):
 
   # An older step, all params, cast to the target's dtype and placed in its sharding.
   mesh = sharding.make_mesh("fsdp", jax.devices()[:2])
-  target = checkpoint.abstract_tree(
+  target = checkpoint_params.abstract_tree(
       fresh, jax.tree.map(lambda x: NamedSharding(mesh, spec_for(x, ("fsdp", None))), fresh))
-  out = checkpoint.restore_params_only(tmp_path / "stage1", target, step=2)
+  out = checkpoint_params.restore_params_only(tmp_path / "stage1", target, step=2)
   assert out["vision"]["patch_embed"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(out["vision"]["patch_embed"],
                                 stage1["vision"]["patch_embed"].astype(jnp.bfloat16))
   assert out["llm"]["lm_head"]["kernel"].sharding == target["llm"]["lm_head"]["kernel"].sharding
 
   with pytest.raises(ValueError, match="matches no param"):
-    checkpoint.restore_params_only(tmp_path / "stage1", fresh, include=(r"^mm_projector/",))
+    checkpoint_params.restore_params_only(tmp_path / "stage1", fresh, include=(r"^mm_projector/",))
   bigger = dict(fresh, dem={"fuse": {"kernel": jnp.zeros((9, 4)), "bias": jnp.zeros(4)}})
-  with pytest.raises(ValueError, match=r"dem/fuse/kernel: saved \(8, 4\), target \(9, 4\)"):
-    checkpoint.restore_params_only(tmp_path / "stage1", bigger, include=(r"^dem/",))
+  with pytest.raises(ValueError, match=r"param dem/fuse/kernel is saved with shape \(8, 4\) "
+                                       r"but the config's model has \(9, 4\)"):
+    checkpoint_params.restore_params_only(tmp_path / "stage1", bigger, include=(r"^dem/",))
   extra = dict(fresh, dem=dict(fresh["dem"], gate=jnp.zeros(3)))
   with pytest.raises(ValueError, match="dem/gate"):
-    checkpoint.restore_params_only(tmp_path / "stage1", extra)
+    checkpoint_params.restore_params_only(tmp_path / "stage1", extra)
 
 
 def test_loading_a_run_logs_no_warnings(tmp_path, caplog):
   params = toy_params()
-  with checkpoint.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
     ckpt.save(2, params, {"count": jnp.zeros((), jnp.int32)})
   with caplog.at_level(logging.WARNING):
-    out = checkpoint.restore_params_only(tmp_path / "run", jax.tree.map(jnp.zeros_like, params))
+    out = checkpoint_params.restore_params_only(tmp_path / "run",
+                                                jax.tree.map(jnp.zeros_like, params))
   np.testing.assert_array_equal(out["dem"]["fuse"]["kernel"], params["dem"]["fuse"]["kernel"])
   assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_restore_params_only_from_converted_folder(tmp_path):
-  # The converted format (convert/checkpoint_io.py): an Orbax PyTree of numpy arrays in
+  # The converted format (checkpoints/converted.py): an Orbax PyTree of numpy arrays in
   # DIR/params, no steps.
   params = jax.tree.map(np.asarray, toy_params())
   ocp.PyTreeCheckpointer().save(tmp_path / "converted" / "params", params)
   mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
-  target = checkpoint.abstract_tree(
+  target = checkpoint_params.abstract_tree(
       params, jax.tree.map(lambda x: NamedSharding(mesh, spec_for(x, ("fsdp", "tensor"))),
                            params))
-  out = checkpoint.restore_params_only(tmp_path / "converted", target, include=(r"^llm/",))
+  out = checkpoint_params.restore_params_only(tmp_path / "converted", target, include=(r"^llm/",))
   assert_trees_equal(out["llm"], params["llm"])
   assert out["llm"]["lm_head"]["kernel"].sharding == target["llm"]["lm_head"]["kernel"].sharding
   assert out["dem"]["fuse"]["kernel"] is target["dem"]["fuse"]["kernel"]   # not read
-  assert checkpoint.params_step(tmp_path / "converted") is None
-  with pytest.raises(ValueError, match="single checkpoint step"):
-    checkpoint.restore_params_only(tmp_path / "converted", target, step=3)
-  with pytest.raises(FileNotFoundError, match="model_config.json"):
-    checkpoint.read_config(tmp_path / "converted")
+  assert locate.read_checkpoint(tmp_path / "converted", None, lambda f: f)[0] is None
+  with pytest.raises(ConfigError, match="not a run: --step 3 cannot apply"):
+    checkpoint_params.restore_params_only(tmp_path / "converted", target, step=3)
+  with pytest.raises(ConfigError, match="neither model_config.json nor a run config"):
+    locate.checkpoint_config(tmp_path / "converted")
 
 
 def run_script(tmp_path, body, **popen):
@@ -253,9 +255,9 @@ def test_kill_during_async_save_leaves_previous_step(tmp_path):
   proc = run_script(tmp_path, """
       import os, signal, sys
       import jax.numpy as jnp
-      from infllava_jax.training import checkpoint
-      cfg = checkpoint.default_checkpoint_config()
-      ckpt = checkpoint.Checkpointer(sys.argv[1], cfg)
+      from infllava_jax.checkpoints import run
+      cfg = run.default_checkpoint_config()
+      ckpt = run.Checkpointer(sys.argv[1], cfg)
       small = {"w": jnp.arange(6.0)}
       ckpt.save(1, small, {"count": jnp.ones((), jnp.int32)}, force=True)
       ckpt.wait_until_finished()
@@ -270,7 +272,7 @@ def test_kill_during_async_save_leaves_previous_step(tmp_path):
   leftovers = [p for p in os.listdir(tmp_path / "run") if p not in ("1",)]
   assert leftovers and all("tmp" in p for p in leftovers), leftovers   # cut mid-save
 
-  ckpt = checkpoint.Checkpointer(tmp_path / "run", checkpoint.default_checkpoint_config())
+  ckpt = run.Checkpointer(tmp_path / "run", run.default_checkpoint_config())
   assert ckpt.latest_step() == 1 and list(ckpt.all_steps()) == [1]
   device = SingleDeviceSharding(jax.devices()[0])
   restored = ckpt.restore({"w": jax.ShapeDtypeStruct((6,), jnp.float32, sharding=device)},
@@ -281,44 +283,60 @@ def test_kill_during_async_save_leaves_previous_step(tmp_path):
   assert sorted(os.listdir(tmp_path / "run")) == ["1", "2"]            # tmp folder cleaned
 
 
-def test_sigterm_sets_flag_and_loop_saves_before_exit(tmp_path):
-  proc = run_script(tmp_path, """
-      import sys, time
-      import jax.numpy as jnp
-      from infllava_jax.training import checkpoint
-      flag = checkpoint.PreemptionFlag()
-      ckpt = checkpoint.Checkpointer(sys.argv[1], checkpoint.default_checkpoint_config())
-      step = 0
-      print("ready", flush=True)
-      while not flag.should_stop():
-        step += 1
-        time.sleep(0.01)
-      ckpt.save(step, {"w": jnp.full((3,), float(step))}, {"count": jnp.int32(step)},
-                force=True)
-      ckpt.close()
-      print("saved", step, flag.signal, flush=True)
-      """)
-  assert proc.stdout.readline().strip() == "ready"
-  time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=60)
-  assert proc.returncode == 0, err
-  _, step, signum = out.split()
-  assert int(signum) == signal.SIGTERM and int(step) > 1
-  ckpt = checkpoint.Checkpointer(tmp_path / "run", checkpoint.default_checkpoint_config())
-  assert ckpt.latest_step() == int(step)
+def truncate_largest_file(folder):
+  files = [os.path.join(root, f) for root, _, names in os.walk(folder) for f in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(100)
+
+
+def test_restore_newest_sets_a_damaged_step_aside_and_takes_the_one_before(tmp_path, capsys):
+  params = {"w": jnp.arange(4096.0)}
+  opt_state = {"count": jnp.ones((), jnp.int32)}
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg(max_to_keep=None)) as ckpt:
+    for step in (2, 4, 6):
+      ckpt.save(step, jax.tree.map(lambda x: x + step, params), opt_state, force=True)
+  truncate_largest_file(tmp_path / "run" / "6" / "params")
+  device = SingleDeviceSharding(jax.devices()[0])
+  target = checkpoint_params.abstract_tree(params, device)
+  abstract_opt = checkpoint_params.abstract_tree(opt_state, device)
+  ckpt = run.Checkpointer(tmp_path / "run", ckpt_cfg(max_to_keep=None))
+  with pytest.raises(locate.UnreadableStepError, match=r"/run/6 is unreadable \(OUT_OF_RANGE: "
+                                                       r".*\); an older step may read: --step 4"):
+    ckpt.restore(target, abstract_opt, step=6)
+  restored = ckpt.restore_newest(target, abstract_opt)
+  assert restored.step == 4
+  np.testing.assert_array_equal(restored.params["w"], np.arange(4096.0) + 4)
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].endswith(
+      "; moved to 6.unreadable-out-of-range; using step 4 instead"), err
+  assert sorted(os.listdir(tmp_path / "run")) == ["2", "4", "6.unreadable-out-of-range"]
+  assert list(ckpt.all_steps()) == [2, 4]
+  assert ckpt.save(6, params, opt_state, force=True)  # the step number is free again
   ckpt.close()
 
+  # No step reads: an error naming each, and nothing is moved (a restart must not begin
+  # afresh because every step was set aside).
+  for step in (2, 4):
+    truncate_largest_file(tmp_path / "run" / str(step) / "params")
+  truncate_largest_file(tmp_path / "run" / "6" / "params")
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg(max_to_keep=None)) as ckpt:
+    with pytest.raises(locate.UnreadableStepError,
+                       match=r"/run: no checkpoint step reads; step 6: OUT_OF_RANGE: .*; "
+                             r"step 4: OUT_OF_RANGE: .*; step 2: OUT_OF_RANGE: "):
+      ckpt.restore_newest(target, abstract_opt)
+  assert sorted(os.listdir(tmp_path / "run")) == ["2", "4", "6", "6.unreadable-out-of-range"]
 
-def test_preemption_flag_restores_previous_handler():
-  seen = []
-  previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append("old"))
-  try:
-    flag = checkpoint.PreemptionFlag((signal.SIGUSR1,))
-    os.kill(os.getpid(), signal.SIGUSR1)
-    assert flag.is_set() and flag.should_stop() and seen == []
-    flag.restore()
-    os.kill(os.getpid(), signal.SIGUSR1)
-    assert seen == ["old"]
-  finally:
-    signal.signal(signal.SIGUSR1, previous)
+
+def test_restore_newest_sets_nothing_aside_for_a_tree_that_does_not_match(tmp_path):
+  """Another optimiser (a tree of another structure) is not a damaged step."""
+  params = {"w": jnp.arange(8.0)}
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+    ckpt.save(2, params, {"count": jnp.ones((), jnp.int32)}, force=True)
+  device = SingleDeviceSharding(jax.devices()[0])
+  other_opt = {"mu": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=device)}
+  with run.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
+    with pytest.raises(ValueError) as raised:
+      ckpt.restore_newest(checkpoint_params.abstract_tree(params, device), other_opt)
+  assert not isinstance(raised.value, locate.UnreadableStepError)
+  assert sorted(os.listdir(tmp_path / "run")) == ["2"]
