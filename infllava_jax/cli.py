@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   command = importlib.import_module(COMMANDS[name][0])
-  from infllava_jax.config import ConfigError
+  from infllava_jax.errors import ConfigError
   try:
     return command.main(rest) or 0
   except (ConfigError, FileNotFoundError) as e:  # a mistyped override, config or path

@@ -22,16 +22,14 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from infllava_jax import presets
-
-
-class ConfigError(ValueError):
-  """A config that cannot be used as given: an unknown preset or argument, an override of an
-  unknown field or of the wrong type, or a value the code using it rejects."""
+from infllava_jax.errors import ConfigError
 
 
 def preset_names() -> list[str]:
-  """The presets `load_config` takes by name: the modules of infllava_jax/presets/."""
-  return sorted(m.name for m in pkgutil.iter_modules(presets.__path__))
+  """The presets `load_config` takes by name: the modules of infllava_jax/presets/ (those
+  whose names start with `_` hold shared sections, not presets)."""
+  return sorted(m.name for m in pkgutil.iter_modules(presets.__path__)
+                if not m.name.startswith("_"))
 
 
 def config_help(example: str) -> str:

@@ -19,7 +19,7 @@ import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -7,6 +7,7 @@ import pytest
 from ml_collections import ConfigDict
 from PIL import Image
 
+from infllava_jax.presets import _sections
 from infllava_jax import generate, generate_cli, inference
 from infllava_jax.config import load_config
 from infllava_jax.data import synthetic
@@ -104,7 +105,7 @@ def test_a_runs_float32_llm_loads_in_the_compute_dtype_and_answers_the_same(tiny
   model_cfg.dtype = "bfloat16"  # llm.param_dtype stays float32
   params = random_params(model_cfg)
   with checkpoint_run.Checkpointer(tmp_path / "run" / locate.RUN_CHECKPOINTS,
-                                  checkpoint_run.default_checkpoint_config(),
+                                  _sections.checkpoint_config(),
                                   config=ConfigDict({"model": model_cfg})) as steps:
     steps.save(3, params, {"count": np.zeros((), np.int32)}, force=True)
   config, loaded, step = inference.load_checkpoint(str(tmp_path / "run"))

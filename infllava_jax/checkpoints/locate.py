@@ -25,7 +25,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from infllava_jax.checkpoints import converted
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
 RUN_CHECKPOINTS = "checkpoints"  # a training run's steps live in WORKDIR/checkpoints
 UNREADABLE = ".unreadable-"      # <step>.unreadable-<reason>: a damaged step set aside

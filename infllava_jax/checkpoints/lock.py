@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from infllava_jax.checkpoints import locate
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
 OWNER_FILE = "OWNER.json"
 HEARTBEAT_S = 60.0

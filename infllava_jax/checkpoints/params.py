@@ -20,7 +20,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from infllava_jax.checkpoints import converted, locate
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
 
 class ParamMismatchError(ConfigError):

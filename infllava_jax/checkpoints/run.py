@@ -15,7 +15,7 @@ damaged later (a truncated shard) fails to restore: `restore_newest` then sets i
 `<step>.unreadable-<reason>` and goes on from the step before. Multi-host: every process
 calls the same methods at the same steps; Orbax decides who writes what.
 
-The `checkpoint` ConfigDict section (`default_checkpoint_config()`):
+The `checkpoint` ConfigDict section (`presets/_sections.checkpoint_config()`):
 
   every_steps   save when step % every_steps == 0 (plus `force=True` saves at the end).
   max_to_keep   keep the newest N steps (None: all).
@@ -39,15 +39,8 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from infllava_jax.checkpoints import locate, params
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
-
-def default_checkpoint_config() -> ConfigDict:
-  return ConfigDict(dict(
-      every_steps=1000,
-      max_to_keep=3,
-      async_save=True,
-  ))
 
 
 class Restored(NamedTuple):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 from infllava_jax.data import templates
 
 # Bad records a ConfigError or the skip line names (the count covers all of them).

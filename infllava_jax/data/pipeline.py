@@ -21,7 +21,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 from infllava_jax.data import checks, images, sources, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 from infllava_jax.data import checks, synthetic
 
 class LlavaJsonSource:

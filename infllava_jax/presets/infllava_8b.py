@@ -6,7 +6,7 @@ Every fixed number of the reference (docs/fidelity.md) lives here, not in code.
 
 from ml_collections import ConfigDict, config_dict
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 
 
 def vision_config() -> ConfigDict:

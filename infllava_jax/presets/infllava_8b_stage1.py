@@ -17,9 +17,7 @@ projector. Memory check without a GPU:
 from ml_collections import ConfigDict, config_dict
 
 from infllava_jax import sharding
-from infllava_jax.presets import infllava_8b, synthetic
-from infllava_jax.checkpoints import run as checkpoint
-from infllava_jax.training import optim
+from infllava_jax.presets import _sections, infllava_8b, synthetic
 
 
 def model_config() -> ConfigDict:
@@ -68,7 +66,7 @@ def data_config() -> ConfigDict:
 
 
 def train_config() -> ConfigDict:
-  train = optim.default_train_config(1)  # DEM + projector, lr 1e-3, AdamW 0.9/0.999/1e-8,
+  train = _sections.train_config(1)  # DEM + projector, lr 1e-3, AdamW 0.9/0.999/1e-8,
   # wd 0, 3% warmup + cosine, no clipping, global batch 256, 1 epoch (docs/fidelity.md#recipe-numbers)
   train.update(dict(
       # 256 rows over 8 devices in 8 micro-batches: 4 rows of 2048 tokens per device at once.
@@ -97,7 +95,7 @@ def get_config(arg: str = "") -> ConfigDict:
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 500   # ~2,180 steps: a few restart points
   config.checkpoint.max_to_keep = 2     # each step holds the frozen LLM too (~17 GB)
   config.mesh = "fsdp"   # ZeRO-3 style over all devices (the reference: ZeRO-2 on 8 GPUs)

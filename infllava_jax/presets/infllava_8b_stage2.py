@@ -15,9 +15,7 @@ docs/fidelity.md#stage-init). The run prints which module came from where. Memor
 from ml_collections import ConfigDict, config_dict
 
 from infllava_jax import sharding
-from infllava_jax.presets import infllava_8b, synthetic
-from infllava_jax.checkpoints import run as checkpoint
-from infllava_jax.training import optim
+from infllava_jax.presets import _sections, infllava_8b, synthetic
 
 
 def model_config() -> ConfigDict:
@@ -66,7 +64,7 @@ def data_config() -> ConfigDict:
 
 
 def train_config() -> ConfigDict:
-  train = optim.default_train_config(2)  # + LLM, lr 2e-5, AdamW 0.9/0.999/1e-8, wd 0,
+  train = _sections.train_config(2)  # + LLM, lr 2e-5, AdamW 0.9/0.999/1e-8, wd 0,
   # 3% warmup + cosine, no clipping, global batch 128, 1 epoch (docs/fidelity.md#recipe-numbers)
   train.update(dict(
       # 128 rows over 8 devices in 4 micro-batches: 4 rows of 2048 tokens per device at once.
@@ -89,7 +87,7 @@ def get_config(arg: str = "") -> ConfigDict:
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 1000  # ~5,198 steps
   # A step holds float32 params and AdamW moments: ~96 GB for 8B. Keep two.
   config.checkpoint.max_to_keep = 2

@@ -8,9 +8,7 @@ same records; the data pipeline resizes them to config.model.dcm.image_size.
 from ml_collections import ConfigDict, config_dict
 
 from infllava_jax import sharding
-from infllava_jax.presets import tiny
-from infllava_jax.checkpoints import run as checkpoint
-from infllava_jax.training import optim
+from infllava_jax.presets import _sections, tiny
 
 # Size of the shipped tokenizer (infllava_jax/data/assets/tokenizer), <pad> included.
 SHIPPED_VOCAB_SIZE = 512
@@ -63,7 +61,7 @@ def data_config() -> ConfigDict:
 
 def train_config() -> ConfigDict:
   """The tiny model starts from random weights, so every part trains (CLIP included)."""
-  train = optim.default_train_config(2)
+  train = _sections.train_config(2)
   train.update(dict(
       # lr 1e-3 with the gradient norm clipped at 1: every seed tried (train.seed 0, 1 and 2)
       # reaches 1.000 held-out. At lr 2e-3 unclipped, runs split between 1.000 and 0.734
@@ -89,7 +87,7 @@ def get_config(arg: str = "infllava") -> ConfigDict:
   config.train = train_config()
   if config.model.variant == "llava":  # the baseline has no DEM
     config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
-  config.checkpoint = checkpoint.default_checkpoint_config()
+  config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 200
   config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"
   config.sharding = sharding.default_config()  # logical axis -> mesh axes rules

@@ -1,7 +1,7 @@
 """Optimiser, learning-rate schedule, freeze masks and loss normalisation (docs/fidelity.md#recipe-numbers).
 
-Everything here reads one `train` ConfigDict section (`default_train_config(stage)` gives
-the reference's values):
+Everything here reads one `train` ConfigDict section (`presets/_sections.train_config
+(stage)` gives the reference's values):
 
   lr                  peak learning rate (stage 1: 1e-3, stage 2: 2e-5).
   warmup_ratio        linear warmup over ceil(warmup_ratio * total_steps) steps, then a
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
 
 from infllava_jax import sharding
 from infllava_jax.model import llama
@@ -58,37 +58,6 @@ from infllava_jax.model import llama
 FROZEN = "frozen"
 LOSS_MODES = ("global_token_mean", "micro_batch_mean")
 
-
-def default_train_config(stage: int = 2) -> ConfigDict:
-  """The reference's recipe (docs/fidelity.md#recipe-numbers) for stage 1 (alignment) or 2 (SFT)."""
-  if stage not in (1, 2):
-    raise ValueError(f"default_train_config: stage must be 1 or 2, got {stage!r}")
-  return ConfigDict(dict(
-      lr=1e-3 if stage == 1 else 2e-5,
-      warmup_ratio=0.03,
-      weight_decay=0.0,
-      weight_decay_exclude=(r"(^|/)bias$", r"(^|/)scale$"),
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      max_grad_norm=config_dict.placeholder(float),  # None: no clipping
-      grad_accum_steps=1,
-      trainable=(r"^dem/", r"^projector/") + (() if stage == 1 else (r"^llm/",)),
-      param_groups=(),
-      # Every supervised token weighs the same, however the batch is split. The reference
-      # averages per-micro-batch means instead (docs/fidelity.md#loss-normalisation), which "micro_batch_mean" with
-      # these group sizes (its per-device micro-batches) reproduces, up to its stage-2
-      # sampler sorting each global batch by length before splitting it (ours does not).
-      loss_normalisation="global_token_mean",
-      loss_group_size=16 if stage == 1 else 8,
-      loss_chunk=512,
-      loss_vocab_block=0,
-      global_batch_size=256 if stage == 1 else 128,
-      num_epochs=1,
-      # FLOP/s per device for the MFU in the progress lines; None: the bf16 peak of a
-      # known TPU or GPU (`flops.PEAK_FLOPS`), no MFU on others.
-      peak_flops_per_device=config_dict.placeholder(float),
-  ))
 
 
 def learning_rate_schedule(train_cfg: ConfigDict, total_steps: int) -> optax.Schedule:

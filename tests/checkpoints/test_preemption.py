@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+from infllava_jax.presets import _sections
 from infllava_jax.checkpoints import preemption, run
 from tests.checkpoints.test_run import REPO, run_script
 
@@ -17,8 +18,9 @@ def test_sigterm_sets_flag_and_loop_saves_before_exit(tmp_path):
       import sys, time
       import jax.numpy as jnp
       from infllava_jax.checkpoints import preemption, run
+      from infllava_jax.presets import _sections
       flag = preemption.PreemptionFlag()
-      ckpt = run.Checkpointer(sys.argv[1], run.default_checkpoint_config())
+      ckpt = run.Checkpointer(sys.argv[1], _sections.checkpoint_config())
       step = 0
       print("ready", flush=True)
       while not flag.should_stop(step):
@@ -36,7 +38,7 @@ def test_sigterm_sets_flag_and_loop_saves_before_exit(tmp_path):
   assert proc.returncode == 0, err
   _, step, signum = out.split()
   assert int(signum) == signal.SIGTERM and int(step) > 1
-  ckpt = run.Checkpointer(tmp_path / "run", run.default_checkpoint_config())
+  ckpt = run.Checkpointer(tmp_path / "run", _sections.checkpoint_config())
   assert ckpt.latest_step() == int(step)
   ckpt.close()
 

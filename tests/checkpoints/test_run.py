@@ -17,8 +17,9 @@ import pytest
 from ml_collections import ConfigDict
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from infllava_jax.presets import _sections
 from infllava_jax import sharding
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 from infllava_jax.checkpoints import locate, params as checkpoint_params, run
 from infllava_jax.training import optim
 
@@ -48,7 +49,7 @@ def shard(tree, mesh, axes):
 
 
 def ckpt_cfg(**overrides):
-  cfg = run.default_checkpoint_config()
+  cfg = _sections.checkpoint_config()
   cfg.update(dict(every_steps=2, max_to_keep=2))
   cfg.update(overrides)
   return cfg
@@ -66,7 +67,7 @@ def dataset():
 
 def test_save_restore_round_trip_with_data_and_config(tmp_path):
   params = toy_params()
-  train_cfg = optim.default_train_config(1)
+  train_cfg = _sections.train_config(1)
   tx = optim.make_optimizer(train_cfg, 10, params)
   opt_state = tx.init(params)
   opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)[1]
@@ -106,7 +107,7 @@ def test_save_restore_round_trip_with_data_and_config(tmp_path):
 
 def test_restore_by_another_number_of_processes_says_so(tmp_path):
   params = toy_params()
-  opt_state = optim.make_optimizer(optim.default_train_config(1), 10, params).init(params)
+  opt_state = optim.make_optimizer(_sections.train_config(1), 10, params).init(params)
   with run.Checkpointer(tmp_path / "run", ckpt_cfg()) as ckpt:
     ckpt.save(4, params, opt_state, iter(dataset()), force=True)
   # As a 2-process run would have left it (grain writes one file per process).
@@ -127,12 +128,12 @@ def test_a_save_interval_below_one_is_a_config_error(tmp_path):
 
 def test_relative_run_folder_saves_and_restores(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # `--workdir runs/x`, as the README's main command gives it
-  ckpt = run.Checkpointer("runs/x/checkpoints", run.default_checkpoint_config())
+  ckpt = run.Checkpointer("runs/x/checkpoints", _sections.checkpoint_config())
   assert ckpt.save(3, {"w": jnp.arange(4.0)}, {"count": jnp.ones((), jnp.int32)}, force=True)
   ckpt.close()
   device = SingleDeviceSharding(jax.devices()[0])
   restored = run.Checkpointer("runs/x/checkpoints",
-                                     run.default_checkpoint_config()).restore(
+                                     _sections.checkpoint_config()).restore(
       {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=device)},
       {"count": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)})
   assert restored.step == 3 and os.path.isdir(tmp_path / "runs/x/checkpoints/3")
@@ -256,7 +257,8 @@ def test_kill_during_async_save_leaves_previous_step(tmp_path):
       import os, signal, sys
       import jax.numpy as jnp
       from infllava_jax.checkpoints import run
-      cfg = run.default_checkpoint_config()
+      from infllava_jax.presets import _sections
+      cfg = _sections.checkpoint_config()
       ckpt = run.Checkpointer(sys.argv[1], cfg)
       small = {"w": jnp.arange(6.0)}
       ckpt.save(1, small, {"count": jnp.ones((), jnp.int32)}, force=True)
@@ -272,7 +274,7 @@ def test_kill_during_async_save_leaves_previous_step(tmp_path):
   leftovers = [p for p in os.listdir(tmp_path / "run") if p not in ("1",)]
   assert leftovers and all("tmp" in p for p in leftovers), leftovers   # cut mid-save
 
-  ckpt = run.Checkpointer(tmp_path / "run", run.default_checkpoint_config())
+  ckpt = run.Checkpointer(tmp_path / "run", _sections.checkpoint_config())
   assert ckpt.latest_step() == 1 and list(ckpt.all_steps()) == [1]
   device = SingleDeviceSharding(jax.devices()[0])
   restored = ckpt.restore({"w": jax.ShapeDtypeStruct((6,), jnp.float32, sharding=device)},

@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 from flax.traverse_util import flatten_dict
 from safetensors import safe_open
 
+from infllava_jax.presets import _sections
 from infllava_jax.config import load_config
 from infllava_jax.checkpoints import converted as converted_format
 from infllava_jax.checkpoints import locate, params as checkpoint_params, run
@@ -141,7 +142,7 @@ def test_a_training_run_exports_like_the_converted_checkpoint_it_holds(release_f
   *_, model_cfg, params, root = release_f32
   converted = root / "converted"
   with run.Checkpointer(tmp_path / "run" / locate.RUN_CHECKPOINTS,  # as Trainer's
-                       run.default_checkpoint_config(),
+                       _sections.checkpoint_config(),
                        config=ConfigDict({"model": model_cfg})) as steps:
     steps.save(7, params, {"count": np.zeros((), np.int32)}, force=True)
   for source, out in ((converted, "from_converted"), (tmp_path / "run", "from_run")):

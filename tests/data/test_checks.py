@@ -2,7 +2,7 @@
 
 import pytest
 
-from infllava_jax.config import ConfigError
+from infllava_jax.errors import ConfigError
 from infllava_jax.data import checks
 
 QA = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]

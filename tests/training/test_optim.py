@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from infllava_jax.presets import _sections
 from infllava_jax import sharding
 from infllava_jax.model import llama
 from infllava_jax.training import optim
@@ -33,7 +34,7 @@ def toy_params(seed=0):
 
 
 def config(stage=1, **overrides):
-  cfg = optim.default_train_config(stage)
+  cfg = _sections.train_config(stage)
   cfg.update(overrides)
   return cfg
 
@@ -43,13 +44,13 @@ def nbytes(tree):
 
 
 def test_default_config_matches_reference():
-  one, two = optim.default_train_config(1), optim.default_train_config(2)
+  one, two = _sections.train_config(1), _sections.train_config(2)
   assert (one.lr, two.lr) == (1e-3, 2e-5)
   assert (one.global_batch_size, two.global_batch_size) == (256, 128)
   assert one.max_grad_norm is None and one.weight_decay == 0.0
   assert r"^llm/" in two.trainable and r"^llm/" not in one.trainable
   with pytest.raises(ValueError, match="stage"):
-    optim.default_train_config(3)
+    _sections.train_config(3)
 
 
 @pytest.mark.parametrize("total", [100, 2180, 7])
@@ -340,7 +341,7 @@ def test_token_cross_entropy_takes_blocks_only_where_the_vocabulary_is_whole(mon
   real = optim.blockwise_cross_entropy
   monkeypatch.setattr(optim, "blockwise_cross_entropy",
                       lambda *args: called.append(1) or real(*args))
-  train = optim.default_train_config(2)
+  train = _sections.train_config(2)
   train.loss_vocab_block = 16
   rng = np.random.default_rng(0)
   hidden = jnp.asarray(rng.normal(size=(8, 4, 8)), jnp.float32)
