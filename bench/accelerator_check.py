@@ -2,9 +2,9 @@
 
     python bench/accelerator_check.py --out DIR [--layers 2] [--decode-layers 32] [--reduced]
 
-Runs on jax's default device (one GPU or TPU chip; at most ~8 minutes there), writes
-DIR/accelerator_check.json and prints a short table. Sections, each guarded (a failure is
-recorded with its one-line error and the others still run):
+Runs on jax's default device (one GPU or TPU chip; sized for 8 minutes there, not yet timed
+on one), writes DIR/accelerator_check.json and prints a short table. Sections, each guarded
+(a failure is recorded with its one-line error and the others still run):
 
   logits      the tiny preset's INF-LLaVA (random init, one image, 64 tokens): logits on the
               device against the same params on CPU, float32 under "highest" matmul
@@ -19,9 +19,9 @@ recorded with its one-line error and the others still run):
               MLP in 8 column sets) on a LLaMA-3-8B-shaped LLM of `--layers` layers (hidden
               4096, MLP 14336, 32 / 8 KV heads of 128, vocab 128257), one row of 2048 tokens
               holding one image; CLIP, DCM and DEM at the tiny preset's size, so the LLM is the
-              step. Step time, tokens/s and MFU by `training/flops.py`'s formula over the
-              device's bf16 peak (`flops.PEAK_FLOPS` by device kind, or --peak-flops);
-              check: the losses are finite.
+              step. Step time, tokens/s and MFU by `training/flops.py`'s formula (model
+              FLOPs: remat's recomputed forward not counted) over the device's bf16 peak
+              (`flops.PEAK_FLOPS` by device kind, or --peak-flops); check: finite losses.
   decode      greedy decoding of the bf16 LLM with `--decode-layers` layers (32: LLaMA-3-8B
               itself, random weights) as `bench/generate.py` times it (`generate.for_decoding`,
               `generate.generate_text_tokens`): prompt 128, decode tokens/s = B x 63 / (t_64 -
@@ -32,6 +32,10 @@ recorded with its one-line error and the others still run):
 Memory per section: XLA's `compiled.memory_analysis()` of its main program, and the device's
 `memory_stats()` (bytes in use and the process's peak so far: the sections run from the
 smallest; "n/a" where the backend gives none, as on CPU).
+
+Sizes: the step holds ~1.5B params (the 128257-row embedding and lm_head dominate) with
+float32 AdamW state, ~24 GiB, and the 32-layer decode 16 GB of bf16 weights: on 16 GiB chips
+(TPU v5e) those sections record the out-of-memory error; `--decode-layers 16` fits the decode.
 
 `--reduced` (automatic on CPU) shrinks the widths, lengths and repeats so the whole check runs
 in about a minute on a CPU; tests/bench/test_accelerator_check.py runs it so, to keep it working.
@@ -108,9 +112,8 @@ def on_device(device: jax.Device):
   """The mesh of `device` alone with the logical axis rules in scope, as the Trainer traces
   its step (the attention kernel is picked from the mesh's platform). Params are made
   outside it (`sharding.init_sharded`), as the Trainer makes them."""
-  mesh = sharding.make_mesh("fsdp", [device])
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    yield mesh
+  with jax.set_mesh(sharding.make_mesh("fsdp", [device])), sharding.axis_rules():
+    yield
 
 
 def image_row(model_cfg: ConfigDict, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -355,9 +358,9 @@ def table(report: dict) -> str:
       lines.append(f"{name:11s} FAIL  {section['error']}")
       continue
     if name == "logits":
-      lines.append(f"{name:11s} {status(section):4s}  max |device - CPU| {section['max_abs_diff']:.2e}"
-                   f" of max |logit| {section['max_abs_logit']:.2f} (rel {section['relative']:.1e},"
-                   f" tol {section['tolerance']:.0e})")
+      lines.append(f"{name:11s} {status(section):4s}  max |device - CPU|"
+                   f" {section['max_abs_diff']:.2e} of max |logit| {section['max_abs_logit']:.2f}"
+                   f" (rel {section['relative']:.1e}, tol {section['tolerance']:.0e})")
     elif name == "attention":
       shape = section["shape"]
       lines.append(f"{name:11s} {status(section):4s}  bf16 vs float32 einsum, T {shape['length']},"
@@ -434,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   reduced = args.reduced or device.platform == "cpu"
-  repeats = args.repeats or (2 if reduced else 5)
-  decode_layers = args.decode_layers or (2 if reduced else 32)
+  repeats = (2 if reduced else 5) if args.repeats is None else args.repeats
+  decode_layers = (2 if reduced else 32) if args.decode_layers is None else args.decode_layers
   if min(args.layers, decode_layers, repeats) < 1:
     parser.error("--layers, --decode-layers and --repeats must be >= 1")
 
