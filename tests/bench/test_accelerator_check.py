@@ -42,6 +42,7 @@ def test_reduced_run_on_cpu(tmp_path):
   assert positive(decode["weight_bytes_per_step"]) and positive(decode["bound_ms_per_token_batch1"])
   assert set(decode["bf16"]) == {"1", "8"}
   for row in decode["bf16"].values():
+    assert row["tokens_valid"]
     assert positive(row["decode_tokens_per_s"]) and positive(row["bound_tokens_per_s"])
   assert decode["device_memory"] == "n/a"  # CPU reports none
   assert positive(decode["compiled_memory"]["8"]["arguments"])
