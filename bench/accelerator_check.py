@@ -67,7 +67,7 @@ from ml_collections import ConfigDict  # noqa: E402
 from bench.bandwidth import decode_read_bytes, read_bandwidth  # noqa: E402
 from infllava_jax import generate, sharding, xla_options  # noqa: E402
 from infllava_jax.model import attention, infllava  # noqa: E402
-from infllava_jax.presets import infllava_8b_stage2, tiny  # noqa: E402
+from infllava_jax.presets import infllava_8b, infllava_8b_stage2, tiny  # noqa: E402
 from infllava_jax.training import flops, optim  # noqa: E402
 from infllava_jax.training.compile import format_bytes  # noqa: E402
 from infllava_jax.training.step import TrainState, make_train_step  # noqa: E402
@@ -209,6 +209,13 @@ def check_attention(device: jax.Device, reduced: bool, repeats: int) -> dict:
   return results
 
 
+def set_llm_size(llm: ConfigDict, reduced: bool, depth: int) -> None:
+  """`depth` layers of LLaMA-3-8B's widths, or of `REDUCED_LLM`'s."""
+  llm.depth = depth
+  if reduced:
+    llm.update(REDUCED_LLM)
+
+
 def stage2_config(reduced: bool, depth: int, length: int) -> ConfigDict:
   """The stage-2 preset with an LLM of `depth` layers (real widths unless `reduced`) and
   the tiny preset's CLIP, DCM and DEM; one row of `length` tokens, no accumulation."""
@@ -217,9 +224,7 @@ def stage2_config(reduced: bool, depth: int, length: int) -> ConfigDict:
   model = config.model
   model.vision, model.dcm, model.dem = small.vision, small.dcm, small.dem
   model.vision.param_dtype = "bfloat16"  # frozen, as the preset's
-  model.llm.depth = depth
-  if reduced:
-    model.llm.update(REDUCED_LLM)
+  set_llm_size(model.llm, reduced, depth)
   config.data.max_length = length
   config.data.max_images_per_row = 1
   config.data.batch_size = 1
@@ -285,9 +290,10 @@ def check_train_step(device: jax.Device, reduced: bool, depth: int, repeats: int
 def check_decode(device: jax.Device, reduced: bool, depth: int, repeats: int) -> dict:
   """Greedy bf16 decode tokens/s at batch 1 and 8 beside the bytes-per-token bound."""
   prompt, new = (REDUCED_PROMPT, REDUCED_NEW_TOKENS) if reduced else (PROMPT, NEW_TOKENS)
-  config = stage2_config(reduced, depth, prompt + new)
-  config.model.llm.param_dtype = "bfloat16"
-  llm = infllava.language_model(config.model)
+  model_cfg = infllava_8b.model_config()  # as inference builds it: bf16 compute
+  set_llm_size(model_cfg.llm, reduced, depth)
+  model_cfg.llm.param_dtype = "bfloat16"
+  llm = infllava.language_model(model_cfg)
   tokens = jnp.zeros((1, prompt), jnp.int32)
   variables, _ = sharding.init_sharded(
       functools.partial(llm.init, method="tokens_to_logits"),
@@ -295,7 +301,7 @@ def check_decode(device: jax.Device, reduced: bool, depth: int, repeats: int) ->
   llm, params = generate.for_decoding(llm, variables["params"], consume=True)
   del variables
   options = xla_options.compiler_options(device.platform)
-  vocab = config.model.llm.vocab_size
+  vocab = model_cfg.llm.vocab_size
   rng = np.random.default_rng(0)
   results, memory = {}, {}
   for batch in DECODE_BATCHES:
