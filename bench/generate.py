@@ -43,7 +43,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,9 +52,9 @@ from jax import lax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import flax.linen as nn  # noqa: E402
-from flax import traverse_util  # noqa: E402
 from ml_collections import FrozenConfigDict  # noqa: E402
 
+from bench.bandwidth import decode_read_bytes, read_bandwidth  # noqa: E402
 from bench.train_step import CFG, build_hf, reference_layer, reference_norm  # noqa: E402
 from infllava_jax import generate, xla_options  # noqa: E402
 from infllava_jax.convert import mapping  # noqa: E402
@@ -120,36 +119,6 @@ def reference_generate(params, prompts: jax.Array, new_tokens: int) -> jax.Array
   return lax.fori_loop(1, new_tokens, body, (out, cache))[0]
 
 
-def read_bandwidth(repeats: int) -> dict[str, float]:
-  """Bytes/s of reading a 1 GiB float32 array (medians): a jitted jax sum, and a numpy max
-  and a numpy dot with the array split over one thread per core."""
-  host = np.random.default_rng(2).random(2 ** 28, dtype=np.float32)
-  dev = jnp.asarray(host)
-  jsum = jax.jit(jnp.sum)
-  jsum(dev).block_until_ready()
-  parts = np.array_split(host, os.cpu_count() or 1)
-  pool = ThreadPoolExecutor(len(parts))
-
-  def threaded(read):
-    return lambda: list(pool.map(read, parts))
-
-  def dot(part):
-    half = part.size // 2
-    return np.dot(part[:half], part[half:2 * half])
-
-  readers = {"jax sum": lambda: jsum(dev).block_until_ready(),
-             "numpy max, threaded": threaded(np.max),
-             "numpy dot, threaded": threaded(dot)}
-  times = {name: [] for name in readers}
-  for _ in range(repeats):
-    for name, read in readers.items():
-      start = time.perf_counter()
-      read()
-      times[name].append(time.perf_counter() - start)
-  pool.shutdown()
-  return {name: host.nbytes / statistics.median(t) for name, t in times.items()}
-
-
 def first_difference(model, params, prompt: np.ndarray, ours: np.ndarray, hf: np.ndarray) -> str:
   """Where a row's tokens first differ, with our logits' top-2 gap at that step on HF's path."""
   pos = int(np.argmax(ours != hf))
@@ -174,8 +143,7 @@ def main() -> None:
   hf.generation_config.pad_token_id = 0
   hf_state = [(k, v.detach().numpy().copy()) for k, v in hf.state_dict().items()]
   model, params = generate.for_decoding(*our_llm(hf_state))
-  weight_bytes = sum(leaf.nbytes for path, leaf in traverse_util.flatten_dict(params, sep="/").items()
-                     if not path.startswith("embed/"))
+  weight_bytes = decode_read_bytes(params)
 
   options = {"ours": xla_options.compiler_options(jax.default_backend()),
              "ours_xla_defaults": {}}
