@@ -27,8 +27,9 @@ on one), writes DIR/accelerator_check.json and prints a short table. Sections, e
               `generate.generate_text_tokens`): prompt 128, decode tokens/s = B x 63 / (t_64 -
               t_1) (fastest of the repeats) at batch 1 and 8, beside the bytes-per-token
               bound (`bench/bandwidth.py`: the weights a step reads over the device's
-              measured read bandwidth); check: each row's 64 ids are in the vocabulary. int8:
-              not in the project yet, recorded as such.
+              measured read bandwidth); check: each row's 64 ids are in the vocabulary. The
+              same for the LLM's linear layers in int8 (`infllava_jax.quantize`, weight-only,
+              through qwix), with its speed over bf16's (a memory-bound decode should gain).
 
 Memory per section: XLA's `compiled.memory_analysis()` of its main program, and the device's
 `memory_stats()` (bytes in use and the process's peak so far: the sections run from the
@@ -65,7 +66,7 @@ import numpy as np  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from bench.bandwidth import decode_read_bytes, read_bandwidth  # noqa: E402
-from infllava_jax import generate, sharding, xla_options  # noqa: E402
+from infllava_jax import generate, quantize, sharding, xla_options  # noqa: E402
 from infllava_jax.model import attention, infllava  # noqa: E402
 from infllava_jax.presets import infllava_8b, infllava_8b_stage2, tiny  # noqa: E402
 from infllava_jax.training import flops, optim  # noqa: E402
@@ -300,8 +301,35 @@ def check_decode(device: jax.Device, reduced: bool, depth: int, repeats: int) ->
       sharding.make_mesh("fsdp", [device]), jax.random.key(0), tokens, jnp.zeros_like(tokens))
   llm, params = generate.for_decoding(llm, variables["params"], consume=True)
   del variables
-  options = xla_options.compiler_options(device.platform)
+  rates = read_bandwidth(max(repeats, 3), host_readers=device.platform == "cpu", device=device,
+                         size=2 ** 26 if reduced else 2 ** 30)
+  bandwidth = max(rates.values())
   vocab = model_cfg.llm.vocab_size
+  bf16 = decode_speeds(llm, params, device, prompt, new, repeats, vocab, bandwidth)
+  # The same weights, the LLM's linear layers in int8 (`infllava_jax.quantize`, weight-only).
+  int8 = decode_speeds(*quantize.quantize(llm, params, "int8"), device, prompt, new, repeats,
+                       vocab, bandwidth)
+  for batch, row in int8["rates"].items():
+    row["vs_bf16"] = row["decode_tokens_per_s"] / bf16["rates"][batch]["decode_tokens_per_s"]
+  return {"layers": depth, "prompt": prompt, "new_tokens": new, "read_bandwidth": rates,
+          "weight_bytes_per_step": bf16["weight_bytes"],
+          "bound_ms_per_token_batch1": 1e3 * bf16["weight_bytes"] / bandwidth,
+          "bf16": {str(b): r for b, r in bf16["rates"].items()},
+          "int8": {str(b): r for b, r in int8["rates"].items()},
+          "int8_weight_bytes_per_step": int8["weight_bytes"],
+          "compiled_memory": {f"{kind} batch {b}": m for kind, run in (("bf16", bf16),
+                                                                      ("int8", int8))
+                              for b, m in run["memory"].items()},
+          "device_memory": device_memory(device),
+          "passed": all(r["tokens_valid"] for run in (bf16, int8)
+                        for r in run["rates"].values())}
+
+
+def decode_speeds(llm, params, device: jax.Device, prompt: int, new: int, repeats: int,
+                  vocab: int, bandwidth: float) -> dict:
+  """Decode tokens/s of `llm` on `params` at each of DECODE_BATCHES, beside the bound of
+  reading the bytes a step reads (`params` but the embedding) at `bandwidth`."""
+  options = xla_options.compiler_options(device.platform)
   rng = np.random.default_rng(0)
   results, memory = {}, {}
   for batch in DECODE_BATCHES:
@@ -327,20 +355,10 @@ def check_decode(device: jax.Device, reduced: bool, depth: int, repeats: int) ->
                       "tokens_valid": bool(out.shape == (batch, new) and (lengths == new).all()
                                            and ((out >= 0) & (out < vocab)).all())}
   weight_bytes = decode_read_bytes(params)
-  rates = read_bandwidth(max(repeats, 3), host_readers=device.platform == "cpu", device=device,
-                         size=2 ** 26 if reduced else 2 ** 30)
-  bandwidth = max(rates.values())
   for batch, row in results.items():
     row["bound_tokens_per_s"] = batch * bandwidth / weight_bytes
     row["of_bound"] = row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
-  return {"layers": depth, "dtype": "bfloat16", "prompt": prompt, "new_tokens": new,
-          "weight_bytes_per_step": weight_bytes, "read_bandwidth": rates,
-          "bound_ms_per_token_batch1": 1e3 * weight_bytes / bandwidth,
-          "bf16": {str(b): r for b, r in results.items()},
-          "int8": "not available: the project has no int8 decode yet",
-          "compiled_memory": {str(b): m for b, m in memory.items()},
-          "device_memory": device_memory(device),
-          "passed": all(r["tokens_valid"] for r in results.values())}
+  return {"rates": results, "memory": memory, "weight_bytes": weight_bytes}
 
 
 def one_line(error: BaseException) -> str:
@@ -408,7 +426,11 @@ def table(report: dict) -> str:
       for batch, r in section["bf16"].items():
         lines.append(f"{'':11s}       batch {batch}: {r['decode_tokens_per_s']:,.1f} tokens/s,"
                      f" bound {r['bound_tokens_per_s']:,.1f} ({100 * r['of_bound']:.0f}% of it)")
-      lines.append(f"{'':11s}       int8: {section['int8']}")
+      lines.append(f"{'':11s}       int8 (weights read per step {gib(section['int8_weight_bytes_per_step'])}):")
+      for batch, r in section["int8"].items():
+        lines.append(f"{'':11s}       batch {batch}: {r['decode_tokens_per_s']:,.1f} tokens/s,"
+                     f" {r['vs_bf16']:.2f}x bf16, bound {r['bound_tokens_per_s']:,.1f}"
+                     f" ({100 * r['of_bound']:.0f}% of it)")
   lines.append(f"all checks passed: {report['passed']}")
   return "\n".join(lines)
 

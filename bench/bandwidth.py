@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 
 def decode_read_bytes(params) -> int:
-  """Bytes of the LLM's params (`llama.Llama` layout) a decode step reads: all but `embed/`."""
-  return sum(leaf.nbytes for path, leaf in traverse_util.flatten_dict(params, sep="/").items()
-             if not path.startswith("embed/"))
+  """Bytes of the LLM's params (`llama.Llama` layout) a decode step reads: all but `embed/`
+  (quantised kernels: their values and scales)."""
+  return sum(leaf.nbytes for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if getattr(path[0], "key", None) != "embed")
 
 
 def read_bandwidth(repeats: int, host_readers: bool = True, device: jax.Device | None = None,

@@ -40,12 +40,14 @@ def test_reduced_run_on_cpu(tmp_path):
 
   decode = sections["decode"]
   assert positive(decode["weight_bytes_per_step"]) and positive(decode["bound_ms_per_token_batch1"])
-  assert set(decode["bf16"]) == {"1", "8"}
-  for row in decode["bf16"].values():
+  assert set(decode["bf16"]) == set(decode["int8"]) == {"1", "8"}
+  assert 0 < decode["int8_weight_bytes_per_step"] < decode["weight_bytes_per_step"]
+  for row in [*decode["bf16"].values(), *decode["int8"].values()]:
     assert row["tokens_valid"]
     assert positive(row["decode_tokens_per_s"]) and positive(row["bound_tokens_per_s"])
   assert decode["device_memory"] == "n/a"  # CPU reports none
-  assert positive(decode["compiled_memory"]["8"]["arguments"])
+  assert positive(decode["compiled_memory"]["bf16 batch 8"]["arguments"])
+  assert positive(decode["compiled_memory"]["int8 batch 8"]["arguments"])
 
   step = sections["train_step"]
   for key in ("compile_s", "step_s", "tokens_per_s", "flops_per_step", "flops_per_s"):
