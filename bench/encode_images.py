@@ -16,6 +16,8 @@ a 3x3 grid at 1008 px) with a narrower, shallower tower so it runs in minutes on
 Timings are interleaved in one process and reported as medians and ratios, float32. Ours
 compiles with `xla_options.compiler_options`, as the Trainer and `generate` do (on CPU: no
 YNNPACK fusions); the CLIP comparison also times our tower under XLA's default options.
+
+Results: docs/performance.md#encoding-images.
 """
 
 from __future__ import annotations

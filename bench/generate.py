@@ -33,6 +33,8 @@ half as fast on these machines), each the median of several; a batch-1 decode st
 read every weight once except the embedding table (a gather of one row): the decoder
 layers, the final norm and the lm_head. Bound per token = those bytes / bandwidth; printed
 beside our batch-1 decode time per token (target: ours <= 1.5x the bound).
+
+Results and what was tried: docs/performance.md#decoding.
 """
 
 from __future__ import annotations

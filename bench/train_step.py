@@ -27,6 +27,8 @@ FLOP formula of one step (causal LM, B rows of T tokens, L layers, H heads of K 
   3 x [ 2 * N_matmul * B * T  +  2 * L * B * T^2 * H * K ]
 N_matmul = q, k, v, o, gate, up, down and lm_head weights; the attention term is QK^T and
 AV over the causal half of the T x T scores; backward = 2x forward.
+
+Results and what was tried: docs/performance.md#train-step.
 """
 
 from __future__ import annotations

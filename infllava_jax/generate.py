@@ -133,10 +133,10 @@ def for_decoding(model: InfLlava | llama.Llama, params, consume: bool = False
   """The same model with its LLM layers unrolled, and params to match (call once, outside jit).
 
   A scanned decode step slices every layer's weights out of the `[depth, ...]` stacks, and
-  XLA:CPU copies each slice before its matmul, at every generated token: a second pass over
-  the weights in a loop that is bound by reading them (bench/generate.py: 7.8 -> 6.1 ms per
-  token at batch 1). Unrolled layers read their own arrays. Params already unrolled are
-  returned as they are. `consume`: see `llama.unstack_layers`.
+  XLA:CPU copies each slice before its matmul at every token: a second pass over the
+  weights in a loop that is bound by reading them. Unrolled layers read their own arrays
+  (docs/performance.md#unrolled-layers). Params already unrolled are returned as they are.
+  `consume`: see `llama.unstack_layers`.
   """
   if isinstance(model, llama.Llama):
     if "layers" not in params:

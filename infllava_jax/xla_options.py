@@ -1,15 +1,10 @@
 """XLA compiler options for our jitted entry points, per platform (`jax.jit(compiler_options=)`).
 
 On CPU, jaxlib 0.10's XLA hands dots, and the element-wise work around them, to YNNPACK
-fusions. Two of those are slow on the CPUs we measured (README, "XLA:CPU and YNNPACK"):
-attention fused whole (dot, softmax and dot in one fusion) and products of a few rows
-(decoding at batch 8). With the fusions off, XLA:CPU runs dots through Eigen instead.
-Measured side by side in one process on 2 cores (AMD EPYC; figures in the README): the
-CLIP tower 1.41x faster (`bench/encode_images.py`), batch-8 decoding
-1.36x faster (`bench/generate.py`), the float32 LLM train step within noise either way,
-a lone 2048^3 matmul slower (137 -> 112 GFLOP/s). So the train step,
-`infllava compile` and the decode loop compile with them off on CPU; GPU and TPU compiles
-get nothing from here.
+fusions; two of those (attention fused whole, products of a few rows) are slow on the CPUs
+we measured. With the fusions off XLA:CPU runs dots through Eigen instead, so the train
+step, `infllava compile` and the decode loop compile with them off on CPU; GPU and TPU
+compiles get nothing from here. Figures: docs/performance.md#xlacpu-and-ynnpack.
 
 A user who sets the same flag in `XLA_FLAGS` (before jax is imported) keeps their value:
 we then pass nothing, and XLA reads the environment as usual.

@@ -92,9 +92,9 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   q [B, N, G, T, K]; k, v [B, N, S, K], or [B*N, S, K] as the KV cache holds them; mask
   bool, broadcastable to [B, N, G, T, S], with at least one key per query row. The G heads
   are folded into the query length, so every product is one batched matmul over (B, N) or
-  B*N with contiguous operands. (B, N) kept apart where the model's activations are: on a
-  mesh splitting B and N over different axes, merging them made GSPMD all-gather the keys
-  and values (14 more all-gathers in a 2-layer step on fsdp=4 x tensor=2). Logits, softmax
+  B*N with contiguous operands. (B, N) kept apart where the model's activations are:
+  merged, GSPMD all-gathers the keys and values on a mesh that splits them over different
+  axes (docs/performance.md#tensor-axis). Logits, softmax
   and accumulation are float32; the probabilities enter the second product in the compute
   dtype.
 
@@ -152,8 +152,8 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   over keys and values laid out heads-major (as the KV cache holds them).
 
   q [B, T, H, K]; k, v [B, KVH, S, K], or [B*KVH, S, K] (the KV cache); mask [B, 1, T, S]
-  bool or None (causal, T == S). Returns [B, T, H, K], through `softmax_attention` (on CPU
-  about 2x faster than jax's vmap over the group, same numbers).
+  bool or None (causal, T == S). Returns [B, T, H, K], through `softmax_attention` (faster
+  on CPU than a vmap over the group: docs/performance.md#train-step).
   """
   b, t = q.shape[:2]
   s = k.shape[-2]
@@ -259,8 +259,8 @@ def decoder_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
 
   One-token decode steps under "jax" run our heads-major products: a flash kernel saves
   nothing over one query, and cuDNN's takes [B, S, KVH, K] operands, so it would likely be
-  handed a re-laid-out copy of the whole cache per layer and token (XLA's own form folds
-  the swap: no copy on CPU, tests/model/test_llama.py; on GPU unmeasured).
+  handed a re-laid-out copy of the whole cache per layer and token
+  (docs/performance.md#kv-cache-layout).
   """
   cached = k.ndim == 3
   decode_step = cached and q.shape[1] == 1
@@ -283,9 +283,9 @@ def unmasked_attention(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str) ->
 
   The `DOT_PRODUCT_KERNELS` go to `jax.nn.dot_product_attention` (cuDNN's flash kernel,
   "cudnn", takes bf16/fp16 only); "einsum" and "splash" (which has no unmasked form here)
-  run the einsums below. On CPU they run the whole CLIP tower about 1.35x faster than jax's
-  XLA attention: heads-first operands make both batched dots plain [P, K] x [K, P] GEMMs,
-  and normalising after the PV product divides a [P, K] tile instead of [P, P].
+  run the einsums below, the faster path on CPU (docs/performance.md#encoding-images):
+  heads-first operands make both batched dots plain [P, K] x [K, P] GEMMs, and
+  normalising after the PV product divides a [P, K] tile instead of [P, P].
   """
   if kernel in DOT_PRODUCT_KERNELS:
     return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,

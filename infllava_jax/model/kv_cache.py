@@ -23,12 +23,9 @@ class KVCache:
     [B*KVH, S, K]: each layer then updates its own buffer in place, where slicing layers out
     of a stack and re-stacking them copies the whole cache at every decode step.
     Heads-major, the layout the attention products read (`attention.softmax_attention`'s
-    batch of B*KVH): a [B, S, KVH, K] cache was transposed whole at every decode step, ~40%
-    of a batch-8 step's attention on CPU (bench/generate.py). Rows and heads are one axis
-    because the write and the products then see the same array: with [B, KVH, S, K] at
-    batch 1, XLA:CPU fused the squeeze of the unit batch axis into a second copy of the
-    write and copied each layer's cache four times per decode step
-    (tests/model/test_llama.py).
+    batch of B*KVH), with rows and heads on one axis, so a decode step neither transposes
+    nor copies the cache (tests/model/test_llama.py::test_a_decode_step_copies_no_cache;
+    docs/performance.md#kv-cache-layout).
   segment_ids: [B, S] int32, the segment of the token in each slot; 0 = padding or unwritten.
   index: [] int32, the next slot to write (the same for every row).
   """

@@ -56,8 +56,8 @@ class Attention(nn.Module):
     dense = lambda features, axes, name: layers.Dense(
         features, axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
         name=name)
-    # [B*T, D] @ [D, F]: a plain 2-D matmul forwards and backwards (the weight gradient of
-    # a 3-D input contracts two axes, which XLA:CPU runs ~25% slower).
+    # [B*T, D] @ [D, F]: a plain 2-D matmul forwards and backwards
+    # (docs/performance.md#train-step).
     x = x.reshape(b * t, d)
     q = dense(h * k_dim, ("embed", "heads"), "q")(x).reshape(b, t, h, k_dim)
     k = dense(kvh * k_dim, ("embed", "kv_heads"), "k")(x).reshape(b, t, kvh, k_dim)

@@ -90,9 +90,10 @@ def model_config(variant: str = "infllava") -> ConfigDict:
       dtype="bfloat16",      # compute dtype
       remat_policy="nothing_saveable",  # see infllava_jax.model.layers.REMAT_POLICIES
       # None: jax's own pick on GPU (in jax 0.10 its XLA attention; "cudnn" asks for cuDNN's
-      # flash kernel, bf16 compute, not yet measured by us); on TPU the LLM's self-attention
-      # runs the Pallas splash (flash) kernel when 512 or T (a multiple of 128) divides T;
-      # heads-first einsums elsewhere (fastest on CPU); or force "einsum", "xla" or "cudnn".
+      # flash kernel, bf16 compute; docs/performance.md#not-measured); on TPU the LLM's
+      # self-attention runs the Pallas splash (flash) kernel when 512 or T (a multiple of
+      # 128) divides T; heads-first einsums elsewhere (fastest on CPU); or force "einsum",
+      # "xla" or "cudnn".
       attention_impl=None,
       attention_chunk=128,   # causal LLM attention in query blocks of 128 (0: one block)
       # Training only: the LLM's MLP width in this many column sets, one at a time

@@ -25,17 +25,16 @@ def model_config() -> ConfigDict:
   model.dtype = "bfloat16"           # compute dtype (the reference trains in bf16)
   # Frozen towers hold no optimiser state and no float32 master copy is needed: CLIP and
   # LLaMA-3 are released in bf16, so bf16 params are the exact weights and halve their
-  # memory (the LLM: 16 GB -> 2 GB per device at fsdp=8). Matmuls run in bf16 either way.
+  # memory. Matmuls run in bf16 either way.
   model.vision.param_dtype = "bfloat16"
   model.llm.param_dtype = "bfloat16"
-  # Only the per-layer carry is kept for the backward pass (512 MiB per row of 2048 tokens
-  # for the 32 LLM layers); the LLM forward is recomputed, ~+33% of its FLOPs. Saving the
-  # matmul outputs ("dots_with_no_batch_dims_saveable") would cost ~5.5 GiB per row, too
-  # much at the reference's 4+ rows per device.
+  # Only the per-layer carry is kept for the backward pass; the LLM forward is recomputed.
+  # Saving the matmul outputs ("dots_with_no_batch_dims_saveable") would cost too much at
+  # the reference's 4+ rows per device (docs/performance.md#sizing-behind-the-8b-configs).
   model.remat_policy = "nothing_saveable"
   # The MLP in 8 column sets of 1792, one at a time (llama.swiglu): no whole [2048, 14336]
-  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time (figures in
-  # the README, "Fitting the 8B model").
+  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time
+  # (docs/performance.md#fitting-the-8b-model).
   model.mlp_chunks = 8
   return model
 
@@ -73,7 +72,7 @@ def train_config() -> ConfigDict:
       grad_accum_steps=8,
       # The loss on each device's own rows, lm_head gathered 2048 vocabulary columns at a
       # time (optim.blockwise_cross_entropy): float32 logits [4, 2048, 2048] per device, and
-      # no re-split copy of lm_head (its all-to-all was the stage-1 peak on TPU v5p).
+      # no re-split copy of lm_head (docs/performance.md#what-lowered-the-peak).
       loss_vocab_block=2048,
       # Used instead on a mesh with tensor > 1 (vocabulary-parallel): tokens per row in each
       # loss chunk, 4 rows x 128 = 512 tokens of logits per device at a time.

@@ -25,14 +25,13 @@ def model_config() -> ConfigDict:
   # The LLM trains, so it keeps float32 params (the master copy AdamW updates).
   model.vision.param_dtype = "bfloat16"
   model.llm.param_dtype = "float32"
-  # Only the per-layer carry is kept for the backward pass (512 MiB per row of 2048
-  # tokens); the forward is recomputed (~+33% of the LLM's FLOPs). Saving the matmul
-  # outputs would cost ~5.5 GiB per row on top of 16 GiB of params, grads and AdamW state
-  # per device (fsdp=8), leaving room for only a few rows per device.
+  # Only the per-layer carry is kept for the backward pass; the forward is recomputed.
+  # Saving the matmul outputs would leave room for only a few rows per device beside the
+  # params, grads and AdamW state (docs/performance.md#sizing-behind-the-8b-configs).
   model.remat_policy = "nothing_saveable"
   # The MLP in 8 column sets of 1792, one at a time (llama.swiglu): no whole [2048, 14336]
-  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time (figures in
-  # the README, "Fitting the 8B model").
+  # activation, and FSDP gathers an eighth of a layer's MLP weights at a time
+  # (docs/performance.md#fitting-the-8b-model).
   model.mlp_chunks = 8
   return model
 
@@ -69,8 +68,9 @@ def train_config() -> ConfigDict:
   train.update(dict(
       # 128 rows over 8 devices in 4 micro-batches: 4 rows of 2048 tokens per device at once.
       grad_accum_steps=4,
-      # The vocabulary-parallel loss (train.loss_chunk 512 tokens per row at a time): on TPU
-      # v5p it holds 0.2 GiB less here than stage 1's blockwise loss, and moves less.
+      # The vocabulary-parallel loss (train.loss_chunk 512 tokens per row at a time): here
+      # it holds less than stage 1's blockwise loss, and moves less
+      # (docs/performance.md#what-lowered-the-peak).
       steps=config_dict.placeholder(int),  # None: num_epochs over the data (~5,198 steps)
       log_every=10,
       seed=0,

@@ -240,7 +240,7 @@ def blockwise_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.A
   [B, T, block] float32 logits at a time. On a mesh each block of lm_head is gathered over
   `fsdp` inside the loop ([D, block], never the whole kernel) while the hidden states stay
   where they are: unlike `chunked_cross_entropy`'s vocabulary-parallel form, no re-split
-  copy of lm_head is made (on TPU v5p its all-to-all held three at once, the stage-1 peak),
+  copy of lm_head is made (docs/performance.md#what-lowered-the-peak),
   at the price of gathering every device's share of lm_head once forwards and once in the
   backward. When `block` does not divide V the last block overlaps the one before; the
   columns already counted are masked there.
