@@ -12,13 +12,7 @@ every millisecond by a thread: XLA:CPU keeps no statistics); the state's own byt
 
   python bench/resume_memory.py [--config configs/synthetic.py] [--config.a.b=v ...]
 
-Measured on a 2-core CPU host (one CPU device), MiB, fresh / resume:
-  synthetic.py (state 3.1):             peak RSS 701.9 / 552.7, peak device 3.8 / 3.8
-  + llm.depth=8, llm.mlp_dim=16384 (state 291.4):
-                                        peak RSS 1013.2 / 937.0, peak device 292.1 / 292.1
-Before the abstract state (2a2f29c: zeros restored over, AdamW state built eagerly), the
-same runs gave resume peaks of 596.4 RSS / 7.0 device and 1279.4 RSS / 583.6 device (two
-states at once) against fresh 771.3 / 3.8 and 1028.5 / 291.4.
+Results: docs/performance.md#resume-memory.
 """
 
 from __future__ import annotations

@@ -245,8 +245,7 @@ def convert(source: str, out: str, mode: str, group_size: int = GROUP_SIZE) -> N
   """Quantises the converted checkpoint `source` into `out` (its tokenizer copied too) on
   the host's CPU, reading the kernels to quantise one at a time and quantising stacked ones
   layer by layer: no accelerator is used, and the host never holds the float model and its
-  quantised form together (a 0.98 GB bfloat16 LLM, 0.62 GB in int8: peak RSS 2.3 GB, against
-  3.1 GB when the float checkpoint is loaded whole first; jax and orbax alone take 0.27)."""
+  quantised form together (docs/performance.md#low-bit-inference)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   directory = os.path.join(os.path.abspath(source), converted.PARAMS_DIR)
   stored = _flat(converted.params_metadata(source))
