@@ -27,6 +27,12 @@ Records are checked before anything is written, by the same pass and policy as t
 record too. Shards are written in parallel; each finished one leaves OUT/<shard>.done, so
 an interrupted pack run again with the same JSON and settings redoes only unfinished shards
 (OUT/plan.json holds those settings, and a run with others is refused).
+
+Paths: the JSON, the images and OUT go through `etils.epath` (gs:// and the other fsspec
+schemes, or local); each shard is written to a local temporary file first, as ArrayRecord's
+writer opens local files only. Training reads the shards with ArrayRecord's own reader: a
+local folder or a gcsfuse mount works; a gs:// path needs an array_record build that reads
+GCS itself.
 """
 
 from __future__ import annotations

@@ -168,3 +168,42 @@ def test_pack_cli(tmp_path):
   refused = infllava("data", "pack", "--json", json_path, "--images", images,
                      "--out", tmp_path / "other")
   assert "1 of 4 records are bad: record #3 (id 'x')" in error_line(refused, "data")
+
+
+def test_pack_reads_and_writes_bucket_paths_through_epath(tmp_path):
+  """gs:// paths go through etils.epath: here its test mock maps gs://bucket to a folder
+  (every epath call; array_record itself writes a local temporary file)."""
+  from etils.epath import testing as epath_testing
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  json_path, images = _llava_json(bucket, num_image=3, num_text=1, extra=[
+      {"id": "gone", "image": "sub/gone.png", "conversations": [
+          {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Hello"}]}])
+  local = lambda p: str(p).replace("gs://bucket", str(bucket))
+
+  def redirect(fn, path, *args, **kwargs):
+    if args and isinstance(args[0], str) and "://" in args[0]:  # copy/rename's destination
+      args = (local(args[0]), *args[1:])
+    return fn(local(path), *args, **kwargs)
+
+  calls = []
+  def counted(fn, path, *args, **kwargs):
+    calls.append(str(path))
+    return redirect(fn, path, *args, **kwargs)
+
+  mocks = {name: counted for name in ("open", "exists", "isdir", "listdir", "glob", "makedirs",
+                                      "mkdir", "remove", "rename", "replace", "rmtree", "stat",
+                                      "walk")}
+  with epath_testing.mock_epath(copy=counted, **mocks):
+    with pytest.raises(ConfigError, match=r"record #4 \(id 'gone'\): field 'image': cannot "
+                                          r"read image 'sub/gone.png'"):
+      pack.pack("gs://bucket/data.json", "gs://bucket/images", "gs://bucket/out",
+                num_shards=2, workers=1, progress=lambda _: None)
+    index = pack.pack("gs://bucket/data.json", "gs://bucket/images", "gs://bucket/out2",
+                      num_shards=2, workers=1, skip_bad=True, progress=lambda _: None)
+  assert index["records"] == 4 and index["skipped"] == 1
+  # (The shards' writers run in worker processes: their calls are not counted here.)
+  assert {"gs://bucket/data.json", "gs://bucket/out2/plan.json",
+          "gs://bucket/out2/index.json"} <= set(calls)
+  source = PackedSource(str(bucket / "out2"))
+  assert [source[i]["id"] for i in range(4)] == ["img0", "img1", "img2", "txt0"]
