@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="leave bad records out (counted) instead of stopping")
   packer.add_argument("--template", choices=("llama3", "plain"), default="llama3",
                       help="the template the records are checked for (default: %(default)s)")
-  packer.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                      help="processes writing shards at once (default: the CPU count)")
+  packer.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                      help="processes writing shards at once (default: the cores this process may use)")
   return parser
 
 
