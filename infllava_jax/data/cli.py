@@ -21,6 +21,12 @@ import sys
 from infllava_jax.data.synthetic import DEFAULT_KINDS, KINDS, check_kinds
 
 
+def _usable_cores() -> int:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
+  affinity = getattr(os, "sched_getaffinity", None)
+  return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="infllava data", description="Data tools for infllava-jax.",
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="leave bad records out (counted) instead of stopping")
   packer.add_argument("--template", choices=("llama3", "plain"), default="llama3",
                       help="the template the records are checked for (default: %(default)s)")
-  packer.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+  packer.add_argument("--workers", type=int, default=_usable_cores(),
                       help="processes writing shards at once (default: the cores this process may use)")
   return parser
 
