@@ -4,14 +4,27 @@
                       [--seed S] [--image-size PX] [--max-turns T] [--kinds pattern,letter,count]
       Writes the synthetic fine-detail set as LLaVA JSON + PNGs (DIR/<split>.json,
       DIR/images/<split>/) and as a TFDS array_record dataset (DIR/tfds/...).
+
+  infllava data pack --json FILE.json --images DIR --out DIR [--shards N] [--max-side PX]
+                     [--skip-bad] [--template llama3|plain] [--workers W]
+      Packs a LLaVA JSON and its images into N ArrayRecord shards + index.json (layout in
+      data/pack.py), for data.source="array_record", data.path=DIR. Paths may be local or
+      gs:// (etils.epath). Run again to resume an interrupted pack.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from infllava_jax.data.synthetic import DEFAULT_KINDS, KINDS, check_kinds
+
+
+def _usable_cores() -> int:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
+  affinity = getattr(os, "sched_getaffinity", None)
+  return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,11 +52,39 @@ def _parser() -> argparse.ArgumentParser:
   synth.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                      help=f"comma-separated question kinds out of {','.join(KINDS)} "
                           "(default: %(default)s, the main job's)")
+  packer = sub.add_parser(
+      "pack", help="pack a LLaVA JSON + images into ArrayRecord shards",
+      description=("Packs the records of a LLaVA JSON (id, conversations and the image's "
+                   "encoded bytes) into ArrayRecord shards plus OUT/index.json, for "
+                   "data.source='array_record' with data.path=OUT. Bad records stop the "
+                   "pack (or, with --skip-bad, are counted and left out), as in training. "
+                   "Run again with the same arguments to finish an interrupted pack."))
+  packer.add_argument("--json", required=True, help="the LLaVA JSON (local or gs://...)")
+  packer.add_argument("--images", required=True,
+                      help="the folder the records' image paths are relative to")
+  packer.add_argument("--out", required=True, help="output folder (local or gs://...)")
+  packer.add_argument("--shards", type=int, default=1, help="shard files (default: 1)")
+  packer.add_argument("--max-side", type=int, default=None,
+                      help="shrink and re-encode images whose longer side exceeds PX "
+                           "(default: store every image's bytes as they are)")
+  packer.add_argument("--skip-bad", action="store_true",
+                      help="leave bad records out (counted) instead of stopping")
+  packer.add_argument("--template", choices=("llama3", "plain"), default="llama3",
+                      help="the template the records are checked for (default: %(default)s)")
+  packer.add_argument("--workers", type=int, default=_usable_cores(),
+                      help="processes writing shards at once (default: the cores this process may use)")
   return parser
 
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
+  if args.command == "pack":
+    from infllava_jax.data.pack import pack
+    index = pack(args.json, args.images, args.out, num_shards=args.shards,
+                 max_side=args.max_side, skip_bad=args.skip_bad, template=args.template,
+                 workers=args.workers, progress=lambda msg: print(msg, flush=True))
+    print(f"wrote {index['records']} records in {len(index['shards'])} shards "
+          f"({index['skipped']} skipped): {args.out}")
   if args.command == "synth":
     from infllava_jax.data.sources import write_synthetic
     if args.num < 1:

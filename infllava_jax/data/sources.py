@@ -1,4 +1,5 @@
-"""Random-access record sources: LLaVA JSON + image folder, TFDS (array_record), synthetic.
+"""Random-access record sources: LLaVA JSON + image folder, TFDS (array_record), synthetic,
+and the shards of `infllava data pack` (data/packed.py).
 
 Every source yields the same record form, read lazily and decoded later in the grain
 workers:
@@ -158,7 +159,8 @@ class SyntheticSource:
 
 
 def make_source(data_cfg, split: str = "train"):
-  """The source that `data_cfg.source` names ("synthetic", "llava_json" or "tfds").
+  """The source that `data_cfg.source` names ("synthetic", "llava_json", "tfds" or
+  "array_record": data.path, a folder `infllava data pack` wrote).
 
   A LLaVA JSON's records are checked here (`LlavaJsonSource.check`): bad ones stop the run
   (ConfigError) or are counted and skipped, before any model is built or compiled.
@@ -176,7 +178,11 @@ def make_source(data_cfg, split: str = "train"):
     return source
   if kind == "tfds":
     return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir or None)
-  raise ConfigError(f"data.source must be 'synthetic', 'llava_json' or 'tfds', got {kind!r}")
+  if kind == "array_record":  # checked when packed (`infllava data pack`)
+    from infllava_jax.data.packed import PackedSource
+    return PackedSource(data_cfg.path)
+  raise ConfigError(f"data.source must be 'synthetic', 'llava_json', 'tfds' or "
+                    f"'array_record', got {kind!r}")
 
 
 def _png(image: np.ndarray) -> bytes:

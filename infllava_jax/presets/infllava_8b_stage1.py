@@ -42,6 +42,12 @@ def model_config() -> ConfigDict:
 def data_config() -> ConfigDict:
   data = synthetic.data_config()
   data.update(dict(
+      # Either the LLaVA JSON + image folder below (every host reads the images from its own
+      # copy), or ArrayRecord shards packed once (layout: infllava_jax/data/pack.py):
+      #   infllava data pack --json blip_laion_cc_sbu_558k.json --images images/ \
+      #       --out gs://BUCKET/blip_laion_cc_sbu_558k --shards 256 --skip-bad --template plain
+      # read with --config.data.source=array_record --config.data.path=gs://BUCKET/...
+      # (each process reads only its share of the records).
       source="llava_json",
       # LLaVA-Pretrain (liuhaotian/LLaVA-Pretrain): the JSON and its unzipped images/.
       json_path="/path/to/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",

@@ -39,6 +39,12 @@ def model_config() -> ConfigDict:
 def data_config() -> ConfigDict:
   data = synthetic.data_config()
   data.update(dict(
+      # Either the LLaVA JSON + image folder below (every host reads the images from its own
+      # copy), or ArrayRecord shards packed once (layout: infllava_jax/data/pack.py):
+      #   infllava data pack --json llava_v1_5_mix665k.json --images images/ \
+      #       --out gs://BUCKET/llava_v1_5_mix665k --shards 256 --skip-bad
+      # read with --config.data.source=array_record --config.data.path=gs://BUCKET/...
+      # (each process reads only its share of the records).
       source="llava_json",
       # LLaVA-Instruct mix (liuhaotian/LLaVA-Instruct-150K) with the images of coco, gqa,
       # ocr_vqa, textvqa and vg under one folder, as LLaVA-1.5's README lays them out.

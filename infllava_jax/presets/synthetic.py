@@ -18,10 +18,12 @@ def data_config() -> ConfigDict:
   return ConfigDict(dict(
       # Where records come from: "synthetic" (generated in-process), "llava_json"
       # (json_path + image_folder) or "tfds" (tfds_name: a registered name or a prepared
-      # folder such as OUT/tfds/synthetic_detail/1.0.0 written by `infllava data synth`).
+      # folder such as OUT/tfds/synthetic_detail/1.0.0 written by `infllava data synth`)
+      # or "array_record" (path: a folder of shards written by `infllava data pack`).
       source="synthetic",
       json_path="",
       image_folder="",
+      path="",
       tfds_name="",
       tfds_data_dir="",
       synthetic=ConfigDict(dict(
