@@ -74,3 +74,14 @@ def test_a_context_the_image_does_not_fit_is_refused(capsys):
                       "--max-new-tokens", "16"])
   assert exit_info.value.code == 2
   assert "the image alone takes" in capsys.readouterr().err
+
+
+def test_one_tpu_chip_compiles_without_a_tpu(capsys):
+  """--topology v5e:1x1: one chip, which libtpu refuses without its host bounds (skips
+  without libtpu, the `tpu` extra)."""
+  pytest.importorskip("libtpu")
+  assert compile_cli.main(["--inference", "--config", "configs/tiny.py", "--context", "128",
+                           "--max-new-tokens", "16", "--quantize", "int8",
+                           "--topology", "v5e:1x1", "--device-memory", "16GiB"]) == 0
+  out = capsys.readouterr().out
+  assert "one TPU v5 lite" in out and "fits in --device-memory 16.000 GiB" in out
