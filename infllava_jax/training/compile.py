@@ -4,6 +4,8 @@
       [--batch 1] [--length 2048] [--grad-accum 1] [--device-memory 80GiB] [--config.a.b=v ...]
   infllava compile --config infllava_8b_stage1 --topology v5p:2x2x2 \\
       --device-memory 95GiB                    # for a TPU slice, on this machine (libtpu)
+  infllava compile --inference --config infllava_8b --quantize int8 --device-memory 16GiB
+                                               # generation on one device: inference_compile.py
 
 Nothing of model size is ever allocated: the state is the trainer's abstract state
 (`training.state.train_setup`: `jax.eval_shape` of `model.init` and `tx.init`, placed by the
@@ -80,8 +82,13 @@ def topology_devices(name: str) -> list:
     raise SystemExit("infllava compile: --topology needs libtpu, the TPU compiler: "
                      "pip install 'infllava-jax[tpu]'") from None
   from jax.experimental import topologies
+  # One chip is smaller than libtpu's default host (2x2x1), which it then refuses.
+  dims = re.fullmatch(r"[^:]+:([0-9x]+)", name)
+  single = bool(dims) and all(d == "1" for d in dims.group(1).split("x"))
+  extra = {"chips_per_host_bounds": [1, 1, 1]} if single else {}
   try:
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                             **extra).devices)
   except Exception as e:  # libtpu's own message names the accepted forms
     raise SystemExit(f"infllava compile: --topology {name!r}: {e}") from None
 
@@ -298,10 +305,16 @@ def configured_batch_note(config, mesh_shape: dict, rows_per_shard: int,
 
 
 def main(argv: list[str]) -> int:
+  if "--inference" in argv:  # the generation program instead of the train step
+    from infllava_jax import inference_compile
+    return inference_compile.main([a for a in argv if a != "--inference"])
   parser = argparse.ArgumentParser(prog="infllava compile", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True,
                       help=config_help("infllava_8b_stage2"))
+  parser.add_argument("--inference", action="store_true",
+                      help="compile the Assistant's generation on one device instead of the "
+                           "train step: see `infllava compile --inference --help`")
   parser.add_argument("--mesh", default=None,
                       help="mesh to compile for, 'fsdp=8' or 'data=2,fsdp=2,tensor=2' (one "
                            "simulated CPU device per position); default: the config's mesh "
