@@ -70,7 +70,7 @@ from infllava_jax import generate, quantize, sharding, xla_options  # noqa: E402
 from infllava_jax.model import attention, infllava  # noqa: E402
 from infllava_jax.presets import infllava_8b, infllava_8b_stage2, tiny  # noqa: E402
 from infllava_jax.training import flops, optim  # noqa: E402
-from infllava_jax.training.compile import format_bytes  # noqa: E402
+from infllava_jax.aot import format_bytes  # noqa: E402
 from infllava_jax.training.step import TrainState, make_train_step  # noqa: E402
 
 LOGITS_TOLERANCE = 1e-4     # max |device - CPU| / max |CPU logit|, float32

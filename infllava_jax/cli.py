@@ -15,7 +15,7 @@ import traceback
 COMMANDS = {
     "demo": ("infllava_jax.demo", "build a model from a config and run one image+text forward"),
     "train": ("infllava_jax.training.cli", "train a model from a config (multi-host aware; resumes)"),
-    "compile": ("infllava_jax.training.compile", "ahead-of-time compile a train step or (--inference) generation: per-device memory"),
+    "compile": ("infllava_jax.compile_cli", "ahead-of-time compile a train step or (--inference) generation: per-device memory"),
     "generate": ("infllava_jax.generate_cli", "answer a question about an image with a checkpoint"),
     "chat": ("infllava_jax.chat", "multi-turn chat about an image in the terminal (streamed)"),
     "evaluate": ("infllava_jax.evaluate.cli", "accuracy on ScienceQA, POPE, MMBench, SEED-Bench or the synthetic set"),

@@ -28,7 +28,7 @@ import functools
 import math
 import time
 
-from infllava_jax.training.compile import format_bytes
+from infllava_jax.aot import format_bytes
 
 
 def abstract_inference_params(config, device, quantize: str | None = None):
@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
   import sys
   from infllava_jax.config import config_help, load_config
   from infllava_jax.quantize import MODES
-  from infllava_jax.training.compile import parse_size, request_cpu_devices, topology_devices
+  from infllava_jax.aot import parse_size, request_cpu_devices, topology_devices
 
   parser = argparse.ArgumentParser(prog="infllava compile --inference", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,7 @@ import pytest
 
 from infllava_jax import inference_compile
 from infllava_jax.config import load_config
-from infllava_jax.training import compile as compile_cli
+from infllava_jax import aot, compile_cli
 
 CONTEXT, NEW = 128, 16
 
@@ -60,7 +60,7 @@ def test_cli_prints_the_fit_line_and_fails_over_the_limit(bf16_and_int8, monkeyp
   assert compile_cli.main(argv + ["--device-memory", "16GiB"]) == 0
   out = capsys.readouterr().out
   assert seen == {"batch": 2, "context": 128, "new": 16, "quantize": "int8"}
-  total = compile_cli.format_bytes(bf16_and_int8[1]["memory"]["total"]).strip()
+  total = aot.format_bytes(bf16_and_int8[1]["memory"]["total"]).strip()
   assert f"fits in --device-memory 16.000 GiB: total {total}" in out
   assert compile_cli.main(argv + ["--device-memory", "1KiB"]) == 1
   captured = capsys.readouterr()

@@ -7,6 +7,7 @@ stage configs' abstract state is checked in test_state.py (traced only).
 import jax
 import pytest
 
+from infllava_jax import aot
 from infllava_jax.config import load_config
 from infllava_jax.training import compile as compile_cli
 
@@ -59,7 +60,7 @@ def test_main_reports_and_fails_over_device_memory(tiny_figures, monkeypatch, ca
 
   assert compile_cli.main(argv + ["--device-memory", "1KiB"]) == 1
   err = capsys.readouterr().err
-  total = compile_cli.format_bytes(tiny_figures["memory"]["total"]).strip()
+  total = aot.format_bytes(tiny_figures["memory"]["total"]).strip()
   assert f"per-device total {total} exceeds --device-memory 0.001 MiB" in err
 
   # The micro-batch count: --grad-accum, or the config override (not reset to 1), not both.
@@ -114,9 +115,9 @@ def test_topology_compiles_for_a_tpu_slice_without_a_tpu(capsys):
 @pytest.mark.parametrize("text, size", [("80GiB", 80 * 2 ** 30), ("1.5GB", 1_500_000_000),
                                         ("512 MiB", 2 ** 29), ("4096", 4096)])
 def test_parse_size(text, size):
-  assert compile_cli.parse_size(text) == size
+  assert aot.parse_size(text) == size
 
 
 def test_parse_size_rejects_unknown_units():
   with pytest.raises(Exception, match="80Gb/s"):
-    compile_cli.parse_size("80Gb/s")
+    aot.parse_size("80Gb/s")
