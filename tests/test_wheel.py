@@ -1,18 +1,15 @@
 """The wheel, installed outside the checkout, runs the commands: nothing read from the repository.
 
-One test in steps: build the wheel from a copy of pyproject.toml, README.md and
-infllava_jax/; install it into a fresh virtualenv that sees this environment's dependencies
-but not its infllava_jax (a .pth lists our site-packages; their own .pth files, an editable
-install's finder among them, are not run); then, from a folder with no configs/, convert a
-tiny random HF LLaMA + CLIP, generate from it, evaluate it on the synthetic benchmark, and
-train the `synthetic` preset (the wheel's shipped tokenizer) for two steps.
+One test in steps: install the wheel into a fresh virtualenv that sees this environment's
+dependencies but not its infllava_jax (`tests/wheel_env.py`); then, from a folder with no
+configs/, convert a tiny random HF LLaMA + CLIP, generate from it, evaluate it on the
+synthetic benchmark, and train the `synthetic` preset (the wheel's shipped tokenizer) for
+two steps.
 """
 
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,44 +20,7 @@ from PIL import Image
 from infllava_jax.config import load_config
 from infllava_jax.data import tokenizer
 from tests.convert import tiny_checkpoints as tc
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def run(argv, cwd, env, timeout=300) -> str:
-  done = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  assert done.returncode == 0, f"{argv}:\n{done.stdout}\n{done.stderr}"
-  return done.stdout
-
-
-def build_wheel(work: pathlib.Path) -> pathlib.Path:
-  """pip wheel from a copy of the sources, nothing written into the checkout; with the test
-  extra's setuptools, so pip downloads no build environment."""
-  src = work / "src"
-  shutil.copytree(ROOT / "infllava_jax", src / "infllava_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
-  for name in ("pyproject.toml", "README.md"):
-    shutil.copy(ROOT / name, src / name)
-  run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-       "-w", work / "dist", src], cwd=work, env=os.environ)
-  (wheel,) = (work / "dist").glob("infllava_jax-*.whl")
-  return wheel
-
-
-def make_venv(work: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
-  """A virtualenv holding the wheel; this interpreter's site-packages folders on its path
-  after its own, as plain folders (their .pth files are not processed)."""
-  venv = work / "venv"
-  run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work, env=os.environ)
-  python = venv / "bin" / "python"
-  purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                cwd=work, env=os.environ).strip()
-  ours = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-  pathlib.Path(purelib, "outer_site_packages.pth").write_text("\n".join(ours) + "\n")
-  run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-       "-q", wheel], cwd=work, env=os.environ)
-  return venv
+from tests.wheel_env import make_venv, run, session_wheel
 
 
 def hf_folders(work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -78,8 +38,8 @@ def hf_folders(work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 @pytest.mark.slow
-def test_the_installed_wheel_runs_outside_the_checkout(tmp_path):
-  wheel = build_wheel(tmp_path)
+def test_the_installed_wheel_runs_outside_the_checkout(tmp_path, tmp_path_factory):
+  wheel = session_wheel(tmp_path_factory)
   venv = make_venv(tmp_path, wheel)
   llama, clip = hf_folders(tmp_path)
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), np.uint8)).save(
