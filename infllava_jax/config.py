@@ -43,6 +43,18 @@ def is_config_file(spec: str) -> bool:
   return spec.split(":", 1)[0].endswith(".py")
 
 
+def parse_args_and_overrides(parser, argv: Sequence[str],
+                             example: str = "--config.train.lr=1e-4") -> tuple[object, list[str]]:
+  """`parser`'s arguments and the `--config.a.b=value` overrides that follow them; any other
+  unknown argument exits through `parser.error`, naming `example` as the override form."""
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
+                 f"{example})")
+  return args, overrides
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   """Loads a preset `NAME[:arg]` or a file `PATH.py[:arg]` and applies overrides such as
   `--config.model.dtype=float32`.

@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
   import argparse
   import os
   import sys
-  from infllava_jax.config import config_help, load_config
+  from infllava_jax.config import config_help, load_config, parse_args_and_overrides
   from infllava_jax.quantize import MODES
   from infllava_jax.aot import parse_size, request_cpu_devices, topology_devices
 
@@ -218,11 +218,7 @@ def main(argv: list[str]) -> int:
                            "e.g. v5e:1x1 (needs libtpu; no TPU)")
   parser.add_argument("--device-memory", type=parse_size, default=None,
                       help="say whether the total fits, and exit 1 when it does not, e.g. 16GiB")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
-                 "--config.model.dtype=float32)")
+  args, overrides = parse_args_and_overrides(parser, argv, "--config.model.dtype=float32")
   if args.batch < 1:
     parser.error(f"--batch must be >= 1, got {args.batch}")
   if args.topology:

@@ -22,7 +22,7 @@ import sys
 import jax
 
 from infllava_jax.checkpoints import lock
-from infllava_jax.config import config_help, load_config
+from infllava_jax.config import config_help, load_config, parse_args_and_overrides
 from infllava_jax.training import loop
 
 
@@ -72,11 +72,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--process-id", type=int, default=None,
                       help="this process's index, 0 .. num-processes - 1 (0 is the "
                            "coordinator)")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
-                 "--config.train.lr=1e-4)")
+  args, overrides = parse_args_and_overrides(parser, argv)
   initialize_distributed(args)
   config = load_config(args.config, overrides)
   with lock.WorkdirOwner(args.workdir):  # a second trainer on this workdir stops here

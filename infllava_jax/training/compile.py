@@ -38,7 +38,9 @@ from typing import Any
 
 from infllava_jax.aot import (GIB, available_devices, format_bytes, mesh_device_count, parse_size,
                               request_cpu_devices, topology_devices)
-from infllava_jax.config import config_help, load_config  # imports no jax
+from infllava_jax.config import (config_help, load_config,  # imports no jax
+                                 parse_args_and_overrides)
+
 
 def shard_bytes(leaf) -> int:
   """Bytes one device holds of `leaf` (a ShapeDtypeStruct carrying a sharding)."""
@@ -264,11 +266,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--device-memory", type=parse_size, default=None,
                       help="fail (exit 1) when the compiled per-device total exceeds this, "
                            "e.g. 80GiB")
-  args, overrides = parser.parse_known_args(argv)
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like "
-                 "--config.model.remat_policy=dots_saveable)")
+  args, overrides = parse_args_and_overrides(parser, argv,
+                                             "--config.model.remat_policy=dots_saveable")
   accum_key = "--config.train.grad_accum_steps"
   accum_override = any(o.split("=")[0] == accum_key for o in overrides)
   if accum_override and args.grad_accum is not None:
