@@ -14,8 +14,11 @@ ConfigError (the run stops, exit 2) or, with data.skip_bad_samples, a count to l
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
+
+from etils import epath
 
 from infllava_jax.errors import ConfigError
 from infllava_jax.data import templates
@@ -41,6 +44,23 @@ class _FolderListing:
       except OSError:  # a missing folder, or not one
         self._names[folder] = frozenset()
     return name in self._names[folder]
+
+
+def read_records(json_path: str, flag: str) -> tuple[list, bytes]:
+  """(records, the file's bytes) of a LLaVA JSON file, local or on a bucket (etils.epath);
+  one-line errors name `flag`, the setting that gave the path."""
+  path = epath.Path(json_path)
+  if not path.exists():
+    raise FileNotFoundError(f"{json_path}: LLaVA JSON file not found ({flag})")
+  data = path.read_bytes()
+  try:
+    records = json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{json_path}: not valid JSON: {e} ({flag})") from None
+  if not isinstance(records, list):
+    raise ConfigError(f"{json_path}: expected a JSON list of records, got "
+                      f"{type(records).__name__} ({flag})")
+  return records, data
 
 
 def is_local(path: str) -> bool:

@@ -140,21 +140,6 @@ def unbits(text: str, n: int) -> np.ndarray:
   return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
-def _load_json(json_path: str) -> tuple[list, str]:
-  path = epath.Path(json_path)
-  if not path.exists():
-    raise FileNotFoundError(f"{json_path}: LLaVA JSON file not found (--json)")
-  data = path.read_bytes()
-  try:
-    records = json.loads(data)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{json_path}: not valid JSON: {e} (--json)") from None
-  if not isinstance(records, list):
-    raise ConfigError(f"{json_path}: expected a JSON list of records, got "
-                      f"{type(records).__name__} (--json)")
-  return records, hashlib.sha256(data).hexdigest()
-
-
 def _enforce(problems: dict[int, str], records: list, json_path: str, skip_bad: bool) -> str:
   """`checks.enforce` (training's policy and messages), naming the pack's --skip-bad flag."""
   def flag(text):
@@ -175,7 +160,8 @@ def pack(json_path: str, images: str, out: str, *, num_shards: int = 1,
     raise ConfigError(f"--shards must be >= 1, got {num_shards}")
   if max_side is not None and max_side < 1:
     raise ConfigError(f"--max-side must be >= 1, got {max_side}")
-  records, sha = _load_json(json_path)
+  records, data = checks.read_records(json_path, "--json")
+  sha = hashlib.sha256(data).hexdigest()
   problems = checks.find_problems(records, images, template=template, text_only=False)
   if problems:
     progress(_enforce(problems, records, json_path, skip_bad))

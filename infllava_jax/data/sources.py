@@ -38,16 +38,7 @@ class LlavaJsonSource:
 
   def __init__(self, json_path: str, image_folder: str, *, template: str = "llama3",
                text_only: bool = False):
-    if not os.path.isfile(json_path):
-      raise FileNotFoundError(f"{json_path}: LLaVA JSON file not found (data.json_path)")
-    try:
-      with open(json_path, encoding="utf-8") as f:
-        records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{json_path}: not valid JSON: {e} (data.json_path)") from None
-    if not isinstance(records, list):
-      raise ConfigError(f"{json_path}: expected a JSON list of records, got "
-                        f"{type(records).__name__} (data.json_path)")
+    records, _ = checks.read_records(json_path, "data.json_path")
     self._records = records
     self._json_path = json_path
     self._image_folder = image_folder
