@@ -43,6 +43,7 @@ V5P_CHIPS_PER_HOST = 4
 V5P_HOST_VCPUS = 208
 V5P_DEVICE_KIND = "TPU v5"  # jax's device_kind on v5p
 TARGET_HEADROOM = 3.0
+WARMUP_BATCHES = 4  # --stage2: untimed batches first, to drain the workers' prefetch
 
 
 def pipeline_samples_per_s(config, batches: int) -> float:
@@ -155,8 +156,8 @@ def write_llava_set(out: str, records: int, seed: int = 0) -> tuple[str, str]:
 
 
 def host_samples_needed(config, chips: int, mfu: float) -> tuple[float, float, float]:
-  """(step FLOPs, step seconds, samples/s one v5p host must deliver) for `config`'s train step on
-  `chips` v5p chips at `mfu`, the step's FLOPs from the analytic formula."""
+  """(step FLOPs, step seconds, samples/s one v5p host must deliver) for `config`'s train
+  step on `chips` v5p chips at `mfu`, the step's FLOPs from the analytic formula."""
   batch = config.train.global_batch_size
   # The trainable modules' path prefixes, from train.trainable's regexes ("^llm/" -> "llm/").
   trainable = [r.lstrip("^") for r in config.train.trainable]
@@ -187,11 +188,13 @@ def stage2_bench(args, chips: int) -> int:
         cfg = load_config("infllava_8b_stage2")
         cfg.data.update(dict(source=source, tokenizer_path=None, worker_count=workers,
                              **fields))
-        results[source, workers] = pipeline_rates(cfg, args.batches, hosts, warmup=4)
+        results[source, workers] = pipeline_rates(cfg, args.batches, hosts,
+                                                  warmup=WARMUP_BATCHES)
   print(f"\nstage-2 input ({config.model.dcm.image_size} px, aspect "
         f"{config.data.image_aspect!r}, {config.data.max_length} tokens, "
         f"{config.train.global_batch_size // hosts} rows/host, read_threads="
-        f"{config.data.read_threads}), {args.batches} batches after 4, {os.cpu_count()} CPU cores here")
+        f"{config.data.read_threads}), {args.batches} batches after {WARMUP_BATCHES}, "
+        f"{os.cpu_count()} CPU cores here")
   print(f"{'source':<14}{'workers':>8}{'samples/s':>11}{'per core':>10}{'headroom':>10}")
   for (source, workers), (rate, per_cpu) in results.items():
     print(f"{source:<14}{workers:>8}{rate:>11.1f}{per_cpu:>10.1f}{rate / needed:>9.1f}x")
