@@ -12,6 +12,7 @@ import io
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,7 +26,8 @@ class ImageError(ValueError):
 
 
 def decode(image) -> Image.Image:
-  """A path, encoded bytes, a uint8 [H, W, C] array or a PIL image → RGB PIL image.
+  """A path (local or on a bucket), encoded bytes, a uint8 [H, W, C] array or a PIL image →
+  RGB PIL image.
 
   Any mode (L, P, RGBA, CMYK, I;16...) becomes RGB with Pillow's `convert("RGB")`, as the
   reference's `Image.open(path).convert('RGB')`. Like it, the pixels are taken as stored: an
@@ -40,9 +42,10 @@ def decode(image) -> Image.Image:
     elif isinstance(image, (bytes, bytearray)):
       pil = Image.open(io.BytesIO(image))
     elif isinstance(image, (str, os.PathLike)):
-      if not os.path.isfile(image):
+      path = epath.Path(image)  # a local file, or gs:// and the other etils.epath paths
+      if not path.is_file():
         raise ImageError(f"image file {os.fspath(image)!r} not found")
-      pil = Image.open(image)
+      pil = Image.open(io.BytesIO(path.read_bytes()))
     else:
       raise ImageError(f"unsupported image value of type {type(image).__name__}")
     pil.load()

@@ -74,6 +74,25 @@ def test_accepts_path_bytes_and_arrays(tmp_path):
   np.testing.assert_array_equal(a, c)
 
 
+def test_bucket_paths_are_read_through_epath(tmp_path):
+  """A gs:// image (a LLaVA JSON's data.image_folder on a bucket) is read through
+  etils.epath; its test mock maps gs://bucket to a local folder."""
+  from etils.epath import testing as epath_testing
+  arr = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+  Image.fromarray(arr).save(tmp_path / "x.png")
+  calls = []
+
+  def local(fn, path, *args, **kwargs):
+    calls.append(str(path))
+    return fn(str(path).replace("gs://bucket", str(tmp_path)), *args, **kwargs)
+
+  with epath_testing.mock_epath(open=local, exists=local, isdir=local, stat=local):
+    np.testing.assert_array_equal(np.asarray(images.decode("gs://bucket/x.png")), arr)
+    with pytest.raises(images.ImageError, match=r"gs://bucket/gone\.png.*not found"):
+      images.decode("gs://bucket/gone.png")
+  assert "gs://bucket/x.png" in calls
+
+
 def test_zero_image():
   z = images.zero_image(84)
   assert z.shape == (84, 84, 3) and z.dtype == np.float32 and not z.any()
