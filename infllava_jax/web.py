@@ -52,6 +52,11 @@ def displayable(pixels: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
 
 
+def has_crops(model_cfg: ConfigDict) -> bool:
+  """Whether the model cuts images into crops (not the LLaVA baseline, nor dcm.crops="none")."""
+  return model_cfg.variant == "infllava" and dcm.plan(model_cfg).crops != "none"
+
+
 def dual_views(pixels: np.ndarray, model_cfg: ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """The DCM's local and global crops of one preprocessed image, to show.
 
@@ -62,14 +67,24 @@ def dual_views(pixels: np.ndarray, model_cfg: ConfigDict) -> tuple[np.ndarray, n
   baseline, or `model.dcm.crops="none"`).
   """
   plan = dcm.plan(model_cfg)
+  if not has_crops(model_cfg):
+    return (np.zeros((0, *plan.view, 3), np.uint8),) * 2
   side = model_cfg.dcm.image_size
   if pixels.shape[0] != side:  # a processor size other than the DCM's, resized as the model does
     pixels = np.asarray(dcm.resize(pixels[None], (side, side), "bicubic"))[0]
   batch = displayable(pixels)[None]
-  empty = np.zeros((0, *plan.view, 3), np.uint8)
-  if model_cfg.variant != "infllava" or plan.crops == "none":
-    return empty, empty
   return dcm.local_crops(batch, plan.view)[0], dcm.global_crops(batch, plan.view)[0]
+
+
+def mosaic(crops: np.ndarray, grid: tuple[int, int], gap: int = 4) -> np.ndarray:
+  """[N_h*N_w, h, w, 3] crops in order k -> one uint8 image of them on their grid, k row by
+  row, `gap` white pixels between them: [N_h*h + (N_h-1)*gap, N_w*w + (N_w-1)*gap, 3]."""
+  (n_h, n_w), (_, h, w, c) = grid, crops.shape
+  out = np.full((n_h * (h + gap) - gap, n_w * (w + gap) - gap, c), 255, np.uint8)
+  for k, crop in enumerate(crops):
+    row, col = divmod(k, n_w)
+    out[row * (h + gap):row * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = crop
+  return out
 
 
 # ---- one turn, streamed ----
@@ -121,6 +136,29 @@ def messages(history: list[tuple[str, str]]) -> list[dict[str, str]]:
           for turn in history for role, text in zip(("user", "assistant"), turn)]
 
 
+def turn_updates(session: ChatSession, question: str) -> Iterator[tuple]:
+  """What the page shows while `session` answers `question`: (chat messages, history, the
+  question box, the status line), first with the question, then after each piece of the
+  answer, last with the turn kept and its `summary`. A question that cannot be asked goes
+  back to its box, the conversation as it was, and the status line says why."""
+  history = list(session.history)
+  if not question:
+    yield messages(history), history, "", "Type a question first."
+    return
+  shown = messages(history) + [{"role": "user", "content": question}]
+  start = time.perf_counter()
+  yield shown, history, "", "Answering..."
+  try:
+    for text, done in stream_turn(session, question):
+      yield shown + [{"role": "assistant", "content": text}], history, "", "Answering..."
+  except ValueError as e:  # too long for the model's positions, or the image marker in it
+    hint = "; start a new conversation" if history else ""
+    yield messages(history), history, question, f"Cannot answer: {e}{hint}."
+    return
+  status = summary(len(session.history), done, time.perf_counter() - start)
+  yield messages(session.history), session.history, "", status
+
+
 # ---- the page ----
 
 def build_page(assistant: Assistant, defaults: generate.Sampling, seed: int = 0):
@@ -134,36 +172,23 @@ def build_page(assistant: Assistant, defaults: generate.Sampling, seed: int = 0)
 
   def new_image(image):
     """The image's views, and a new conversation."""
-    if image is None:
-      return [], [], *cleared
+    if image is None or not has_crops(model_cfg):
+      return None, None, *cleared
     local, global_ = dual_views(assistant.pixels(image), model_cfg)
-    return ([(crop, f"local {k}") for k, crop in enumerate(local)],
-            [(crop, f"global {k}") for k, crop in enumerate(global_)], *cleared)
+    return mosaic(local, plan.grid), mosaic(global_, plan.grid), *cleared
 
   def answer(image, question, history, temperature, top_p, max_tokens):
-    """Streams the answer to `question` into the chat, then keeps the turn."""
-    question = (question or "").strip()
-    if not question:
-      raise gr.Error("Type a question first.")
+    """Streams the answer to `question` into the chat (`turn_updates`)."""
     try:
-      sampling = generate.Sampling(max_new_tokens=int(max_tokens), temperature=float(temperature),
-                                   top_p=float(top_p), top_k=defaults.top_k)
-    except ValueError as e:
-      raise gr.Error(str(e)) from None
+      sampling = generate.Sampling(max_new_tokens=int(max_tokens),
+                                   temperature=float(temperature), top_p=float(top_p),
+                                   top_k=defaults.top_k)
+    except ValueError as e:  # values the sliders do not offer, sent by hand
+      yield messages(history), history, question, f"Cannot answer: {e}."
+      return
     session = ChatSession(assistant, image, sampling, seed)
     session.history = list(history)
-    shown = messages(session.history) + [{"role": "user", "content": question}]
-    start = time.perf_counter()
-    yield shown, history, "", "Answering..."
-    try:
-      for text, done in stream_turn(session, question):
-        if done is None:
-          yield shown + [{"role": "assistant", "content": text}], history, "", "Answering..."
-    except ValueError as e:  # too long for the model's positions, or the image marker in it
-      hint = " Start a new conversation." if history else ""
-      raise gr.Error(f"Cannot answer: {e}.{hint}") from None
-    status = summary(len(session.history), done, time.perf_counter() - start)
-    yield messages(session.history), session.history, "", status
+    yield from turn_updates(session, (question or "").strip())
 
   with gr.Blocks(title="INF-LLaVA", analytics_enabled=False) as page:
     gr.Markdown(f"### INF-LLaVA ({model_cfg.variant}, {model_cfg.dtype})")
@@ -173,14 +198,14 @@ def build_page(assistant: Assistant, defaults: generate.Sampling, seed: int = 0)
         image = gr.Image(type="pil", sources=["upload", "clipboard"], label="Image",
                          elem_id="image", height=320)
         with gr.Accordion(f"Dual-perspective views: {plan.grid[0]}x{plan.grid[1]} local and "
-                          "global crops, as the model sees them", open=True):
-          # PNG: the crops' pixels as they are (Gradio's default WebP is lossy).
-          local = gr.Gallery(label="Local crops (contiguous blocks)", columns=plan.grid[1],
-                             elem_id="local-views", allow_preview=False, format="png",
-                             height="auto")
-          global_ = gr.Gallery(label="Global crops (stride phases)", columns=plan.grid[1],
-                               elem_id="global-views", allow_preview=False, format="png",
-                               height="auto")
+                          "global crops, as the model sees them", open=True,
+                          visible=has_crops(model_cfg)):
+          with gr.Row():
+            # PNG: the crops' pixels as they are (Gradio's default WebP is lossy).
+            local = gr.Image(label="Local crops (blocks)", elem_id="local-views",
+                             interactive=False, format="png", buttons=["fullscreen"])
+            global_ = gr.Image(label="Global crops (stride phases)", elem_id="global-views",
+                               interactive=False, format="png", buttons=["fullscreen"])
       with gr.Column(scale=3):
         chat = gr.Chatbot(label="Conversation", elem_id="chat", height=480,
                           render_markdown=False, feedback_options=None,
@@ -196,7 +221,8 @@ def build_page(assistant: Assistant, defaults: generate.Sampling, seed: int = 0)
                                   label="Temperature (0: greedy)", elem_id="temperature")
           top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p",
                             elem_id="top-p")
-          max_tokens = gr.Slider(1, assistant.context_length, value=defaults.max_new_tokens,
+          max_tokens = gr.Slider(1, assistant.context_length,
+                                 value=min(defaults.max_new_tokens, assistant.context_length),
                                  step=1, label="Max new tokens", elem_id="max-tokens")
 
     conversation = [chat, history, question, status]

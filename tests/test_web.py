@@ -43,6 +43,17 @@ def test_dual_views_are_the_crops_the_model_encodes(tiny_config):
   assert [v.shape[0] for v in web.dual_views(pixels, baseline)] == [0, 0]
 
 
+def test_mosaic_lays_the_crops_on_their_grid_in_order():
+  crops = np.arange(6, dtype=np.uint8)[:, None, None, None] * np.ones((6, 2, 3, 3), np.uint8)
+  out = web.mosaic(crops, (2, 3), gap=1)
+  assert out.shape == (5, 11, 3)
+  assert out[:, :, 0].tolist() == [[0, 0, 0, 255, 1, 1, 1, 255, 2, 2, 2],
+                                   [0, 0, 0, 255, 1, 1, 1, 255, 2, 2, 2],
+                                   [255] * 11,
+                                   [3, 3, 3, 255, 4, 4, 4, 255, 5, 5, 5],
+                                   [3, 3, 3, 255, 4, 4, 4, 255, 5, 5, 5]]
+
+
 def test_displayable_inverts_the_clip_normalisation():
   pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
   np.testing.assert_array_equal(web.displayable(images.normalize(pixels)), pixels)
@@ -85,6 +96,36 @@ def test_stream_turn_raises_what_the_question_raised():
   with pytest.raises(ContextLengthError, match="2040 tokens"):
     list(web.stream_turn(session, "Q"))
   assert session.history == []
+
+
+def test_turn_updates_show_the_question_the_growing_answer_then_the_kept_turn():
+  session = ChatSession(PieceAssistant(["Two ", "cats."]), None, generate.Sampling())
+  session.history = [("Q0", "A0")]
+  updates = list(web.turn_updates(session, "Q1"))
+  before = web.messages([("Q0", "A0")])
+  asked = before + [{"role": "user", "content": "Q1"}]
+  assert updates[:-1] == [
+      (asked, [("Q0", "A0")], "", "Answering..."),
+      (asked + [{"role": "assistant", "content": "Two "}], [("Q0", "A0")], "", "Answering..."),
+      (asked + [{"role": "assistant", "content": "Two cats."}], [("Q0", "A0")], "",
+       "Answering..."),
+      (asked + [{"role": "assistant", "content": "Two cats."}], [("Q0", "A0")], "",
+       "Answering...")]
+  chat, history, box, status = updates[-1]
+  assert history == [("Q0", "A0"), ("Q1", "Two cats.")] and chat == web.messages(history)
+  assert box == "" and re.fullmatch(r"Turn 2: 3 tokens in \d+\.\d s, ended by the model\.", status)
+
+
+def test_a_question_that_cannot_be_asked_goes_back_to_its_box_with_the_reason():
+  refused = ContextLengthError("the prompt has 2040 tokens and max_new_tokens is 16")
+  session = ChatSession(PieceAssistant([], refused), None, generate.Sampling())
+  session.history = [("Q0", "A0")]
+  *_, last = web.turn_updates(session, "Q1")
+  assert last == (web.messages([("Q0", "A0")]), [("Q0", "A0")], "Q1",
+                  "Cannot answer: the prompt has 2040 tokens and max_new_tokens is 16; "
+                  "start a new conversation.")
+  assert list(web.turn_updates(session, "")) == [
+      (web.messages([("Q0", "A0")]), [("Q0", "A0")], "", "Type a question first.")]
 
 
 # ---- refused flags: one line, exit 2, before a model loads ----
@@ -223,7 +264,10 @@ def test_the_page_in_a_browser_answers_as_the_commands_do(tiny_checkpoint, tmp_p
     driver.get(url)
     wait.until(lambda _: found("#image input[type=file]"))
     found("#image input[type=file]")[0].send_keys(str(image))
-    wait.until(lambda _: len(found("#local-views img")) == 9 == len(found("#global-views img")))
+    mosaic_side = 3 * 84 + 2 * 4  # the tiny model's 3x3 crops of 84 px, 4 px apart
+    wait.until(lambda _: [driver.execute_script("return arguments[0].naturalWidth", e)
+                          for e in found("#local-views img, #global-views img")]
+               == [mosaic_side] * 2)
 
     ask(QUESTIONS[0], 1)
     assert answers() == [expected]
