@@ -6,8 +6,9 @@
 Upload or paste an image, ask, and the answer appears as it is generated. Later questions
 continue the conversation (the image belongs to the first question, as in training and
 `infllava chat`, whose turns and seeds these are); "New conversation" clears it, and so does
-another image. Temperature (0: greedy), top-p and the answer's length are set in the page,
-their defaults by the flags. Beside the chat are the image's dual-perspective views as the
+another image; without one, questions are text-only. Temperature (0: greedy), top-p and the
+answer's length are set in the page, their defaults by the flags (--top-k and --seed hold for
+every question). A status line under the chat gives each answer's tokens and time. Beside the chat are the image's dual-perspective views as the
 model sees them (the Dual-perspective Cropping Module, paper §4.2): the N x N local crops
 (contiguous blocks) and the N x N global crops (stride-N phases) of the preprocessed image.
 Answers are shown as generated, characters as they are, not rendered as Markdown.

@@ -209,6 +209,7 @@ def cli_answers(generating: subprocess.Popen, chatting: subprocess.Popen, chat_i
   return expected, turns.groups()
 
 
+@pytest.mark.slow  # three commands start, compile and answer on two cores: ~45 s of CPU
 @pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
                     reason=f"the browser test needs {', '.join(MISSING)} (CI installs them: "
                            "apt-get install chromium chromium-driver; pip install -e "
