@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 from infllava_jax import generate
 from infllava_jax.chat import ChatSession
 from infllava_jax.data import images
+from infllava_jax.errors import ConfigError
 from infllava_jax.generate_cli import (add_checkpoint_flags, add_sampling_flags,
                                        check_checkpoint_flags, load_assistant,
                                        sampling_from_flags)
@@ -260,7 +261,7 @@ def main(argv: list[str]) -> int:
   try:
     import gradio  # noqa: F401  (the optional extra: checked before the model loads)
   except ImportError:
-    parser.error(INSTALL_HINT)
+    raise ConfigError(INSTALL_HINT) from None
   if not is_loopback(args.host):
     print(f"warning: binding {args.host}: anyone who can reach this address can use the model "
           "(no authentication); use 127.0.0.1 unless you mean it", file=sys.stderr)
