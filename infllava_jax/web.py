@@ -8,10 +8,11 @@ continue the conversation (the image belongs to the first question, as in traini
 `infllava chat`, whose turns and seeds these are); "New conversation" clears it, and so does
 another image; without one, questions are text-only. Temperature (0: greedy), top-p and the
 answer's length are set in the page, their defaults by the flags (--top-k and --seed hold for
-every question). A status line under the chat gives each answer's tokens and time. Beside the chat are the image's dual-perspective views as the
-model sees them (the Dual-perspective Cropping Module, paper §4.2): the N x N local crops
-(contiguous blocks) and the N x N global crops (stride-N phases) of the preprocessed image.
-Answers are shown as generated, characters as they are, not rendered as Markdown.
+every question). A status line under the chat gives each answer's tokens and time. Beside
+the chat are the image's dual-perspective views as the model sees them (the Dual-perspective
+Cropping Module, paper §4.2): the N x N local crops (contiguous blocks) and the N x N global
+crops (stride-N phases) of the preprocessed image. Answers are shown as generated,
+characters as they are, not rendered as Markdown.
 
 The page is served on loopback unless --host says otherwise (anything else exposes the model,
 unauthenticated, to the network). It fetches nothing from the internet: Gradio's analytics
