@@ -21,7 +21,7 @@ from infllava_jax.chat import ChatSession
 from infllava_jax.data import images
 from infllava_jax.inference import Answer, ContextLengthError
 from infllava_jax.model import dcm
-from tests.run_cli import REPO, infllava
+from tests.run_cli import REPO
 
 
 # ---- the views ----
@@ -168,12 +168,13 @@ QUESTIONS = ("What is in the picture?", "And what colour is it?")
 MAX_NEW_TOKENS = 12
 
 
-def start(*argv, stdin=None, log=None) -> subprocess.Popen:
-  """`python -m infllava_jax.cli ARGV` with this checkout's package, started."""
+def start(*argv, with_stdin: bool = False, log=None) -> subprocess.Popen:
+  """`python -m infllava_jax.cli ARGV` with this checkout's package, started; its output to
+  `log` (a file) or to pipes."""
   path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
   return subprocess.Popen(
       [sys.executable, "-m", "infllava_jax.cli", *map(str, argv)], text=True,
-      stdin=subprocess.PIPE if stdin else None, stdout=log or subprocess.PIPE,
+      stdin=subprocess.PIPE if with_stdin else None, stdout=log or subprocess.PIPE,
       stderr=log or subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
 
 
@@ -183,12 +184,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, direct
+
+
 def wait_until_served(url: str, server: subprocess.Popen, log_path, seconds: float = 120):
   deadline = time.time() + seconds
   while time.time() < deadline:
     assert server.poll() is None, f"infllava web exited: {log_path.read_text()}"
     try:
-      with urllib.request.urlopen(url, timeout=2):
+      with NO_PROXY.open(url, timeout=2):
         return
     except OSError:
       time.sleep(0.5)
@@ -229,7 +233,7 @@ def test_the_page_in_a_browser_answers_as_the_commands_do(tiny_checkpoint, tmp_p
   generating = start("generate", "--checkpoint", tiny_checkpoint, "--image", image,
                      "--prompt", QUESTIONS[0], *sampling)
   chatting = start("chat", "--checkpoint", tiny_checkpoint, "--image", image, *sampling,
-                   stdin=True)
+                   with_stdin=True)
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
