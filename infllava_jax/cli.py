@@ -20,6 +20,7 @@ COMMANDS = {
     "chat": ("infllava_jax.chat", "multi-turn chat about an image in the terminal (streamed)"),
     "evaluate": ("infllava_jax.evaluate.cli", "accuracy on ScienceQA, POPE, MMBench, SEED-Bench or the synthetic set"),
     "serve": ("infllava_jax.serve", "OpenAI-compatible /v1/chat/completions endpoint (loopback)"),
+    "web": ("infllava_jax.web", "browser chat about an image, its crops beside it (Gradio; loopback)"),
     "data": ("infllava_jax.data.cli", "write the synthetic dataset; pack LLaVA JSON + images into ArrayRecord shards"),
     "convert": ("infllava_jax.convert.cli", "PyTorch checkpoints (INF-LLaVA, HF LLaMA-3 + CLIP, llava-hf) <-> Orbax"),
     "inspect": ("infllava_jax.convert.inspect", "list the tensors, shapes, dtypes and counts of a checkpoint"),

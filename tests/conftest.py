@@ -17,3 +17,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def tiny_config():
   from infllava_jax.config import load_config
   return load_config("configs/tiny.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_config):
+  """A converted checkpoint folder of the tiny config with random params, for the commands."""
+  from infllava_jax.checkpoints import converted
+  from tests.random_params import random_params
+  path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+  converted.save_converted(path, tiny_config.model, random_params(tiny_config.model))
+  return path

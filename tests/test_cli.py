@@ -62,15 +62,6 @@ def test_user_mistakes_get_one_line_and_exit_2(argv, words, tmp_path, capsys):
 
 # ---- as a user runs them: `python -m infllava_jax.cli ...` in a subprocess ----
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_config):
-  from infllava_jax.checkpoints import converted
-  from tests.random_params import random_params
-  path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  converted.save_converted(path, tiny_config.model, random_params(tiny_config.model))
-  return path
-
-
 def test_bad_flags_are_refused_before_a_model_loads(tmp_path):
   (tmp_path / "bad.png").write_bytes(b"not an image")
   (tmp_path / "empty").mkdir()
