@@ -69,7 +69,7 @@ def lora_run(tiny_config, tmp_path_factory):
   """The release, the adapter, PEFT's merged logits, and both conversions (merged, kept)."""
   root = tmp_path_factory.mktemp("lora")
   model_cfg = tiny_config.model
-  llama_hf, _, _ = tc.write_release(str(root / "release"), model_cfg)
+  llama_hf, clip_hf, _ = tc.write_release(str(root / "release"), model_cfg)
   peft_model, non_lora = write_lora_folder(root / "lora", model_cfg, llama_hf)
   tokens = np.random.default_rng(0).integers(0, model_cfg.llm.vocab_size, (2, 11))
   want = hf_logits(peft_model.merge_and_unload(), tokens)
@@ -77,7 +77,8 @@ def lora_run(tiny_config, tmp_path_factory):
   for out, flags in (("merged", ()), ("kept", ("--keep-lora",))):
     convert("--model", root / "lora", "--model-base", root / "release", "--out", root / out,
             *flags)
-  return dict(root=root, tokens=tokens, want=want, non_lora=non_lora, llama_hf=llama_hf)
+  return dict(root=root, tokens=tokens, want=want, non_lora=non_lora, llama_hf=llama_hf,
+              clip_hf=clip_hf)
 
 
 def test_merged_conversion_equals_peft_merge_and_unload(lora_run):
@@ -115,6 +116,100 @@ def test_kept_lora_merged_by_lora_params_merge_equals_peft(lora_run):
   for path, value in flatten_dict(by_converter, sep="/").items():
     np.testing.assert_allclose(np.asarray(flatten_dict(merged, sep="/")[path]), value,
                                atol=1e-6, rtol=0, err_msg=path)
+
+
+def test_a_llama_and_clip_base_gives_the_release_bases_conversion(lora_run):
+  """The reference's own case: --model-base is the LLaMA the run started from (+ CLIP);
+  the DEM and projector come from non_lora_trainables.bin alone."""
+  root = lora_run["root"]
+  lora_run["llama_hf"].save_pretrained(str(root / "llama"))
+  lora_run["clip_hf"].save_pretrained(str(root / "clip"))
+  convert("--model", root / "lora", "--model-base", root / "llama", "--clip", root / "clip",
+          "--no-pad-row", "--out", root / "from_llama")
+  _, want = converted_format.load_converted(str(root / "merged"))
+  _, got = converted_format.load_converted(str(root / "from_llama"))
+  want, got = flatten_dict(want, sep="/"), flatten_dict(got, sep="/")
+  assert sorted(got) == sorted(want)
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+
+
+def test_an_adapter_on_a_llava_hf_model_converts_over_it(tmp_path):
+  """PEFT on the language model of a llava-hf model (its module tree's names, a regex
+  target_modules), its projector in non_lora_trainables.bin: image + text logits equal
+  PEFT's merged model."""
+  from infllava_jax.config import load_config
+  from infllava_jax.model import infllava
+  image_token = 500
+  model_cfg = load_config("configs/tiny.py:llava").model
+  hf_model = tc.write_llava_hf(str(tmp_path / "hf"), model_cfg, image_token)
+  projector = tc.dem_projector_tensors(model_cfg, seed=3)
+  with torch.no_grad():
+    for i, layer in ((0, "linear_1"), (2, "linear_2")):
+      for kind in ("weight", "bias"):
+        getattr(hf_model.model.multi_modal_projector, layer).get_parameter(kind).copy_(
+            projector[f"{sources.RELEASE_PROJECTOR}{i}.{kind}"])
+  lora = peft.get_peft_model(hf_model, peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, init_lora_weights=False,
+      target_modules=r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"))
+  with torch.no_grad():
+    for name, tensor in lora.named_parameters():
+      if "lora_" in name:
+        tensor.copy_(0.3 * torch.randn_like(tensor))
+  lora.save_pretrained(str(tmp_path / "lora"))
+  saved = readers.file_refs(str(tmp_path / "lora" / peft_layout.WEIGHT_FILES[0]))
+  assert len(saved) == 2 * len(TARGETS) * model_cfg.llm.depth
+  assert all(n.startswith(peft_layout.PREFIX + "model.language_model.layers.") for n in saved)
+  torch.save({peft_layout.PREFIX + n: t for n, t in projector.items()},
+             tmp_path / "lora" / peft_layout.NON_LORA_FILE)
+  rng = np.random.default_rng(0)
+  n_img = infllava.num_image_tokens(model_cfg)
+  tokens = rng.integers(0, image_token, (2, n_img + 9))
+  tokens[:, 3:3 + n_img] = image_token
+  side = model_cfg.dcm.image_size
+  pixels = rng.standard_normal((2, side, side, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = lora.eval().merge_and_unload()(
+        input_ids=torch.from_numpy(tokens),
+        pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).logits.numpy()
+  assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py:llava", "--model",
+                   str(tmp_path / "lora"), "--model-base", str(tmp_path / "hf"),
+                   "--out", str(tmp_path / "converted")]) == 0
+  model_cfg, params = converted_format.load_converted(str(tmp_path / "converted"))
+  got, _ = infllava.build_model(model_cfg).apply({"params": params}, tokens.astype(np.int32),
+                                                 pixels[:, None])
+  np.testing.assert_allclose(np.asarray(got), want, atol=LOGITS_TOL, rtol=0)
+
+
+def test_a_lora_run_exports_its_adapter_and_its_merged_weights(lora_run, tmp_path):
+  """A training run's LoRA settings come from its config (train.lora); the kept PEFT
+  factors go round trip bit for bit."""
+  from ml_collections import ConfigDict
+  from infllava_jax.checkpoints import locate, run
+  from infllava_jax.presets import _sections
+  root = lora_run["root"]
+  model_cfg, params = converted_format.load_converted(str(root / "kept"))
+  config = ConfigDict({"model": model_cfg,
+                       "train": {"lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.05}}})
+  with run.Checkpointer(tmp_path / "run" / locate.RUN_CHECKPOINTS,
+                        _sections.checkpoint_config(), config=config) as steps:
+    steps.save(3, params, {"count": np.zeros((), np.int32)}, force=True)
+  for source, out, flags in ((tmp_path / "run", "adapter", ["--lora-adapter"]),
+                             (tmp_path / "run", "merged", []),
+                             (root / "merged", "want", [])):
+    assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(source),
+                     "--out", str(tmp_path / out), *flags]) == 0
+  written = json.loads((tmp_path / "adapter" / peft_layout.CONFIG_FILE).read_text())
+  assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (RANK, ALPHA, 0.05)
+  original = exported_tensors(root / "lora" / peft_layout.WEIGHT_FILES[0])
+  exported = exported_tensors(tmp_path / "adapter" / peft_layout.WEIGHT_FILES[0])
+  assert sorted(exported) == sorted(original)
+  for name in original:
+    np.testing.assert_array_equal(exported[name], original[name], err_msg=name)
+  want, got = exported_tensors(tmp_path / "want"), exported_tensors(tmp_path / "merged")
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
 
 
 def random_factors(params, seed: int) -> dict:
