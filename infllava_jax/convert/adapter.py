@@ -41,12 +41,13 @@ LLAVA_HF_FACTOR_RENAMES = (
 FULLY_TRAINED = ("dem", "projector")
 
 
-def lora_table(model_cfg: ConfigDict) -> Table:
+def lora_table(llm_cfg: ConfigDict | None = None) -> Table:
   """PEFT factor name -> LoRA param path, one pair per linear layer of the LLaMA table:
   'base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight' ->
-  'llm/layers/attn/q/kernel_lora_a' (lora_A.weight [rank, in] = a.T)."""
+  'llm/layers/attn/q/kernel_lora_a' (lora_A.weight [rank, in] = a.T). Like `llama_table`,
+  it does not depend on sizes."""
   rules = []
-  for rule in llama_table(model_cfg.llm):
+  for rule in llama_table(llm_cfg):
     if rule.stacked and rule.transform is LINEAR:
       module, kernel = rule.path.rsplit("/", 1)
       for factor, name in zip(peft.FACTORS, lora_params.names(kernel)):
@@ -60,8 +61,7 @@ def module_name(rule: Rule) -> str:
   return rule.torch.split(".")[-3]
 
 
-TARGET_MODULES = tuple(dict.fromkeys(module_name(r) for r in lora_table(
-    ConfigDict({"llm": None}))))
+TARGET_MODULES = tuple(dict.fromkeys(module_name(r) for r in lora_table()))
 
 
 @dataclasses.dataclass
@@ -132,34 +132,50 @@ def apply_adapter(adapter: Adapter, source: sources.Source, model_cfg: ConfigDic
   """`plan.plan`'s tree of the base `source` with the adapter applied (see the module doc).
 
   Raises one ConversionError listing every tensor that maps to no param, is missing or has
-  the wrong shape or rank, and any module the base lacks that non_lora_trainables.bin
-  does not supply.
+  the wrong shape, and any module the base lacks that non_lora_trainables.bin does not
+  supply; factors of another rank than adapter_config.json's r are one line.
   """
   flat = traverse_util.flatten_dict(params, sep="/")
   problems: list[str] = []
-  non_lora_file = os.path.join(adapter.directory, peft.NON_LORA_FILE)
+  _replace_fully_trained(flat, adapter, source, model_cfg, reader, dtype, problems)
+  _apply_factors(flat, adapter, model_cfg, reader, dtype, keep_lora, problems)
+  if problems:
+    raise ConversionError(f"{adapter.directory} over {source.label}: {len(problems)} "
+                          "problem(s):\n  " + "\n  ".join(problems))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _replace_fully_trained(flat: dict, adapter: Adapter, source: sources.Source,
+                           model_cfg: ConfigDict, reader: Reader, dtype: str | None,
+                           problems: list[str]) -> None:
+  """The params non_lora_trainables.bin holds (release names) replace the base's in `flat`."""
+  file = os.path.join(adapter.directory, peft.NON_LORA_FILE)
   table = sources.release_table(model_cfg)
   ignore = [re.compile(p) for p in sources.release_ignore(model_cfg)]
   full = _grouped({n: r for n, r in adapter.non_lora.items()
                    if not any(p.match(n) for p in ignore)},
-                  table, non_lora_file, "no param of the model has this name", problems)
+                  table, file, "no param of the model has this name", problems)
   rules = {r.path: r for r in table}
   for path, refs in full.items():
     rule, shape = rules[path], tuple(flat[path].shape)
-    wrong = _layers_problems(rule, refs, shape, non_lora_file)
     want = shape[1:] if rule.stacked else shape
-    wrong += [f"{non_lora_file}: tensor {rule.torch_name(i)!r} is {list(ref.shape)}; the "
-              f"model's is {list(torch_shape(rule, want))}"
-              for i, ref in refs.items() if flax_shape(rule, ref.shape) != want]
+    wrong = _layers_problems(rule, refs, shape, file) + [
+        f"{file}: tensor {rule.torch_name(i)!r} is {list(ref.shape)}; the model's is "
+        f"{list(torch_shape(rule, want))}"
+        for i, ref in refs.items() if flax_shape(rule, ref.shape) != want]
     problems += wrong
     if not wrong:
       flat[path] = _streamed(rule, refs, shape, reader, dtype)
-  for module in source.init:
+  for module in source.init:  # what the base lacks (a LLaMA + CLIP base: DEM, projector)
     lacking = [p for p in flat if p.split("/")[0] == module and p not in full]
     if lacking:
-      problems.append(f"the base {source.label} has no {module} and {non_lora_file} does "
-                      f"not hold it (e.g. {rules[lacking[0]].torch_name(0)!r})")
+      problems.append(f"the base {source.label} has no {module} and {file} does not hold "
+                      f"it (e.g. {rules[lacking[0]].torch_name(0)!r})")
 
+
+def _apply_factors(flat: dict, adapter: Adapter, model_cfg: ConfigDict, reader: Reader,
+                   dtype: str | None, keep_lora: bool, problems: list[str]) -> None:
+  """Each kernel of `flat` with LoRA factors: merged, or (`keep_lora`) beside its factors."""
   weights = peft.weights_file(adapter.directory)
   config = adapter.config
   ranks = sorted({ref.shape[0 if ".lora_A." in name else -1]
@@ -167,42 +183,35 @@ def apply_adapter(adapter: Adapter, source: sources.Source, model_cfg: ConfigDic
   if ranks and ranks != [config.rank]:  # one line, not one per tensor
     raise ConversionError(f"{weights}: factors of rank {', '.join(map(str, ranks))} but "
                           f"{peft.CONFIG_FILE} says r={config.rank}")
-  ltable = lora_table(model_cfg)
-  factors = _grouped(adapter.factors, ltable, weights,
+  table = lora_table(model_cfg.llm)
+  factors = _grouped(adapter.factors, table, weights,
                      f"not a LoRA factor of the LLM's {', '.join(TARGET_MODULES)}", problems)
-  lrules = {r.path: r for r in ltable}
+  rules = {r.path: r for r in table}
   listed = set(config.target_modules) if isinstance(config.target_modules, tuple) else set()
-  found_modules = {module_name(lrules[p]) for p in factors}
   problems += [f"{weights}: no factors of {m}, which {peft.CONFIG_FILE} lists in "
-               "target_modules" for m in sorted(listed - found_modules)]
-  kernels = sorted({p.removesuffix(lora_params.SUFFIX_A).removesuffix(lora_params.SUFFIX_B)
-                    for p in factors})
-  for kernel in kernels:
-    kernel_shape = tuple(flat[kernel].shape)  # [depth, in, out]
-    depth, fan_in, fan_out = kernel_shape
+               "target_modules"
+               for m in sorted(listed - {module_name(rules[p]) for p in factors})]
+  for kernel in sorted({p.removesuffix(lora_params.SUFFIX_A).removesuffix(lora_params.SUFFIX_B)
+                        for p in factors}):
+    depth, fan_in, fan_out = flat[kernel].shape
     shapes = dict(zip(lora_params.names(kernel), ((depth, fan_in, config.rank),
                                                   (depth, config.rank, fan_out))))
     wrong = []
     for path, shape in shapes.items():
-      rule, refs = lrules[path], factors.get(path, {})
-      wrong += _layers_problems(rule, refs, shape, weights)
-      wrong += [f"{weights}: tensor {rule.torch_name(i)!r} is {list(ref.shape)}; expected "
-                f"{list(torch_shape(rule, shape[1:]))} (r={config.rank} in "
-                f"{peft.CONFIG_FILE})" for i, ref in refs.items()
-                if flax_shape(rule, ref.shape) != shape[1:]]
+      rule, refs = rules[path], factors.get(path, {})
+      wrong += _layers_problems(rule, refs, shape, weights) + [
+          f"{weights}: tensor {rule.torch_name(i)!r} is {list(ref.shape)}; expected "
+          f"{list(torch_shape(rule, shape[1:]))}"
+          for i, ref in refs.items() if flax_shape(rule, ref.shape) != shape[1:]]
     problems += wrong
     if wrong:
       continue
-    a, b = (_streamed(lrules[p], factors[p], s, reader, dtype if keep_lora else None)
+    a, b = (_streamed(rules[p], factors[p], s, reader, dtype if keep_lora else None)
             for p, s in shapes.items())
     if keep_lora:
       flat.update(zip(shapes, (a, b)))
     else:
       flat[kernel] = _merged(flat[kernel], a, b, config.scaling)
-  if problems:
-    raise ConversionError(f"{adapter.directory} over {source.label}: {len(problems)} "
-                          "problem(s):\n  " + "\n  ".join(problems))
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _merged(kernel: converted.StreamedArray, a: converted.StreamedArray,
@@ -283,7 +292,7 @@ def export_adapter(flat: Mapping[str, Any], folder, config: ConfigDict, out_dir:
   dropout from train.lora where a run has it), adapter_model.safetensors (the factors)
   and non_lora_trainables.bin (the DEM and projector, `FULLY_TRAINED`)."""
   model_cfg = config.model
-  ltable = tuple(r for r in lora_table(model_cfg) if r.path in flat)
+  ltable = tuple(r for r in lora_table(model_cfg.llm) if r.path in flat)
   if not ltable:
     raise ConfigError(f"{folder}: no LoRA factors (params *_lora_a / *_lora_b) to write as "
                       "an adapter; without --lora-adapter it exports as release weights")

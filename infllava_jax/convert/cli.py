@@ -240,7 +240,7 @@ def from_pytorch(args, parser, overrides: list[str]) -> None:
     print(f"{source.label}: {model_cfg.variant} model, {progress.total_tensors} tensors "
           f"({progress.total_bytes / 1e9:.2f} GB) to convert"
           + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
-             if source.init else ""))
+             if source.init and not lora else ""))
   converted.save_converted(args.out, model_cfg, params)
   if lora and args.keep_lora:
     converted.save_lora(args.out, *adapter.kept_lora(lora))
