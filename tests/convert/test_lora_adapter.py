@@ -45,6 +45,15 @@ def our_logits(model_cfg, params, tokens: np.ndarray) -> np.ndarray:
   return np.asarray(logits)
 
 
+def exported_tensors(directory) -> dict[str, np.ndarray]:
+  """{name: array} of a safetensors file or a folder of them."""
+  tensors = {}
+  for name, ref in readers.folder_refs(str(directory)).items():
+    with safe_open(ref.file, "numpy") as f:
+      tensors[name] = f.get_tensor(name)
+  return tensors
+
+
 def write_lora_folder(directory, model_cfg, llama_hf):
   """A PEFT adapter over a copy of `llama_hf` (random factors, B nonzero) plus
   non_lora_trainables.bin and config.json, as the reference's trainer saves a LoRA run.
@@ -134,6 +143,34 @@ def test_a_llama_and_clip_base_gives_the_release_bases_conversion(lora_run):
     np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
+def test_older_peft_bin_factors_and_a_base_lacking_the_dem(lora_run, tmp_path, capsys):
+  """adapter_model.bin (PEFT before safetensors) reads as the .safetensors does; a LLaMA
+  base whose adapter folder has no non_lora_trainables.bin names what is missing."""
+  root = lora_run["root"]
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / peft_layout.CONFIG_FILE).symlink_to(root / "lora" / peft_layout.CONFIG_FILE)
+  torch.save({n: torch.from_numpy(a) for n, a in
+              exported_tensors(root / "lora" / peft_layout.WEIGHT_FILES[0]).items()},
+             old / peft_layout.WEIGHT_FILES[1])
+  (old / peft_layout.NON_LORA_FILE).symlink_to(root / "lora" / peft_layout.NON_LORA_FILE)
+  convert("--model", old, "--model-base", root / "release", "--out", tmp_path / "converted")
+  _, want = converted_format.load_converted(str(root / "merged"))
+  _, got = converted_format.load_converted(str(tmp_path / "converted"))
+  for path, value in flatten_dict(want, sep="/").items():
+    np.testing.assert_array_equal(flatten_dict(got, sep="/")[path], value, err_msg=path)
+  (old / peft_layout.NON_LORA_FILE).unlink()
+  lora_run["llama_hf"].save_pretrained(str(tmp_path / "llama"))
+  lora_run["clip_hf"].save_pretrained(str(tmp_path / "clip"))
+  assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py", "--model",
+                   str(old), "--model-base", str(tmp_path / "llama"), "--clip",
+                   str(tmp_path / "clip"), "--out", str(tmp_path / "no_dem")]) == 1
+  err = capsys.readouterr().err
+  for module, example in (("dem", "model.spatial_embed."), ("projector", "model.mm_projector.")):
+    assert (f"the base {tmp_path / 'llama'} + {tmp_path / 'clip'} has no {module} and "
+            f"{old / peft_layout.NON_LORA_FILE} does not hold it (e.g. '{example}") in err
+
+
 def test_an_adapter_on_a_llava_hf_model_converts_over_it(tmp_path):
   """PEFT on the language model of a llava-hf model (its module tree's names, a regex
   target_modules), its projector in non_lora_trainables.bin: image + text logits equal
@@ -220,14 +257,6 @@ def random_factors(params, seed: int) -> dict:
     if lora_params.is_lora(path):
       flat[path] = (0.3 * rng.standard_normal(value.shape)).astype(np.float32)
   return unflatten_dict(flat, sep="/")
-
-
-def exported_tensors(directory) -> dict[str, np.ndarray]:
-  tensors = {}
-  for name, ref in readers.folder_refs(str(directory)).items():
-    with safe_open(ref.file, "numpy") as f:
-      tensors[name] = f.get_tensor(name)
-  return tensors
 
 
 def test_lora_adapter_export_loads_in_peft_over_the_exported_base(lora_run, tmp_path):
