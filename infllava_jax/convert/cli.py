@@ -160,8 +160,16 @@ def _model_config(args, overrides: list[str]):
   """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
   if not (args.config or overrides):
     return None
-  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if args.llava_hf else 'infllava'}"
+  llava = args.llava_hf or (args.model_base and _model_type(args.model_base) == "llava")
+  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if llava else 'infllava'}"
   return load_config(spec, overrides).model
+
+
+def _model_type(folder: str) -> str | None:
+  """config.json's model_type of a checkpoint folder (None without one: the source says so)."""
+  from infllava_jax.convert.readers import read_json
+  path = os.path.join(folder, "config.json")
+  return read_json(path).get("model_type") if os.path.isfile(path) else None
 
 
 def _source(args, parser, overrides: list[str]):
@@ -198,8 +206,7 @@ def _source(args, parser, overrides: list[str]):
 def _base_source(args, parser, config):
   """The --model-base folder as a source, by its config.json's model_type."""
   from infllava_jax.convert import sources
-  from infllava_jax.convert.readers import read_json
-  model_type = read_json(os.path.join(args.model_base, "config.json")).get("model_type")
+  model_type = _model_type(args.model_base)
   if model_type == "llama":
     if not args.clip:
       parser.error(f"--model-base {args.model_base!r} is a LLaMA folder: give its CLIP with "
@@ -209,7 +216,7 @@ def _base_source(args, parser, config):
     parser.error("--clip goes with a LLaMA --model-base (model_type 'llama')")
   if model_type == sources.LLAVA_HF_MODEL_TYPE:
     return sources.llava_hf_source(args.model_base, config)
-  return sources.release_source(args.model_base, config)  # or its model_type error
+  return sources.release_source(args.model_base, config)  # or its error: no config.json, ...
 
 
 def dtypes_note(model_cfg) -> str:
