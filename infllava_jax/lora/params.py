@@ -65,17 +65,6 @@ def split(params: Mapping) -> tuple[dict, dict]:
           traverse_util.unflatten_dict(lora, sep="/"))
 
 
-def rank(params: Mapping) -> int | None:
-  """The LoRA rank of `params` (the last axis of every `_a`), or None without LoRA params.
-  Raises ValueError when the factors disagree."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  ranks = {flat[a].shape[-1] for a, _ in pairs(flat).values()}
-  ranks |= {flat[b].shape[-2] for _, b in pairs(flat).values()}
-  if len(ranks) > 1:
-    raise ValueError(f"LoRA params of several ranks {sorted(ranks)}; expected one")
-  return ranks.pop() if ranks else None
-
-
 def merge_kernel(kernel, a, b, scaling: float):
   """kernel + a @ b * scaling, computed in float32 and returned in the kernel's dtype.
 
