@@ -9,6 +9,8 @@ A converted checkpoint is a folder:
                           (what `model.apply({'params': params}, ...)` takes)
   DIR/tokenizer/          the source's Hugging Face tokenizer, when it held one (inference
                           reads the prompt and the answer with it)
+  DIR/lora.json           only when the params hold LoRA factors (`lora/params.py`):
+                          {"rank": r, "alpha": a}, their scaling alpha / rank
 
     model_cfg, params = load_converted("ckpt/")            # numpy arrays on the host
     model_cfg, params = load_converted("ckpt/", shardings)  # jax.Arrays, each born sharded
@@ -38,6 +40,7 @@ from orbax.checkpoint import future, type_handlers
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+LORA_FILE = "lora.json"
 # A Hugging Face tokenizer folder holds at least one of these.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -47,12 +50,14 @@ class StreamedArray:
   """An array Orbax writes without it ever being whole in host memory.
 
   `read(i)` gives slice i ([shape[1:]]) when `stacked`, else `read(None)` gives the whole
-  array; each result must have exactly that shape and `dtype`.
+  array; each result must have exactly that shape and `dtype`. `sources`: how many source
+  tensors one `read` reads (progress counts them).
   """
   shape: tuple[int, ...]
   dtype: np.dtype
   stacked: bool
   read: Callable[[int | None], np.ndarray]
+  sources: int = 1
 
   @property
   def nbytes(self) -> int:
@@ -140,6 +145,21 @@ def tokenizer_dir(directory: str) -> str | None:
   """DIR/tokenizer of a converted checkpoint, if the conversion found one to copy."""
   path = os.path.join(os.path.abspath(directory), TOKENIZER_DIR)
   return path if os.path.isdir(path) else None
+
+
+def save_lora(directory: str, rank: int, alpha: float) -> None:
+  """Writes DIR/lora.json: the settings of the LoRA factors DIR/params holds."""
+  with open(os.path.join(os.path.abspath(directory), LORA_FILE), "w") as f:
+    json.dump({"rank": rank, "alpha": alpha}, f, indent=2)
+
+
+def read_lora(directory: str) -> dict | None:
+  """{"rank", "alpha"} of DIR/lora.json, or None when DIR has none."""
+  path = os.path.join(os.fspath(directory), LORA_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def read_model_config(directory: str) -> ConfigDict:

@@ -5,7 +5,10 @@
   infllava convert from-pytorch --llama Meta-Llama-3-8B-Instruct/ \
       --clip clip-vit-large-patch14-336/ [--projector mm_projector.bin] --out ckpt/
   infllava convert from-pytorch --llava-hf llava-1.5-7b-hf/ --out ckpt/
+  infllava convert from-pytorch --model llava-lora/ --model-base INF-LLaVA-sft/ --out ckpt/
+      [--keep-lora]     # a PEFT LoRA folder over its base (any of the above; LLaMA: + --clip)
   infllava convert to-pytorch --checkpoint ckpt/ --out release/    # or a training run folder
+  infllava convert to-pytorch --checkpoint lora-run/ --out llava-lora/ --lora-adapter
   infllava convert quantize --checkpoint ckpt/ --out ckpt-int8/ --bits 8   # or --bits 4 [--nf4]
 
 `from-pytorch` takes `--config.a.b=value` overrides of its `--config`, as `infllava train`
@@ -28,6 +31,7 @@ import time
 from infllava_jax.cli import user_error
 from infllava_jax.config import config_help, load_config
 from infllava_jax.convert.mapping import ConversionError
+from infllava_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CONFIG = "infllava_8b"  # `convert.sources.base_config`'s, :llava for --llava-hf
@@ -65,13 +69,24 @@ def _parser() -> argparse.ArgumentParser:
       description="Streams one tensor at a time into an Orbax checkpoint (DIR/params), "
                   "writes DIR/model_config.json and copies the source's tokenizer to "
                   "DIR/tokenizer. Give exactly one source: --model, --llama with --clip, or "
-                  "--llava-hf.")
+                  "--llava-hf; or a LoRA folder --model with its --model-base.")
   src.add_argument("--out", required=True, help="new folder for the converted checkpoint")
   src.add_argument("--model", metavar="DIR",
                    help="INF-LLaVA release folder (config.json with model_type llava_llama, "
-                        "*.safetensors + model.safetensors.index.json)")
+                        "*.safetensors + model.safetensors.index.json), or with --model-base "
+                        "a LoRA folder as the reference saves one (adapter_config.json, "
+                        "adapter_model.safetensors or .bin, non_lora_trainables.bin)")
+  src.add_argument("--model-base", dest="model_base", metavar="BASE",
+                   help="with a LoRA --model: the model it was trained on, a release or "
+                        "llava-hf folder, or a Hugging Face LLaMA folder with --clip DIR; "
+                        "the adapter is merged into it (W + B A alpha/r, float32), as the "
+                        "reference's loader does")
+  src.add_argument("--keep-lora", dest="keep_lora", action="store_true",
+                   help="with --model-base: keep the adapter as LoRA params (kernel_lora_a, "
+                        "kernel_lora_b) and write lora.json (rank, alpha) instead of merging")
   src.add_argument("--llama", metavar="DIR", help="Hugging Face LLaMA-3 folder (stage 1 start)")
-  src.add_argument("--clip", metavar="DIR", help="Hugging Face CLIP folder (with --llama)")
+  src.add_argument("--clip", metavar="DIR",
+                   help="Hugging Face CLIP folder (with --llama, or a LLaMA --model-base)")
   src.add_argument("--projector", metavar="FILE",
                    help="stage-1 mm_projector.bin (DEM + projector keys), with --llama/--clip; "
                         "without it the DEM and projector are initialised as PyTorch's "
@@ -105,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
   dst.add_argument("--dtype", choices=DTYPES, help="cast every tensor (default: as stored)")
   dst.add_argument("--max-shard-size", dest="max_shard_size", type=float, default=5.0,
                    metavar="GB", help="largest shard in GB (default 5)")
+  dst.add_argument("--lora-adapter", dest="lora_adapter", action="store_true",
+                   help="params with LoRA factors (a LoRA run, a --keep-lora conversion): "
+                        "write the PEFT layout the reference loads over its --model-base "
+                        "(adapter_config.json, adapter_model.safetensors, "
+                        "non_lora_trainables.bin with the DEM and projector, config.json) "
+                        "instead of merged release weights")
+  dst.add_argument("--base-model", dest="base_model", default=None, metavar="NAME",
+                   help="with --lora-adapter: adapter_config.json's base_model_name_or_path "
+                        "(default: the reference's LLM, Meta-Llama-3-8B-Instruct)")
   dst.add_argument("--quiet", action="store_true", help="no progress lines")
 
   low = commands.add_parser(
@@ -136,27 +160,63 @@ def _model_config(args, overrides: list[str]):
   """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
   if not (args.config or overrides):
     return None
-  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if args.llava_hf else 'infllava'}"
+  llava = args.llava_hf or (args.model_base and _model_type(args.model_base) == "llava")
+  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if llava else 'infllava'}"
   return load_config(spec, overrides).model
+
+
+def _model_type(folder: str) -> str | None:
+  """config.json's model_type of a checkpoint folder (None without one: the source says so)."""
+  from infllava_jax.convert.readers import read_json
+  path = os.path.join(folder, "config.json")
+  return read_json(path).get("model_type") if os.path.isfile(path) else None
 
 
 def _source(args, parser, overrides: list[str]):
   from infllava_jax.convert import sources
+  from infllava_jax.lora import peft
   config = _model_config(args, overrides)
   given = [name for name in ("model", "llama", "llava_hf") if getattr(args, name)]
   if len(given) != 1:
     parser.error("give exactly one source: --model DIR, --llama DIR --clip DIR, or --llava-hf DIR")
+  if args.model_base and not args.model:
+    parser.error("--model-base goes with --model LORA_DIR")
+  if args.keep_lora and not args.model_base:
+    parser.error("--keep-lora goes with --model LORA_DIR --model-base BASE")
   if args.llama and not args.clip:
     parser.error("--llama needs --clip DIR")
-  if (args.clip or args.projector) and not args.llama:
-    parser.error("--clip and --projector go with --llama")
-  check_paths(parser, model=args.model, llama=args.llama, clip=args.clip,
-              projector=args.projector, llava_hf=args.llava_hf)
+  if args.clip and not (args.llama or args.model_base):
+    parser.error("--clip goes with --llama or --model-base")
+  if args.projector and not args.llama:
+    parser.error("--projector goes with --llama")
+  check_paths(parser, model=args.model, model_base=args.model_base, llama=args.llama,
+              clip=args.clip, projector=args.projector, llava_hf=args.llava_hf)
+  if args.model_base:
+    return _base_source(args, parser, config)
   if args.model:
+    if peft.has_adapter(args.model):
+      raise ConfigError(f"--model {args.model!r} is a LoRA folder ({peft.CONFIG_FILE}): give "
+                        "the model it was trained on with --model-base BASE")
     return sources.release_source(args.model, config)
   if args.llama:
     return sources.separate_source(args.llama, args.clip, args.projector, config, args.pad_row)
   return sources.llava_hf_source(args.llava_hf, config)
+
+
+def _base_source(args, parser, config):
+  """The --model-base folder as a source, by its config.json's model_type."""
+  from infllava_jax.convert import sources
+  model_type = _model_type(args.model_base)
+  if model_type == "llama":
+    if not args.clip:
+      parser.error(f"--model-base {args.model_base!r} is a LLaMA folder: give its CLIP with "
+                   "--clip DIR")
+    return sources.separate_source(args.model_base, args.clip, None, config, args.pad_row)
+  if args.clip:
+    parser.error("--clip goes with a LLaMA --model-base (model_type 'llama')")
+  if model_type == sources.LLAVA_HF_MODEL_TYPE:
+    return sources.llava_hf_source(args.model_base, config)
+  return sources.release_source(args.model_base, config)  # or its error: no config.json, ...
 
 
 def dtypes_note(model_cfg) -> str:
@@ -169,22 +229,29 @@ def from_pytorch(args, parser, overrides: list[str]) -> None:
   import jax.numpy as jnp
   from flax import traverse_util
   from infllava_jax.checkpoints import converted
-  from infllava_jax.convert import plan, readers
+  from infllava_jax.convert import adapter, plan, readers
   source = _source(args, parser, overrides)
+  lora = adapter.read_adapter(args.model) if args.model_base else None
   progress = Progress(0, 0, args.quiet)
   reader = readers.Reader(on_read=lambda ref: progress(ref.stored_name, ref.nbytes))
   model_cfg, params = plan.plan(source, reader, dtype=args.dtype, seed=args.seed)
+  if lora:
+    params = adapter.apply_adapter(lora, source, model_cfg, params, reader, args.dtype,
+                                   args.keep_lora)
   streamed = [leaf for leaf in traverse_util.flatten_dict(params).values()
               if isinstance(leaf, converted.StreamedArray)]
-  progress.total_tensors = sum(leaf.shape[0] if leaf.stacked else 1 for leaf in streamed)
+  progress.total_tensors = sum((leaf.shape[0] if leaf.stacked else 1) * leaf.sources
+                               for leaf in streamed)
   progress.total_bytes = sum(leaf.nbytes for leaf in streamed)
   if not args.quiet:
     print(f"{source.label}: {model_cfg.variant} model, {progress.total_tensors} tensors "
           f"({progress.total_bytes / 1e9:.2f} GB) to convert"
           + (f"; initialising {', '.join(source.init)} (PyTorch's default init)"
-             if source.init else ""))
+             if source.init and not lora else ""))
   converted.save_converted(args.out, model_cfg, params)
-  folder = args.model or args.llama or args.llava_hf
+  if lora and args.keep_lora:
+    converted.save_lora(args.out, *adapter.kept_lora(lora))
+  folder = args.model_base or args.model or args.llama or args.llava_hf
   tokenizer = converted.save_tokenizer(args.out, folder)
   if tokenizer is None:
     print(f"note: {folder} holds no tokenizer ({', '.join(converted.TOKENIZER_FILES)}): "
@@ -197,6 +264,8 @@ def from_pytorch(args, parser, overrides: list[str]) -> None:
           "--config.model.dtype=float32)", file=sys.stderr)
   if not args.quiet:
     print(f"wrote {args.out}: {dtypes_note(model_cfg)}"
+          + (f"; LoRA {args.model} {'kept (lora.json)' if args.keep_lora else 'merged'}"
+             if lora else "")
           + (f"; tokenizer copied from {folder}" if tokenizer else ""))
 
 
@@ -207,8 +276,12 @@ def to_pytorch(args, parser) -> None:
   def on_write(name, nbytes, total_tensors, total_bytes):
     progress.total_tensors, progress.total_bytes = total_tensors, total_bytes
     progress(name, nbytes)
+  if args.base_model and not args.lora_adapter:
+    parser.error("--base-model goes with --lora-adapter")
   export.export_release(args.checkpoint, args.out, dtype=args.dtype,
-                        max_shard_bytes=int(args.max_shard_size * 1e9), on_write=on_write)
+                        max_shard_bytes=int(args.max_shard_size * 1e9), on_write=on_write,
+                        lora_adapter=args.lora_adapter,
+                        base_model=args.base_model or export.BASE_MODEL)
   if not args.quiet:
     print(f"wrote {args.out}")
 

@@ -11,6 +11,10 @@ from the same table `from-pytorch` reads with (`sources.release_table`), so the 
 exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
 `post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
 anyway); `vision_config` in config.json records the full tower so a re-import knows its depth.
+
+Params with LoRA factors (a LoRA run, or `from-pytorch --keep-lora`) are written merged into
+their kernels, or with `lora_adapter` as the PEFT layout the reference loads over its base
+(`convert/adapter.py`): adapter files, non_lora_trainables.bin and this config.json.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
 from infllava_jax.checkpoints import locate, params as checkpoint_params
-from infllava_jax.convert import sources
+from infllava_jax.convert import adapter, sources
 from infllava_jax.convert.mapping import ConversionError, params_to_torch
 from infllava_jax.data.tokenizer import load_tokenizer
+from infllava_jax.lora import params as lora_params
 
 INDEX_FILE = "model.safetensors.index.json"
 CLIP_NAME = "openai/clip-vit-large-patch14-336"
@@ -36,6 +41,8 @@ CLIP_NAME = "openai/clip-vit-large-patch14-336"
 # 128257): the reference's generation stops on <|end_of_text|> and <|eot_id|>.
 LLAMA3_VOCAB_WITH_PAD = 128257
 LLAMA3_IDS = dict(bos_token_id=128000, eos_token_id=[128001, 128009])
+# adapter_config.json's base_model_name_or_path unless told: the reference's LLM.
+BASE_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
 def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
@@ -81,6 +88,12 @@ def generation_config(model_cfg: ConfigDict) -> dict | None:
   return dict(LLAMA3_IDS, pad_token_id=LLAMA3_VOCAB_WITH_PAD - 1)
 
 
+def _write_config(out_dir: str, config: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
 def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
   """[(name, nbytes)] per shard, in table order, each shard at most `max_bytes` (or one tensor)."""
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -106,25 +119,36 @@ def _shard_plan(params: dict, table, dtype: np.dtype | None, max_bytes: int):
 
 def export_release(checkpoint_dir: str, out_dir: str, dtype: str | None = None,
                    max_shard_bytes: int = 5 * 10**9,
-                   on_write: Callable[[str, int, int, int], None] | None = None) -> None:
+                   on_write: Callable[[str, int, int, int], None] | None = None,
+                   lora_adapter: bool = False, base_model: str = BASE_MODEL) -> None:
   """Writes the release layout of a converted checkpoint, or of a training run folder's
   newest step that reads (a damaged newer step is reported and skipped), into `out_dir`.
 
   dtype: None keeps each param's stored dtype; else every tensor is cast.
   on_write(name, nbytes, total_tensors, total_bytes) is called per tensor written.
+  LoRA factors are merged into their kernels; with `lora_adapter` they are written as a
+  PEFT adapter instead (`base_model`: its base_model_name_or_path) and there must be some.
   """
   locate.read_checkpoint(checkpoint_dir, None, lambda folder: _export_folder(
-      folder, out_dir, dtype, max_shard_bytes, on_write))
+      folder, out_dir, dtype, max_shard_bytes, on_write, lora_adapter, base_model))
 
 
 def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int,
-                   on_write: Callable[[str, int, int, int], None] | None) -> None:
+                   on_write: Callable[[str, int, int, int], None] | None,
+                   lora_adapter: bool = False, base_model: str = BASE_MODEL) -> None:
   """`export_release` of one folder holding params/ (a run's step or a converted one)."""
   config = locate.folder_config(folder)
   model_cfg = config.model
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
   params = checkpoint_params.lazy_folder(folder)
+  stored = dtype or str(np.dtype(params["llm/embed/embedding"].dtype))
+  if lora_adapter:
+    adapter.export_adapter(params, folder, config, out_dir, base_model, dtype)
+    _write_config(out_dir, release_config(model_cfg, stored))  # the reference's loader reads it
+    return
+  if any(map(lora_params.is_lora, params)):
+    params = adapter.merged_params(params, folder, *adapter.lora_settings(folder, config))
   table = sources.release_table(model_cfg)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)
@@ -146,10 +170,7 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
     del arrays
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump(dict(metadata=dict(total_size=total_bytes), weight_map=weight_map), f, indent=2)
-  stored = dtype or str(np.dtype(traverse_util.flatten_dict(params, sep="/")
-                                  ["llm/embed/embedding"].dtype))
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(release_config(model_cfg, stored), f, indent=2)
+  _write_config(out_dir, release_config(model_cfg, stored))
   generation = generation_config(model_cfg)
   if generation:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:

@@ -109,7 +109,7 @@ def plan(source: Source, reader: Reader, dtype: str | None = None, seed: int = 0
           problems.append(_shape_problem(rule, i, path, slice_shape, refs[i], source))
     leaf_dtype = np.dtype(dtype) if dtype else refs[layers[0]].dtype
     leaves[path] = converted.StreamedArray(
-        want_shape, leaf_dtype, rule.stacked, _leaf_reader(rule, refs, reader, leaf_dtype, pad))
+        want_shape, leaf_dtype, rule.stacked, leaf_reader(rule, refs, reader, leaf_dtype, pad))
   if problems:
     raise ConversionError(f"{source.label}: {len(problems)} problem(s):\n  "
                           + "\n  ".join(problems))
@@ -136,7 +136,7 @@ def _shape_problem(rule, layer, path, slice_shape, ref, source: Source) -> str:
   return message
 
 
-def _leaf_reader(rule: Rule, refs: Mapping[int | None, TensorRef], reader: Reader,
+def leaf_reader(rule: Rule, refs: Mapping[int | None, TensorRef], reader: Reader,
                  dtype: np.dtype, pad: bool) -> Callable[[int | None], np.ndarray]:
   def read(layer: int | None) -> np.ndarray:
     load = lambda: reader.read(refs[layer])
