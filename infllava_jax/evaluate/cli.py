@@ -182,13 +182,14 @@ def lmms_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argp
 def run_lmms(args: argparse.Namespace) -> int:
   """`--lmms`: lmms-eval's tasks with the checkpoint's Assistant; writes LMMS_OUTPUTS."""
   try:
-    from infllava_jax.evaluate import lmms
-    import lmms_eval  # noqa: F401
+    import lmms_eval.evaluator  # noqa: F401  (and the dependencies it imports)
   except ImportError as e:
     return user_error("infllava evaluate", ConfigError(
         f"--lmms needs lmms-eval ({e}); install it as README's lmms-eval section says"))
+  from infllava_jax.evaluate import lmms
+  manager = lmms.task_manager(args.tasks, args.lmms_include)  # before the model loads
   start = time.perf_counter()
-  config, params, _ = load_checkpoint(args.checkpoint, args.step, args.dtype)
+  config, params, step = load_checkpoint(args.checkpoint, args.step, args.dtype)
   try:
     assistant = Assistant(config, params, tokenizer=flag_tokenizer(args),
                           length_bucket=args.length_bucket, consume_params=True,
@@ -200,10 +201,14 @@ def run_lmms(args: argparse.Namespace) -> int:
   results = lmms.evaluate(assistant, args.tasks, args.batch_size, args.limit,
                           args.lmms_include,
                           args.max_new_tokens or lmms.DEFAULT_MAX_NEW_TOKENS,
-                          args.multi_image or "error", progress=args.progress)
+                          args.multi_image or "error", args.progress, manager)
   os.makedirs(args.out, exist_ok=True)
+  run = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+         "dtype": assistant.config.model.dtype,
+         "quantize": quantize.params_mode(assistant.params), "batch_size": args.batch_size,
+         "seconds": round(time.perf_counter() - start, 1)}
   lmms.write(results, os.path.join(args.out, LMMS_OUTPUTS[0]),
-             os.path.join(args.out, LMMS_OUTPUTS[1]))
+             os.path.join(args.out, LMMS_OUTPUTS[1]), run)
   print(lmms.table(results))
   return 0
 

@@ -240,17 +240,12 @@ def model_class() -> type:
   return InfLLaVA
 
 
-def evaluate(assistant: Assistant, tasks: Sequence[str], batch_size: int = 8,
-             limit: int | None = None, include_path: str | None = None,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, multi_image: str = "error",
-             progress: bool = True) -> dict:
-  """lmms-eval's `simple_evaluate` of `tasks` with this model on `assistant`: its results
-  dict ("results" per task and metric, "samples" per task with each doc's answers).
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+  """lmms-eval's TaskManager that knows `tasks`, or a ConfigError naming those it lacks.
 
   include_path: a folder of task YAMLs beside lmms-eval's own (its --include_path); when
   it holds every task asked for, lmms-eval's ~2,000 are not indexed (about 9 s).
   """
-  from lmms_eval.evaluator import simple_evaluate
   from lmms_eval.tasks import TaskManager
 
   manager = None
@@ -260,8 +255,21 @@ def evaluate(assistant: Assistant, tasks: Sequence[str], batch_size: int = 8,
     manager = TaskManager("WARNING", include_path=include_path, model_name=MODEL_ID)
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
-    raise ConfigError(f"--lmms: no lmms-eval task named {', '.join(unknown)} (lmms-eval "
-                      "eval --tasks list shows them)")
+    raise ConfigError(f"--lmms: no lmms-eval task named {', '.join(unknown)} (`lmms-eval "
+                      "tasks` lists them)")
+  return manager
+
+
+def evaluate(assistant: Assistant, tasks: Sequence[str], batch_size: int = 8,
+             limit: int | None = None, include_path: str | None = None,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, multi_image: str = "error",
+             progress: bool = True, manager=None) -> dict:
+  """lmms-eval's `simple_evaluate` of `tasks` with this model on `assistant`: its results
+  dict ("results" per task and metric, "samples" per task with each doc's answers).
+  `manager`: `task_manager(tasks, include_path)`'s, if already made."""
+  from lmms_eval.evaluator import simple_evaluate
+
+  manager = manager or task_manager(tasks, include_path)
   model = model_class()(checkpoint=None, assistant=assistant, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, multi_image=multi_image)
   model.harness.progress = progress
@@ -334,12 +342,15 @@ def sample_lines(results: dict) -> list[dict]:
   return lines
 
 
-def write(results: dict, results_path: str, samples_path: str) -> None:
+def write(results: dict, results_path: str, samples_path: str, run: dict | None = None
+          ) -> None:
   """lmms-eval's results ("results", "n-samples", "higher_is_better", "versions",
-  "lmms_eval_version") as JSON; `sample_lines` as JSON Lines."""
+  "lmms_eval_version"), and `run` (what was evaluated, how) as JSON; `sample_lines` as
+  JSON Lines."""
   from lmms_eval.utils import handle_non_serializable
   kept = {k: results[k] for k in ("results", "n-samples", "higher_is_better", "versions",
                                   "lmms_eval_version") if k in results}
+  kept.update(run or {})
   with open(results_path, "w", encoding="utf-8") as f:
     json.dump(kept, f, indent=2, ensure_ascii=False, default=handle_non_serializable)
   with open(samples_path, "w", encoding="utf-8") as f:

@@ -74,7 +74,10 @@ def test_in_process_server_and_evaluate_give_the_same_answers(checkpoint, assist
   assert cli.main(["--checkpoint", checkpoint, "--lmms", "synthetic_heldout", "--lmms-include",
                    heldout, "--batch-size", str(BATCH), "--out", out, "--no-progress"]) == 0
   with open(os.path.join(out, "lmms_results.json")) as f:
-    in_process = json.load(f)["results"]["synthetic_heldout"]
+    written = json.load(f)
+  in_process = written["results"]["synthetic_heldout"]
+  assert (written["checkpoint"], written["dtype"], written["batch_size"]) == (
+      os.path.abspath(checkpoint), "float32", BATCH)
   with open(os.path.join(out, "lmms_samples.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   assert "synthetic_heldout" in capsys.readouterr().out  # lmms-eval's table
@@ -238,6 +241,26 @@ def test_visuals():
     lmms.the_image([red, blue], "error", "task t doc 3")
   with pytest.raises(ConfigError, match="clip.mp4' is not an image"):
     lmms.the_image(["clip.mp4"], "first", "d")
+
+
+def test_lmms_flag_errors(checkpoint, heldout, tmp_path, capsys):
+  from infllava_jax import cli as infllava
+  evaluate = ["evaluate", "--checkpoint", checkpoint, "--out", str(tmp_path)]
+  for flags, words in ((["--lmms", " ,"], "--lmms ' ,': expected task names"),
+                       (["--lmms", "pope", "--data", heldout], "--data does not go with --lmms"),
+                       (["--benchmark", "synthetic", "--lmms-include", heldout],
+                        "--lmms-include and --multi-image go with --lmms")):
+    with pytest.raises(SystemExit) as refused:
+      infllava.main(evaluate + flags)
+    assert refused.value.code == 2 and words in capsys.readouterr().err
+  # An unknown task: one line, before the model loads.
+  assert infllava.main(evaluate + ["--lmms", "synthetic_heldout,no_such_task",
+                                   "--lmms-include", heldout]) == 2
+  err = capsys.readouterr().err
+  assert err.strip().splitlines()[-1] == (
+      "infllava evaluate: error: --lmms: no lmms-eval task named no_such_task (`lmms-eval "
+      "tasks` lists them)")
+  assert "loaded" not in err and "Traceback" not in err
 
 
 def test_registered_through_the_entry_point():
