@@ -243,6 +243,23 @@ def test_visuals():
     lmms.the_image(["clip.mp4"], "first", "d")
 
 
+def test_write_task_keeps_images_and_text_only_questions(tmp_path):
+  import numpy as np
+  from infllava_jax.evaluate.records import Question
+  pixels = np.random.default_rng(0).integers(0, 256, size=(6, 9, 3), dtype=np.uint8)
+  questions = [Question("a", pixels, "Colour?", "red", "c", kind="exact"),
+               Question("b", None, "Two plus two?", "4", "c", kind="exact")]
+  path = lmms.write_task(str(tmp_path), "mine", questions, 4)
+  assert path == str(tmp_path / "mine.yaml")
+  manager = lmms.task_manager(["mine"], str(tmp_path))
+  task = lmms_eval.tasks.get_task_dict(["mine"], manager)["mine"]
+  docs = list(task.test_docs())
+  assert [task.doc_to_text(d) for d in docs] == ["Colour?", "Two plus two?"]
+  assert [task.doc_to_target(d) for d in docs] == ["red", "4"]
+  visuals = [task.doc_to_visual(d) for d in docs]
+  assert (np.asarray(visuals[0][0]) == pixels).all() and visuals[1] == []
+
+
 def test_lmms_flag_errors(checkpoint, heldout, tmp_path, capsys):
   from infllava_jax import cli as infllava
   evaluate = ["evaluate", "--checkpoint", checkpoint, "--out", str(tmp_path)]
