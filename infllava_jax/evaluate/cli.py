@@ -183,6 +183,7 @@ def run_lmms(args: argparse.Namespace) -> int:
   """`--lmms`: lmms-eval's tasks with the checkpoint's Assistant; writes LMMS_OUTPUTS."""
   try:
     import lmms_eval.evaluator  # noqa: F401  (and the dependencies it imports)
+    import filelock._api  # noqa: F401  lmms-eval 0.7.3 patches it: filelock < 4 ([lmms])
   except ImportError as e:
     return user_error("infllava evaluate", ConfigError(
         f"--lmms needs lmms-eval ({e}); install it as README's lmms-eval section says"))

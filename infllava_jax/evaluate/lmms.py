@@ -10,7 +10,8 @@ It is a "simple" model: a task's `doc_to_text` (its options and post-prompt incl
 question, asked in our llama3 template with the task's image, as `infllava evaluate` asks.
 
 model_args: checkpoint (required), step, dtype, quantize (int8 / int4 / nf4), tokenizer,
-batch_size (default 8; lmms-eval's --batch_size too), length_bucket (default 64),
+batch_size (default 8; from lmms-eval's command line its --batch_size, whose default is 1,
+unless model_args gives one), length_bucket (default 64),
 max_new_tokens (used when a task sets none; default 128), multi_image ("error", the
 default: refuse a question with several images; "first": ask about its first image), seed.
 
@@ -198,7 +199,8 @@ def model_class() -> type:
     """lmms-eval's `infllava` model (the module docstring lists its model_args)."""
     is_simple = True
 
-    def __init__(self, checkpoint: str, step: int | None = None, dtype: str | None = None,
+    def __init__(self, checkpoint: str | None = None, step: int | None = None,
+                 dtype: str | None = None,
                  quantize: str | None = None, tokenizer: str | None = None,
                  batch_size: int | str | None = 8, length_bucket: int = 64,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, multi_image: str = "error",
@@ -211,9 +213,17 @@ def model_class() -> type:
         raise ConfigError(f"infllava model_args: unknown {sorted(unknown)}; known: "
                           "checkpoint, step, dtype, quantize, tokenizer, batch_size, "
                           "length_bucket, max_new_tokens, multi_image, seed")
+      numbers = {"batch_size": batch_size or 8, "length_bucket": length_bucket,
+                 "max_new_tokens": max_new_tokens, "seed": seed}
+      bad = {k: v for k, v in numbers.items() if not str(v).isdigit()}
+      if bad:
+        raise ConfigError(f"infllava model_args: expected whole numbers, got {bad}")
       if assistant is None:
-        assistant = load(checkpoint, step, dtype, quantize, tokenizer, length_bucket)
-      self.harness = Harness(assistant, int(batch_size or 8), int(max_new_tokens),
+        if checkpoint is None:
+          raise ConfigError("infllava model_args: checkpoint=DIR is required (a training "
+                            "run or a converted checkpoint)")
+        assistant = load(checkpoint, step, dtype, quantize, tokenizer, int(length_bucket))
+      self.harness = Harness(assistant, int(numbers["batch_size"]), int(max_new_tokens),
                              multi_image, int(seed))
 
     @classmethod

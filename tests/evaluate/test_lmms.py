@@ -293,5 +293,9 @@ def test_registered_through_the_entry_point():
   assert cls is lmms.model_class() and issubclass(cls, lmms_base) and cls.is_simple
   with pytest.raises(ConfigError, match=r"unknown \['colour'\]"):
     cls.create_from_arg_string("checkpoint=x,colour=red", {"batch_size": 1})
+  with pytest.raises(ConfigError, match="checkpoint=DIR is required"):
+    cls.create_from_arg_string("batch_size=4", {"batch_size": 1, "device": None})
+  with pytest.raises(ConfigError, match="whole numbers, got {'batch_size': 'auto'}"):
+    cls.create_from_arg_string("checkpoint=x", {"batch_size": "auto"})
   with pytest.raises(ConfigError, match="checkpoint=/nonexistent"):
     cls.create_from_arg_string("checkpoint=/nonexistent,batch_size=16", {"batch_size": 1})
