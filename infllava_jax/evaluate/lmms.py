@@ -178,16 +178,17 @@ def load(checkpoint: str, step: int | None = None, dtype: str | None = None,
     return Assistant.from_run(str(checkpoint), None if step is None else int(step),
                               dtype=dtype, quantize=quantize, length_bucket=int(length_bucket),
                               tokenizer=load_tokenizer(tokenizer) if tokenizer else None)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:  # no checkpoint; a dtype, quantize or
+    # tokenizer that does not fit it
     raise ConfigError(f"infllava model_args checkpoint={checkpoint}: {e}") from None
 
 
-def _question(request, task_dict) -> Request:
+def _request(request, task_dict) -> Request:
   """A simple model's request, args (context, gen_kwargs, doc_to_visual, doc_id, task,
   split), as a Request."""
   context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
   return Request(context, doc_to_visual(task_dict[task][split][doc_id]), gen_kwargs,
-                  f"task {task} doc {doc_id}")
+                 f"task {task} doc {doc_id}")
 
 
 @functools.cache
@@ -235,7 +236,7 @@ def model_class() -> type:
       return cls(**{**given, **utils.simple_parse_args_string(arg_string)})
 
     def generate_until(self, requests) -> list[str]:
-      return self.harness.answer([_question(r, self.task_dict) for r in requests])
+      return self.harness.answer([_request(r, self.task_dict) for r in requests])
 
     def loglikelihood(self, requests):
       raise NotImplementedError(
