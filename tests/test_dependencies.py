@@ -9,7 +9,9 @@ import sys
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+NO_DEPS = PYPROJECT["tool"]["infllava"]["no-deps"]
 
 
 def distribution_name(requirement: str) -> str:
@@ -59,6 +61,7 @@ def test_every_import_is_declared():
   required = {distribution_name(r) for r in PROJECT["dependencies"]}
   optional = {distribution_name(r) for extra in PROJECT["optional-dependencies"].values()
               for r in extra}
+  optional |= {distribution_name(r) for r in NO_DEPS}  # optional, installed --no-deps
   found = imports()
   assert {"jax", "absl", "torch"} <= set(found) and not found["torch"]  # the walk sees them
   undeclared = {m: distributions(m) for m, module_scope in found.items()

@@ -72,8 +72,12 @@ def sse_deltas(response):
 
 @contextlib.contextmanager
 def serving(app):
-  """`app` served by uvicorn on a free loopback port, in a thread; yields the port."""
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  """`app` served by uvicorn on a free loopback port, in a thread; yields the port.
+
+  log_config=None: uvicorn's own logging config would close the handlers already set up
+  (absl's, writing to pytest's captured stderr), failing the test that served."""
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                         log_config=None))
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   deadline = time.time() + 20

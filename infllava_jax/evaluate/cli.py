@@ -6,6 +6,7 @@
   infllava evaluate --checkpoint ckpt/ --benchmark seed --data SEED-Bench.json \\
       --images SEED-Bench-image/
   infllava evaluate --checkpoint runs/synthetic --benchmark synthetic --limit 256
+  infllava evaluate --checkpoint ckpt/ --lmms mmmu_val,pope,scienceqa_img   # lmms-eval tasks
 
 --data per benchmark: scienceqa, the folder with problems.json and pid_splits.json
 (images in DATA/images/test/PID/ or DATA/test/PID/, or --images); pope, a
@@ -19,6 +20,14 @@ per question asked: output, parsed answer, right or not) and OUT/summary.json (a
 overall and per category; POPE adds precision/recall/F1/yes-ratio, MMBench the vanilla
 first-pass numbers beside the circular ones; the compute dtype, see --dtype), and prints the summary. An OUT that holds
 an earlier run's files is refused before the model loads, unless --overwrite.
+
+--lmms TASKS runs lmms-eval's tasks (comma-separated names, the [lmms] extra; README's
+table maps the paper's columns to them) with this model in-process, through lmms-eval's
+own prompts and scoring (`infllava_jax.evaluate.lmms`; its datasets come from the Hugging
+Face hub, or --lmms-include's task YAMLs). Writes OUT/lmms_results.json (each task's
+metrics) and OUT/lmms_samples.jsonl (one line per question: task, doc_id, target, output,
+metrics) and prints lmms-eval's table. --max-new-tokens is then the length for tasks that
+set none (default 128).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from infllava_jax import generate, quantize
 from infllava_jax.evaluate import mmbench, pope, records, runner, scienceqa, scoring, seed
 from infllava_jax.evaluate import synthetic
 from infllava_jax.cli import user_error
+from infllava_jax.errors import ConfigError
 from infllava_jax.generate_cli import (add_checkpoint_flags, check_checkpoint_flags,
                                        flag_tokenizer, loaded_line)
 from infllava_jax.inference import Assistant, load_checkpoint
@@ -41,6 +51,7 @@ from infllava_jax.model import infllava
 BENCHMARKS = ("scienceqa", "pope", "mmbench", "seed", "synthetic")
 MAX_NEW_TOKENS = 16  # enough for a letter, yes/no or a short phrase and its stop token
 OUTPUTS = ("predictions.jsonl", "summary.json")  # what a run writes into --out
+LMMS_OUTPUTS = ("lmms_results.json", "lmms_samples.jsonl")  # ... and a --lmms run
 
 
 def read_questions(args: argparse.Namespace, config=None) -> list[records.Question]:
@@ -69,13 +80,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="infllava evaluate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_checkpoint_flags(parser)
-  parser.add_argument("--benchmark", required=True, choices=BENCHMARKS,
-                      help="which benchmark's files --data holds (see above)")
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument("--benchmark", choices=BENCHMARKS,
+                     help="which benchmark's files --data holds (see above)")
+  which.add_argument("--lmms", metavar="TASKS", default=None,
+                     help="lmms-eval task names, comma-separated (see above)")
+  parser.add_argument("--lmms-include", metavar="DIR", default=None,
+                      help="--lmms: a folder of extra lmms-eval task YAMLs")
+  parser.add_argument("--multi-image", choices=("error", "first"), default=None,
+                      help="--lmms: a question with several images (MMMU's few, SEED-Bench's "
+                           "video frames) stops the run (error, the default) or is asked "
+                           "about its first image (first)")
   parser.add_argument("--data", default=None,
                       help="the benchmark's question file or folder (not for synthetic)")
   parser.add_argument("--images", default=None, help="image folder (see above)")
   parser.add_argument("--out", default=None,
-                      help="output folder (default: CHECKPOINT_eval/BENCHMARK)")
+                      help="output folder (default: CHECKPOINT_eval/BENCHMARK, or "
+                           "CHECKPOINT_eval/lmms)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the predictions and summary an earlier run left in OUT "
                            "(default: refuse to)")
@@ -103,6 +124,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="no progress bar (for logs)")
   args = parser.parse_args(argv)
   check_checkpoint_flags(parser, args)
+  if args.lmms is not None:
+    return lmms_args(parser, args)
+  if args.lmms_include or args.multi_image:
+    parser.error("--lmms-include and --multi-image go with --lmms")
   if args.benchmark == "synthetic" and (args.data or args.images):
     parser.error("--benchmark synthetic takes no --data or --images: its held-out split is "
                  "generated from the run's config")
@@ -120,15 +145,79 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if value is not None and value < 1:
       parser.error(f"{flag} must be at least 1, got {value}")
   args.out = args.out or default_out(args.checkpoint, args.benchmark)
-  earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+  check_out(parser, args, OUTPUTS)
+  return args
+
+
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace,
+              outputs: tuple[str, ...]) -> None:
+  """Refuses an --out holding an earlier run's `outputs`, unless --overwrite."""
+  earlier = [name for name in outputs if os.path.exists(os.path.join(args.out, name))]
   if earlier and not args.overwrite:
     parser.error(f"--out {args.out!r} already holds {' and '.join(earlier)} from an earlier "
                  "run; give another --out, or --overwrite to replace them")
+
+
+def lmms_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+  """parse_args' checks for a --lmms run."""
+  args.tasks = [t.strip() for t in args.lmms.split(",") if t.strip()]
+  if not args.tasks:
+    parser.error(f"--lmms {args.lmms!r}: expected task names, comma-separated")
+  for flag in ("data", "images", "processor_size"):
+    if getattr(args, flag):
+      parser.error(f"--{flag.replace('_', '-')} does not go with --lmms: lmms-eval's tasks "
+                   "read their own data")
+  if args.lmms_include and not os.path.isdir(args.lmms_include):
+    parser.error(f"--lmms-include {args.lmms_include!r} is not a folder")
+  for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                      ("--max-new-tokens", args.max_new_tokens),
+                      ("--length-bucket", args.length_bucket)):
+    if value is not None and value < 1:
+      parser.error(f"{flag} must be at least 1, got {value}")
+  args.out = args.out or default_out(args.checkpoint, "lmms")
+  check_out(parser, args, LMMS_OUTPUTS)
   return args
+
+
+def run_lmms(args: argparse.Namespace) -> int:
+  """`--lmms`: lmms-eval's tasks with the checkpoint's Assistant; writes LMMS_OUTPUTS."""
+  try:
+    import lmms_eval.evaluator  # noqa: F401  (and the dependencies it imports)
+    import filelock._api  # noqa: F401  lmms-eval 0.7.3 patches it: filelock < 4 ([lmms])
+  except ImportError as e:
+    return user_error("infllava evaluate", ConfigError(
+        f"--lmms needs lmms-eval ({e}); install it as README's lmms-eval section says"))
+  from infllava_jax.evaluate import lmms
+  manager = lmms.task_manager(args.tasks, args.lmms_include)  # before the model loads
+  start = time.perf_counter()
+  config, params, step = load_checkpoint(args.checkpoint, args.step, args.dtype)
+  try:
+    assistant = Assistant(config, params, tokenizer=flag_tokenizer(args),
+                          length_bucket=args.length_bucket, consume_params=True,
+                          quantize=args.quantize)
+  except ValueError as e:
+    return user_error("infllava evaluate", e)
+  del params
+  print(loaded_line(args, assistant, time.perf_counter() - start), file=sys.stderr)
+  results = lmms.evaluate(assistant, args.tasks, args.batch_size, args.limit,
+                          args.lmms_include,
+                          args.max_new_tokens or lmms.DEFAULT_MAX_NEW_TOKENS,
+                          args.multi_image or "error", args.progress, manager)
+  os.makedirs(args.out, exist_ok=True)
+  run = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+         "dtype": assistant.config.model.dtype,
+         "quantize": quantize.params_mode(assistant.params), "batch_size": args.batch_size,
+         "seconds": round(time.perf_counter() - start, 1)}
+  lmms.write(results, os.path.join(args.out, LMMS_OUTPUTS[0]),
+             os.path.join(args.out, LMMS_OUTPUTS[1]), run)
+  print(lmms.table(results))
+  return 0
 
 
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
+  if args.lmms is not None:
+    return run_lmms(args)
   start = time.perf_counter()
   try:  # the benchmark's files first: a bad record stops the run before the model loads
     questions = None if args.benchmark == "synthetic" else read_questions(args)
