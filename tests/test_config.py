@@ -48,8 +48,8 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec, overrides, words", [
-    ("synthetic:foo", [], "config 'synthetic:foo': unknown variant 'foo'; expected 'infllava' "
-                          "or 'llava'"),
+    ("synthetic:foo", [], "config 'synthetic:foo': unknown variant 'foo'; expected 'infllava', "
+                          "'llava' or 'llava_next'"),
     ("configs/tiny.py:foo", [], "configs/tiny.py:foo with no overrides: unknown variant 'foo'"),
     ("synthetc", [], "config 'synthetc': no preset 'synthetc' (presets: infllava_8b, "
                      "infllava_8b_stage1, infllava_8b_stage2, synthetic, tiny)"),
@@ -71,4 +71,4 @@ def test_train_names_the_presets_in_its_help_and_takes_one(capsys):
   assert cli.main(["train", "--config", "synthetic:foo", "--workdir", "w"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["infllava train: error: config 'synthetic:foo': unknown variant 'foo'; "
-                 "expected 'infllava' or 'llava'"]
+                 "expected 'infllava', 'llava' or 'llava_next'"]
