@@ -11,6 +11,10 @@ from the same table `from-pytorch` reads with (`sources.release_table`), so the 
 exact. CLIP holds only the layers our tower keeps: the layer past the feature layer and
 `post_layernorm` are not written (the reference loader reloads CLIP from its hub copy
 anyway); `vision_config` in config.json records the full tower so a re-import knows its depth.
+
+A llava_next (AnyRes) model is written in llava-hf's LlavaNextForConditionalGeneration
+layout instead (`sources.llava_hf_table`, a LlavaNextConfig config.json), which
+`transformers` loads and `from-pytorch --llava-hf` reads back.
 """
 
 from __future__ import annotations
@@ -73,6 +77,30 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   return config
 
 
+def llava_next_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
+  """config.json of llava-hf's LlavaNextForConditionalGeneration for a llava_next model."""
+  import transformers
+  if model_cfg.image_token_id < 0:
+    raise ConversionError(f"model.image_token_id={model_cfg.image_token_id}: a llava-hf "
+                          "checkpoint marks image slots with a vocabulary id (its <image>)")
+  release = release_config(model_cfg, torch_dtype)
+  text = {k: release[k] for k in (
+      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+      "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+      "rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings",
+      "attention_bias", "mlp_bias")}
+  config = transformers.LlavaNextConfig(
+      text_config=transformers.LlamaConfig(**text),
+      vision_config=transformers.CLIPVisionConfig(**release["vision_config"]),
+      image_token_index=model_cfg.image_token_id,
+      image_grid_pinpoints=[list(p) for p in model_cfg.anyres.grid_pinpoints],
+      vision_feature_layer=model_cfg.vision.feature_layer,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+      multimodal_projector_bias=True, tie_word_embeddings=False).to_dict()
+  config.update(architectures=["LlavaNextForConditionalGeneration"], dtype=torch_dtype)
+  return config
+
+
 def generation_config(model_cfg: ConfigDict) -> dict | None:
   """generation_config.json for LLaMA-3's vocabulary (its stop ids); None for another one,
   whose special ids the converted checkpoint does not record."""
@@ -125,7 +153,12 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
   # Each param in its stored dtype, read from disk as its tensors are written: the host
   # holds one param and one shard at a time, not the whole tree.
   params = checkpoint_params.lazy_folder(folder)
-  table = sources.release_table(model_cfg)
+  stored = dtype or str(np.dtype(traverse_util.flatten_dict(params, sep="/")
+                                  ["llm/embed/embedding"].dtype))
+  if model_cfg.variant == "llava_next":
+    table, config_json = sources.llava_hf_table(model_cfg), llava_next_config(model_cfg, stored)
+  else:
+    table, config_json = sources.release_table(model_cfg), release_config(model_cfg, stored)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)
   total_bytes = sum(n for s in shards for _, n in s)
@@ -146,10 +179,8 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
     del arrays
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump(dict(metadata=dict(total_size=total_bytes), weight_map=weight_map), f, indent=2)
-  stored = dtype or str(np.dtype(traverse_util.flatten_dict(params, sep="/")
-                                  ["llm/embed/embedding"].dtype))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(release_config(model_cfg, stored), f, indent=2)
+    json.dump(config_json, f, indent=2)
   generation = generation_config(model_cfg)
   if generation:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
