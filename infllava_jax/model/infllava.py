@@ -198,6 +198,25 @@ def input_size(model_cfg: ConfigDict) -> int:
   return size
 
 
+def pixels_shapes(model_cfg: ConfigDict, rows: int, images: int):
+  """`InfLlava.__call__`'s pixels for `rows` rows of `images` images, as ShapeDtypeStructs:
+  [rows, images, S, S, 3] float32, or for llava_next a dict of its tiles and layouts."""
+  side = input_size(model_cfg)
+  if model_cfg.variant == "llava_next":
+    tiles = 1 + anyres.max_tiles(model_cfg)
+    return {"tiles": jax.ShapeDtypeStruct((rows, images, tiles, side, side, 3), jnp.float32),
+            "layout": jax.ShapeDtypeStruct((rows, images, 4), jnp.int32)}
+  return jax.ShapeDtypeStruct((rows, images, side, side, 3), jnp.float32)
+
+
+def projected_tokens(model_cfg: ConfigDict) -> int:
+  """Tokens per image through the projector: `num_image_tokens`, or for llava_next every
+  tile slot's patches (padding tiles included, as the model computes them)."""
+  if model_cfg.variant == "llava_next":
+    return (1 + anyres.max_tiles(model_cfg)) * anyres.feature_side(model_cfg) ** 2
+  return num_image_tokens(model_cfg)
+
+
 def dummy_inputs(model_cfg: ConfigDict, batch: int = 1, length: int = 8):
   """Smallest (tokens, pixels) that trace every parameter: for init and `jax.eval_shape`."""
   side = input_size(model_cfg)

@@ -102,3 +102,46 @@ def test_bad_pinpoints_are_named(model_cfg):
   cfg.anyres.grid_pinpoints = ((336, 500),)
   with pytest.raises(ValueError, match=r"grid_pinpoints.*multiples of vision.image_size 336"):
     anyres.pinpoints(cfg)
+
+
+def _wide_tall_json(tmp_path):
+  """A LLaVA JSON of images of several aspect ratios and one text-only record."""
+  import json
+  from infllava_jax.data import sources
+  sizes = [(60, 200), (150, 90), (100, 100), (20, 30)]
+  records = []
+  for i, (height, width) in enumerate(sizes):
+    _image(height, width, seed=i).save(tmp_path / f"{i}.png")
+    records.append({"id": f"img{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
+        {"from": "gpt", "value": "A pattern " * (i + 1)}]})
+  records.append({"id": "txt", "conversations": [{"from": "human", "value": "Hello?"},
+                                                 {"from": "gpt", "value": "Hi."}]})
+  (tmp_path / "mix.json").write_text(json.dumps(records))
+  return sources.LlavaJsonSource(str(tmp_path / "mix.json"), str(tmp_path)), sizes
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pipeline_gives_each_image_its_own_slots(tmp_path, packing):
+  from infllava_jax.config import load_config
+  from infllava_jax.data import pipeline
+  overrides = dict(batch_size=2, max_length=600, shuffle=False, packing=packing,
+                   max_images_per_row=2 if packing else 1)
+  config = load_config("synthetic:anyres", [f"--config.data.{k}={v}"
+                                            for k, v in overrides.items()])
+  source, sizes = _wide_tall_json(tmp_path)
+  want = sorted(anyres.num_image_tokens(h, w, config.model) for h, w in sizes)
+  assert len(set(want)) == 4  # every image its own count
+  got = []
+  for batch in pipeline.make_iterator(config, source, process_index=0, process_count=1,
+                                      num_epochs=1):
+    pixels = batch["pixels"]
+    assert pixels["tiles"].shape[2:] == (1 + anyres.max_tiles(config.model), 84, 84, 3)
+    for row in range(len(batch["tokens"])):
+      counts = [anyres.count(anyres.Layout(*map(int, l)), config.model)
+                for l in pixels["layout"][row]]
+      assert (batch["tokens"][row] == config.model.image_token_id).sum() == sum(counts)
+      got += [c for c in counts if c]
+      for image, count in enumerate(counts):  # an absent image's tiles are zeros
+        assert pixels["tiles"][row, image].any() == bool(count)
+  assert sorted(got) == want
