@@ -61,3 +61,18 @@ def test_generate_cli_answers_about_a_wide_image(config, tmp_path):
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith("Q: What is it?\nA:")
   assert "(llava_next, float32)" in done.stderr
+
+
+def test_generation_compiles_ahead_of_time_with_the_largest_image():
+  import jax
+  from infllava_jax import inference_compile
+  config = load_config("configs/tiny.py:llava_next", ["--config.model.dtype=bfloat16"])
+  run = inference_compile.compile_generation(config, jax.devices()[0], 1, 256, 16, None,
+                                             log=lambda _: None)
+  bound = dict(run["bound"])
+  inputs = next(b for label, b in bound.items() if label.startswith("inputs"))
+  tiles = (1 + anyres.max_tiles(config.model)) * 84 * 84 * 3 * 4  # float32, one image
+  assert inputs >= tiles and run["memory"]["arguments"] >= inputs
+  with pytest.raises(ValueError, match=r"the image alone takes 192"):
+    inference_compile.compile_generation(config, jax.devices()[0], 1, 192, 16, None,
+                                         log=lambda _: None)
