@@ -81,8 +81,9 @@ def llava_next_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   """config.json of llava-hf's LlavaNextForConditionalGeneration for a llava_next model."""
   import transformers
   if model_cfg.image_token_id < 0:
-    raise ConversionError(f"model.image_token_id={model_cfg.image_token_id}: a llava-hf "
-                          "checkpoint marks image slots with a vocabulary id (its <image>)")
+    raise ConversionError(f"model.image_token_id={model_cfg.image_token_id} is not a "
+                          "vocabulary id: a llava-hf LLaVA-NeXT checkpoint marks image slots "
+                          "with its <image> token, so this model cannot be written as one")
   release = release_config(model_cfg, torch_dtype)
   text = {k: release[k] for k in (
       "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -173,3 +173,14 @@ def test_max_image_tokens_bounds_every_count(converted):
   counts = [anyres.num_image_tokens(h, w, model_cfg) for h in range(10, 400, 37)
             for w in range(10, 400, 41)]
   assert max(counts) == anyres.max_image_tokens(model_cfg) == 36 + 12 * 13
+
+
+def test_to_pytorch_refuses_a_model_without_an_image_token_id(tmp_path, capsys):
+  from tests.random_params import random_params
+  model_cfg = load_config("synthetic:anyres").model  # image slots marked -200
+  converted_format.save_converted(str(tmp_path / "ckpt"), model_cfg, random_params(model_cfg))
+  assert cli.main(["to-pytorch", "--quiet", "--checkpoint", str(tmp_path / "ckpt"),
+                   "--out", str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err
+  assert "model.image_token_id=-200 is not a vocabulary id" in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "out").exists()
