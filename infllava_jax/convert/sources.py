@@ -122,8 +122,9 @@ def renamed(name: str, renames: Iterable[tuple[str, str]]) -> str:
 class Source:
   """A checkpoint, ready to plan: tensors under the table's names, and the model config.
 
-  `init`: top-level modules (e.g. 'dem', 'projector') the checkpoint lacks, initialised as
-  PyTorch's defaults (docs/fidelity.md#module-init). `pad_row`: the model's vocabulary is the
+  `init`: top-level modules or params (e.g. 'dem', 'projector', 'image_newline') the
+  checkpoint lacks, initialised as the model's init (PyTorch's defaults:
+  docs/fidelity.md#module-init). `pad_row`: the model's vocabulary is the
   checkpoint's + 1, the <pad> row (docs/fidelity.md#pad-row), added as the mean row to the
   embedding and the head.
   """
@@ -281,6 +282,8 @@ def separate_source(llama_dir: str, clip_dir: str, projector: str | None = None,
              if any(n.startswith(prefix) for n in tensors)}
   init = tuple(m for m in ("dem", "projector")
                if m not in present and (m != "dem" or model_cfg.variant == "infllava"))
+  if model_cfg.variant == "llava_next":  # LLaVA-NeXT's newline starts random (its init)
+    init += ("image_newline",)
   table = tuple(r for r in release_table(model_cfg) if r.path.split("/")[0] not in init)
   label = f"{llama_dir} + {clip_dir}" + (f" + {projector}" if projector else "")
   return Source(label, tensors, table, release_ignore(model_cfg), model_cfg, init, add_pad_row)
