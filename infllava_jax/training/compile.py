@@ -56,7 +56,8 @@ def tree_shard_bytes(tree: Any) -> int:
 def abstract_batch(config, mesh, rules, rows: int, length: int) -> dict:
   """The data pipeline's batch as ShapeDtypeStructs sharded as the trainer's
   (`state.batch_shardings`): [rows, length] ids, weights and pixels [rows, M, S, S, 3]
-  float32 (M = data.max_images_per_row)."""
+  float32 (M = data.max_images_per_row; llava_next: `infllava.pixels_shapes`' tiles and
+  layouts)."""
   import jax
   import jax.numpy as jnp
   from infllava_jax.model.infllava import pixels_shapes
