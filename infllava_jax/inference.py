@@ -26,16 +26,20 @@ from ml_collections import ConfigDict
 from infllava_jax import generate
 from infllava_jax import quantize as quantization
 from infllava_jax.checkpoints import locate, params as checkpoint_params
+from infllava_jax.data import anyres as anyres_data
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
-from infllava_jax.model import infllava
+from infllava_jax.model import anyres, infllava
 
 
 def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool = True,
-               history: Sequence[tuple[str, str]] = (), double_bos: bool = True) -> list[int]:
+               history: Sequence[tuple[str, str]] = (), double_bos: bool = True,
+               image_tokens: int | None = None) -> list[int]:
   """Token ids of a llama3 generation prompt: earlier (question, answer) turns, then `question`.
 
-  The image (if any) belongs to the first question, as in training. Raises ValueError when
+  The image (if any) belongs to the first question, as in training, with `image_tokens`
+  slots (None: `infllava.num_image_tokens`; an AnyRes image's own count is
+  `model.anyres.num_image_tokens`). Raises ValueError when
   a question or answer holds the image marker '<image>': the image's slots come from
   `has_image`, and a marker in the text would add a second block of them.
   """
@@ -52,8 +56,9 @@ def prompt_ids(question: str, tokenizer, model_cfg: ConfigDict, has_image: bool 
     first = False
   text, _ = templates.render_llama3(turns)
   ids, _ = templates.tokenize(text, [], tokenizer, model_cfg.image_token_id, double_bos)
-  ids, _ = templates.expand_image_slots(ids, ids, model_cfg.image_token_id,
-                                        infllava.num_image_tokens(model_cfg))
+  if has_image and image_tokens is None:
+    image_tokens = infllava.num_image_tokens(model_cfg)
+  ids, _ = templates.expand_image_slots(ids, ids, model_cfg.image_token_id, image_tokens or 0)
   return ids.tolist()
 
 
@@ -262,13 +267,40 @@ class Assistant:
     return int(self.config.model.llm.max_positions)
 
   def prompt(self, question: str, history: Sequence[tuple[str, str]] = (),
-             has_image: bool = True) -> list[int]:
-    """The prompt ids `ask` uses for this question, history and image presence."""
+             has_image: bool = True, image=None) -> list[int]:
+    """The prompt ids `ask` uses for this question, history and image presence (a
+    llava_next model's slots depend on the image's size: give the `image` itself)."""
     return prompt_ids(question, self.tokenizer, self.config.model, has_image=has_image,
-                      history=history, double_bos=self.double_bos)
+                      history=history, double_bos=self.double_bos,
+                      image_tokens=self.image_tokens(image) if has_image else None)
+
+  def image_tokens(self, image=None) -> int:
+    """Visual tokens (prompt slots) of `image` (any input `images.decode` takes)."""
+    model_cfg = self.config.model
+    if model_cfg.variant != "llava_next":
+      return infllava.num_image_tokens(model_cfg)
+    if image is None:
+      raise ValueError("a llava_next model's image slots depend on the image's size; give "
+                       "the image")
+    pil = images.decode(image)
+    return anyres.num_image_tokens(pil.height, pil.width, model_cfg)
 
   def pixels(self, image) -> np.ndarray:
     return images.preprocess(image, infllava.input_size(self.config.model), self.aspect)
+
+  def image_inputs(self, image_list: Sequence[Any]) -> tuple[Any, list[int | None]]:
+    """The model's `pixels` for one image per row (None: a text-only row; all None: None),
+    and each image's slot count (None: the model's fixed `num_image_tokens`)."""
+    model_cfg = self.config.model
+    if all(im is None for im in image_list):
+      return None, [None] * len(image_list)
+    if model_cfg.variant == "llava_next":
+      pixels, counts = anyres_data.image_inputs(image_list, model_cfg)
+      return {k: jnp.asarray(v[:, None]) for k, v in pixels.items()}, counts
+    side = infllava.input_size(model_cfg)
+    pixels = np.stack([images.zero_image(side) if im is None else self.pixels(im)
+                       for im in image_list])[:, None]
+    return jnp.asarray(pixels), [None] * len(image_list)
 
   def _sampling(self, sampling: generate.Sampling | None) -> generate.Sampling:
     sampling = sampling or generate.Sampling(max_new_tokens=32)
@@ -293,8 +325,10 @@ class Assistant:
     if len(histories) != len(questions):
       raise ValueError(f"ask_batch: {len(histories)} histories but {len(questions)} questions")
     sampling = self._sampling(sampling)
-    prompts = [self.prompt(q, h, has_image=im is not None)
-               for im, q, h in zip(image_list, questions, histories)]
+    pixels, counts = self.image_inputs(image_list)
+    prompts = [prompt_ids(q, self.tokenizer, self.config.model, has_image=im is not None,
+                          history=h, double_bos=self.double_bos, image_tokens=n)
+               for im, q, h, n in zip(image_list, questions, histories, counts)]
     for row, prompt in enumerate(prompts):
       if len(prompt) + sampling.max_new_tokens > self.context_length:
         which = f"row {row}'s prompt" if len(prompts) > 1 else "the prompt"
@@ -306,12 +340,6 @@ class Assistant:
     if extra:
       tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.tokenizer.pad_token_id)
       mask = np.pad(mask, ((0, 0), (extra, 0)))
-    pixels = None
-    if any(im is not None for im in image_list):
-      side = infllava.input_size(self.config.model)
-      pixels = np.stack([images.zero_image(side) if im is None else self.pixels(im)
-                         for im in image_list])[:, None]
-      pixels = jnp.asarray(pixels)
     run = generate.compiled_generate(self.model, sampling, self.tokenizer.pad_token_id, on_token)
     out, lengths = run(self.params, jnp.asarray(tokens), jnp.asarray(mask), pixels,
                        jax.random.key(seed))

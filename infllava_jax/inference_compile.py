@@ -91,7 +91,7 @@ def compile_generation(config, device, batch: int, context: int, max_new_tokens:
   import jax
   import jax.numpy as jnp
   from infllava_jax import generate, xla_options
-  from infllava_jax.model import infllava
+  from infllava_jax.model import anyres, infllava
 
   model_cfg = config.model
   program = generate.Sampling(max_new_tokens=max_new_tokens).program()
@@ -100,7 +100,9 @@ def compile_generation(config, device, batch: int, context: int, max_new_tokens:
                      f"power of two >= {generate.MIN_PROGRAM_TOKENS} of them; give "
                      f"{program.max_new_tokens}")
   prompt = context - max_new_tokens
-  image_tokens = infllava.num_image_tokens(model_cfg)
+  # A llava_next image: the most tokens one can give (its largest grid).
+  image_tokens = (anyres.max_image_tokens(model_cfg) if model_cfg.variant == "llava_next"
+                  else infllava.num_image_tokens(model_cfg))
   if prompt < image_tokens + 1:
     raise ValueError(f"--context {context} leaves a prompt of {prompt} tokens after "
                      f"{max_new_tokens} new ones; the image alone takes {image_tokens}")
@@ -112,13 +114,13 @@ def compile_generation(config, device, batch: int, context: int, max_new_tokens:
   log(f"building abstract params ({model_cfg.variant}, {quantize or model_cfg.dtype})...")
   model, params = abstract_inference_params(config, device, quantize)
   placed = jax.sharding.SingleDeviceSharding(device)
-  side = infllava.input_size(model_cfg)
 
   def arg(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
 
   inputs = {"tokens": arg((batch, prompt), jnp.int32), "mask": arg((batch, prompt), jnp.int32),
-            "pixels": arg((batch, 1, side, side, 3), jnp.float32)}
+            "pixels": jax.tree.map(lambda s: arg(s.shape, s.dtype),
+                                   infllava.pixels_shapes(model_cfg, batch, 1))}
   rng = jax.eval_shape(lambda: jax.random.key(0))
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=placed)
   settings = {k: arg(v.shape, v.dtype) for k, v in program.settings().items()}

@@ -213,7 +213,8 @@ def sampling_for(assistant: Assistant, request: ChatRequest,
                  default_max_tokens: int) -> generate.Sampling:
   """The request's Sampling, after checking that prompt + answer fit the model's positions."""
   try:
-    prompt = len(assistant.prompt(request.question, request.history, request.image is not None))
+    prompt = len(assistant.prompt(request.question, request.history, request.image is not None,
+                                  request.image))
   except ValueError as e:  # the image marker in a message's text
     raise RequestError(str(e), "messages") from None
   room = assistant.context_length - prompt

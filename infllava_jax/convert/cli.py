@@ -34,7 +34,7 @@ from infllava_jax.convert.mapping import ConversionError
 from infllava_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_CONFIG = "infllava_8b"  # `convert.sources.base_config`'s, :llava for --llava-hf
+DEFAULT_CONFIG = "infllava_8b"  # `convert.sources.base_config`'s; --llava-hf: its variant
 
 
 class Progress:
@@ -92,12 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                         "without it the DEM and projector are initialised as PyTorch's "
                         "nn.Linear / nn.Conv2d defaults, as the reference's stage 1 starts")
   src.add_argument("--llava-hf", dest="llava_hf", metavar="DIR",
-                   help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline")
+                   help="llava-hf LlavaForConditionalGeneration folder -> LLaVA-1.5 baseline, "
+                        "or LlavaNextForConditionalGeneration -> llava_next (AnyRes)")
   src.add_argument("--config", metavar="NAME|FILE.py[:ARG]",
                    help="config whose `model` section supplies what a checkpoint cannot "
                         "(DCM, DEM, CLIP heads, the compute dtype model.dtype): "
-                        + config_help("tiny") + f"; default {DEFAULT_CONFIG} (:llava for "
-                        "--llava-hf). Sizes found in the checkpoint win. Overrides follow it "
+                        + config_help("tiny") + f"; default {DEFAULT_CONFIG} (:llava or "
+                        ":llava_next for --llava-hf, as its model_type). Sizes found in the checkpoint win. Overrides follow it "
                         "as --config.model.dtype=float32")
   src.add_argument("--dtype", choices=DTYPES,
                    help="cast every param (default: keep each tensor's dtype, bf16 exact)")
@@ -160,8 +161,15 @@ def _model_config(args, overrides: list[str]):
   """`model` of --config (or the default) with the overrides; None: `hf`'s default."""
   if not (args.config or overrides):
     return None
-  llava = args.llava_hf or (args.model_base and _model_type(args.model_base) == "llava")
-  spec = args.config or f"{DEFAULT_CONFIG}:{'llava' if llava else 'infllava'}"
+  from infllava_jax.convert import sources
+  if args.config:
+    spec = args.config
+  elif args.llava_hf:
+    spec = f"{DEFAULT_CONFIG}:{sources.llava_hf_variant(args.llava_hf)}"
+  elif args.model_base and _model_type(args.model_base) in sources.LLAVA_HF_VARIANTS:
+    spec = f"{DEFAULT_CONFIG}:{sources.llava_hf_variant(args.model_base)}"
+  else:
+    spec = f"{DEFAULT_CONFIG}:infllava"
   return load_config(spec, overrides).model
 
 

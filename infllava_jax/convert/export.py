@@ -15,6 +15,10 @@ anyway); `vision_config` in config.json records the full tower so a re-import kn
 Params with LoRA factors (a LoRA run, or `from-pytorch --keep-lora`) are written merged into
 their kernels, or with `lora_adapter` as the PEFT layout the reference loads over its base
 (`convert/adapter.py`): adapter files, non_lora_trainables.bin and this config.json.
+
+A llava_next (AnyRes) model is written in llava-hf's LlavaNextForConditionalGeneration
+layout instead (`sources.llava_hf_table`, a LlavaNextConfig config.json), which
+`transformers` loads and `from-pytorch --llava-hf` reads back.
 """
 
 from __future__ import annotations
@@ -77,6 +81,31 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
   config.update(image_aspect_ratio="pad", tokenizer_model_max_length=2048,
                 tokenizer_padding_side="right")
   config.update(generation_config(model_cfg) or {})  # the special ids, where known
+  return config
+
+
+def llava_next_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
+  """config.json of llava-hf's LlavaNextForConditionalGeneration for a llava_next model."""
+  import transformers
+  if model_cfg.image_token_id < 0:
+    raise ConversionError(f"model.image_token_id={model_cfg.image_token_id} is not a "
+                          "vocabulary id: a llava-hf LLaVA-NeXT checkpoint marks image slots "
+                          "with its <image> token, so this model cannot be written as one")
+  release = release_config(model_cfg, torch_dtype)
+  text = {k: release[k] for k in (
+      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+      "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+      "rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings",
+      "attention_bias", "mlp_bias")}
+  config = transformers.LlavaNextConfig(
+      text_config=transformers.LlamaConfig(**text),
+      vision_config=transformers.CLIPVisionConfig(**release["vision_config"]),
+      image_token_index=model_cfg.image_token_id,
+      image_grid_pinpoints=[list(p) for p in model_cfg.anyres.grid_pinpoints],
+      vision_feature_layer=model_cfg.vision.feature_layer,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+      multimodal_projector_bias=True, tie_word_embeddings=False).to_dict()
+  config.update(architectures=["LlavaNextForConditionalGeneration"], dtype=torch_dtype)
   return config
 
 
@@ -149,7 +178,10 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
     return
   if any(map(lora_params.is_lora, params)):
     params = adapter.merged_params(params, folder, *adapter.lora_settings(folder, config))
-  table = sources.release_table(model_cfg)
+  if model_cfg.variant == "llava_next":
+    table, config_json = sources.llava_hf_table(model_cfg), llava_next_config(model_cfg, stored)
+  else:
+    table, config_json = sources.release_table(model_cfg), release_config(model_cfg, stored)
   shards = _shard_plan(params, table, dtype, max_shard_bytes)
   total_tensors = sum(len(s) for s in shards)
   total_bytes = sum(n for s in shards for _, n in s)
@@ -170,7 +202,7 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
     del arrays
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump(dict(metadata=dict(total_size=total_bytes), weight_map=weight_map), f, indent=2)
-  _write_config(out_dir, release_config(model_cfg, stored))
+  _write_config(out_dir, config_json)
   generation = generation_config(model_cfg)
   if generation:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:

@@ -9,7 +9,8 @@ and derives `config.model` from its config.json and its tensors' shapes:
   separate_source(LLAMA, CLIP,  Hugging Face LLaMA-3 and CLIP folders, plus optionally a
                   PROJECTOR)    stage-1 mm_projector.bin; what is absent is initialised (docs/fidelity.md#module-init)
   llava_hf_source(DIR)          llava-hf LlavaForConditionalGeneration -> the LLaVA-1.5
-                                baseline variant
+                                baseline variant; LlavaNextForConditionalGeneration ->
+                                the llava_next (AnyRes) variant
 
 `plan.plan(source, reader)` then checks every name and shape against the model.
 """
@@ -35,6 +36,9 @@ from infllava_jax.convert.readers import TensorRef, file_refs, folder_refs, read
 
 RELEASE_MODEL_TYPE = "llava_llama"
 LLAVA_HF_MODEL_TYPE = "llava"
+LLAVA_NEXT_HF_MODEL_TYPE = "llava_next"
+# llava-hf model_type -> our model.variant.
+LLAVA_HF_VARIANTS = {LLAVA_HF_MODEL_TYPE: "llava", LLAVA_NEXT_HF_MODEL_TYPE: "llava_next"}
 RELEASE_CLIP = "model.vision_tower.vision_tower."
 RELEASE_DEM = "model.spatial_embed."
 RELEASE_PROJECTOR = "model.mm_projector."
@@ -60,7 +64,9 @@ LLAVA_HF_RENAMES = (
     ("vision_tower.vision_model.", LLAVA_HF_CLIP),
     ("vision_tower.", LLAVA_HF_CLIP),
     ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
 )
+LLAVA_HF_NEWLINE = "model.image_newline"
 # A CLIP folder (CLIPModel or CLIPVisionModel, any transformers version) -> `vision_model.*`.
 CLIP_RENAMES = tuple((p, "vision_model." + p) for p in
                      ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."))
@@ -90,8 +96,11 @@ def llava_hf_table(model_cfg: ConfigDict) -> Table:
               for r in llama_table(model_cfg.llm))
   vision = tuple(Rule(LLAVA_HF_CLIP + r.torch.removeprefix("vision_model."), "vision/" + r.path,
                       r.transform) for r in clip_table(model_cfg.vision))
+  newline = ((Rule(LLAVA_HF_NEWLINE, "image_newline"),) if model_cfg.variant == "llava_next"
+             else ())
   return (*llm, *vision,
-          *prefixed(LLAVA_HF_PROJECTOR_TABLE, "model.multi_modal_projector.", "projector"))
+          *prefixed(LLAVA_HF_PROJECTOR_TABLE, "model.multi_modal_projector.", "projector"),
+          *newline)
 
 
 def llava_hf_ignore(model_cfg: ConfigDict) -> list[str]:
@@ -113,8 +122,9 @@ def renamed(name: str, renames: Iterable[tuple[str, str]]) -> str:
 class Source:
   """A checkpoint, ready to plan: tensors under the table's names, and the model config.
 
-  `init`: top-level modules (e.g. 'dem', 'projector') the checkpoint lacks, initialised as
-  PyTorch's defaults (docs/fidelity.md#module-init). `pad_row`: the model's vocabulary is the
+  `init`: top-level modules or params (e.g. 'dem', 'projector', 'image_newline') the
+  checkpoint lacks, initialised as the model's init (PyTorch's defaults:
+  docs/fidelity.md#module-init). `pad_row`: the model's vocabulary is the
   checkpoint's + 1, the <pad> row (docs/fidelity.md#pad-row), added as the mean row to the
   embedding and the head.
   """
@@ -272,6 +282,8 @@ def separate_source(llama_dir: str, clip_dir: str, projector: str | None = None,
              if any(n.startswith(prefix) for n in tensors)}
   init = tuple(m for m in ("dem", "projector")
                if m not in present and (m != "dem" or model_cfg.variant == "infllava"))
+  if model_cfg.variant == "llava_next":  # LLaVA-NeXT's newline starts random (its init)
+    init += ("image_newline",)
   table = tuple(r for r in release_table(model_cfg) if r.path.split("/")[0] not in init)
   label = f"{llama_dir} + {clip_dir}" + (f" + {projector}" if projector else "")
   return Source(label, tensors, table, release_ignore(model_cfg), model_cfg, init, add_pad_row)
@@ -286,19 +298,48 @@ def llava_text_config(hf: Mapping) -> dict:
   return {**text_config, **transformers.LlamaConfig(**text_config).to_dict()}
 
 
-def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
-  """A llava-hf LlavaForConditionalGeneration folder, as the LLaVA-1.5 baseline variant."""
+def llava_hf_variant(directory: str) -> str:
+  """The model.variant of a llava-hf folder: "llava" (LlavaForConditionalGeneration) or
+  "llava_next" (LlavaNextForConditionalGeneration), from its config.json's model_type."""
   config_path = os.path.join(directory, "config.json")
+  model_type = read_json(config_path).get("model_type")
+  if model_type not in LLAVA_HF_VARIANTS:
+    hint = " (an INF-LLaVA release: use --model)" if model_type == RELEASE_MODEL_TYPE else ""
+    raise ConversionError(f"{config_path}: model_type={model_type!r}; expected one of "
+                          f"{sorted(LLAVA_HF_VARIANTS)}{hint}")
+  return LLAVA_HF_VARIANTS[model_type]
+
+
+# LlavaNextConfig's image_grid_pinpoints when config.json has none.
+DEFAULT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def _anyres_config(hf: Mapping, model_cfg: ConfigDict, config_path: str) -> None:
+  """`model.anyres` from a LlavaNextConfig's fields (absent: LlavaNextConfig's defaults)."""
+  from infllava_jax.model import anyres
+  points = hf.get("image_grid_pinpoints") or DEFAULT_GRID_PINPOINTS
+  model_cfg.anyres.grid_pinpoints = tuple(tuple(int(v) for v in p) for p in points)
+  try:
+    anyres.pinpoints(model_cfg)
+  except (TypeError, ValueError) as err:
+    raise ConversionError(f"{config_path}: image_grid_pinpoints={points!r}: {err}") from err
+  if hf.get("vision_feature_select_strategy", "default") != "default":
+    raise ConversionError(f"{config_path}: vision_feature_select_strategy="
+                          f"{hf['vision_feature_select_strategy']!r}; AnyRes needs 'default' "
+                          "(patch features only, no CLS)")
+
+
+def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
+  """A llava-hf folder: LlavaForConditionalGeneration as the LLaVA-1.5 baseline variant,
+  LlavaNextForConditionalGeneration as the llava_next (AnyRes) variant."""
+  config_path = os.path.join(directory, "config.json")
+  variant = llava_hf_variant(directory)
   hf = read_json(config_path)
-  if hf.get("model_type") != LLAVA_HF_MODEL_TYPE:
-    hint = (" (an INF-LLaVA release: use --model)"
-            if hf.get("model_type") == RELEASE_MODEL_TYPE else "")
-    raise ConversionError(f"{config_path}: model_type={hf.get('model_type')!r}; expected "
-                          f"{LLAVA_HF_MODEL_TYPE!r}{hint}")
-  base = base_config(config, "llava")
-  if base.variant != "llava":
-    raise ConversionError(f"{directory}: a llava-hf checkpoint has no DEM; use a ':llava' "
-                          f"config (got model.variant={base.variant!r})")
+  base = base_config(config, variant)
+  if base.variant != variant:
+    raise ConversionError(f"{directory}: a llava-hf {hf['model_type']} checkpoint is the "
+                          f"{variant} variant; use a ':{variant}' config (got "
+                          f"model.variant={base.variant!r})")
   tensors = {renamed(n, LLAVA_HF_RENAMES): ref for n, ref in folder_refs(directory).items()}
   text_config = llava_text_config(hf)
   model_cfg = base.copy_and_resolve_references()
@@ -322,6 +363,8 @@ def llava_hf_source(directory: str, config: ConfigDict | None = None) -> Source:
     raise ConversionError(f"{config_path}: unsupported projector: {', '.join(wrong)}")
   model_cfg.image_token_id = hf.get("image_token_index", hf.get("image_token_id",
                                                                 base.image_token_id))
+  if variant == "llava_next":
+    _anyres_config(hf, model_cfg, config_path)
   _fit_grid(model_cfg, base)
   return Source(directory, tensors, llava_hf_table(model_cfg), llava_hf_ignore(model_cfg),
                 model_cfg)

@@ -16,18 +16,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from typing import Any
 
 import grain
 import numpy as np
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FrozenConfigDict
 
 from infllava_jax.errors import ConfigError
-from infllava_jax.data import checks, images, sources, templates
+from infllava_jax.data import anyres, checks, images, sources, templates
 from infllava_jax.data.tokenizer import load_tokenizer
 
 # tokens/targets/positions/segment_ids [B, T] int32, loss_mask [B, T] float32,
 # pixels [B, M, H, W, 3] float32 (M = images per row: data.max_images_per_row with packing,
-# else 1; 0 for a text-only run, data.max_images_per_row=0, which refuses image records).
+# else 1; 0 for a text-only run, data.max_images_per_row=0, which refuses image records);
+# for model.variant "llava_next" {"tiles": [B, M, 1 + T, S, S, 3], "layout": [B, M, 4]}
+# (`data/anyres.py`), each image with its own number of slots in the tokens.
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "pixels")
 _SEQ_KEYS = ("tokens", "targets", "loss_mask")
 
@@ -55,6 +58,9 @@ class SampleDecoder(grain.transforms.Map):
   tokenizer_path: str | None
   label_rule: str = "reference"
   text_only: bool = False  # data.max_images_per_row=0: an image record is a bad sample
+  # The frozen config.model of a llava_next run: images are tiled (`data/anyres.py`) and
+  # each gets its own number of slots (`num_image_tokens` is then unused).
+  anyres_model: Any = None
 
   def map(self, record: dict) -> dict:
     if record.get("pad"):  # sources build records without this key
@@ -66,13 +72,20 @@ class SampleDecoder(grain.transforms.Map):
     if has_image and self.text_only:
       return {"error": f"{where}: field 'image': {checks.TEXT_ONLY_IMAGE}"}
     try:
+      num_image_tokens = self.num_image_tokens
+      if self.anyres_model is not None:
+        pixels, counts = anyres.image_inputs([record["image"]] if has_image else [],
+                                             self.anyres_model)
+        num_image_tokens = counts[0] if has_image else 0
+      elif has_image:
+        pixels = images.preprocess(record["image"], self.image_size, self.image_aspect)[None]
+      else:
+        pixels = np.zeros((0, self.image_size, self.image_size, 3), np.float32)
       tok = templates.tokenize_conversation(
           record["conversations"], has_image=has_image, template=self.template,
           tokenizer=load_tokenizer(self.tokenizer_path), image_token_id=self.image_token_id,
-          num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+          num_image_tokens=num_image_tokens, max_length=self.max_length,
           overlong=self.overlong, double_bos=self.double_bos, label_rule=self.label_rule)
-      pixels = (images.preprocess(record["image"], self.image_size, self.image_aspect)[None]
-                if has_image else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
     except templates.OverlongError as e:
       return {"overlong": f"{where}: overlong: {e}"}
     except (templates.SampleError, images.ImageError) as e:
@@ -147,11 +160,27 @@ class _Screen(grain.IterDataset):
     return _ScreenIterator(self._parent.__iter__(), *self._args)
 
 
-def _blank_sample(image_size: int) -> dict:
+def _no_images(model) -> Any:
+  """A sample's `pixels` holding no image, for `config.model`."""
+  from infllava_jax.model.infllava import input_size
+  if model.variant == "llava_next":
+    return anyres.image_inputs([], model)[0]
+  side = input_size(model)
+  return np.zeros((0, side, side, 3), np.float32)
+
+
+def _blank_sample(model) -> dict:
   """A sample of no token and no image: padded, it is a row that takes no part in the loss."""
   return {"tokens": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
-          "loss_mask": np.zeros(0, np.float32),
-          "pixels": np.zeros((0, image_size, image_size, 3), np.float32)}
+          "loss_mask": np.zeros(0, np.float32), "pixels": _no_images(model)}
+
+
+def _pad_images(pixels, images: int):
+  """A sample's pixels (an array or a dict of them, leading axis the images, 0 or 1) with
+  `images` of them: zeros when it has none."""
+  if isinstance(pixels, dict):
+    return {k: _pad_images(v, images) for k, v in pixels.items()}
+  return pixels if len(pixels) else np.zeros((images, *pixels.shape[1:]), pixels.dtype)
 
 
 # A record standing for an empty, loss-free row (see `_ModalityGroupedOrder`).
@@ -209,16 +238,29 @@ def _pad_sample(sample: dict, length: int, pad_id: int, images: int) -> dict:
     out[key] = np.pad(sample[key], (0, length - n), constant_values=fill)
   out["positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
   out["segment_ids"] = (np.arange(length) < n).astype(np.int32)
-  pixels = sample["pixels"]
-  out["pixels"] = pixels if len(pixels) else np.zeros((images, *pixels.shape[1:]), np.float32)
+  out["pixels"] = _pad_images(sample["pixels"], images)
+  return out
+
+
+# grain packs flat dicts of arrays: a llava_next sample's pixels {"tiles", "layout"} travel
+# through packing as these keys.
+_ANYRES_PACKED = {"tiles": "pixels_tiles", "layout": "pixels_layout"}
+
+
+def _flat_pixels(sample: dict) -> dict:
+  """A llava_next sample with its pixels dict as top-level `_ANYRES_PACKED` keys."""
+  out = {k: v for k, v in sample.items() if k != "pixels"}
+  out.update({flat: sample["pixels"][k] for k, flat in _ANYRES_PACKED.items()})
   return out
 
 
 def _from_packed(row: dict) -> dict:
   """grain's packed row (…_segment_ids, …_positions per feature) → the model's keys."""
+  pixels = (row["pixels"] if "pixels" in row
+            else {k: row[flat] for k, flat in _ANYRES_PACKED.items()})
   return {"tokens": row["tokens"], "targets": row["targets"], "loss_mask": row["loss_mask"],
           "positions": row["tokens_positions"], "segment_ids": row["tokens_segment_ids"],
-          "pixels": row["pixels"]}
+          "pixels": pixels}
 
 
 class DataIterator:
@@ -317,29 +359,35 @@ def make_dataset(config, source, *, process_index: int | None = None,
   epoch_size = max(1, len(range(process_index, len(source), process_count)))
   ds = ds[process_index::process_count]
   ds = ds.repeat(num_epochs)
+  llava_next = model.variant == "llava_next"
   ds = ds.map(SampleDecoder(
       template=data.template, image_token_id=model.image_token_id,
-      num_image_tokens=num_image_tokens(model), image_size=input_size(model),
+      num_image_tokens=0 if llava_next else num_image_tokens(model),
+      image_size=input_size(model),
       image_aspect=data.image_aspect, max_length=data.max_length, overlong=data.overlong,
       double_bos=data.double_bos, tokenizer_path=data.tokenizer_path,
       label_rule=label_rule,
-      text_only=data.max_images_per_row == 0))
+      text_only=data.max_images_per_row == 0,
+      anyres_model=FrozenConfigDict(model) if llava_next else None))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=data.prefetch))
   if data.worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data.worker_count, per_worker_buffer_size=data.worker_buffer_size))
   # Grouped order: a skipped sample leaves an empty row, so batches stay on the groups.
-  blank = _blank_sample(input_size(model)) if data.group_by_modality else None
+  blank = _blank_sample(model) if data.group_by_modality else None
   it = _Screen(it, data.skip_bad_samples, epoch_size, blank)
   length = data.max_length
   if data.packing:
+    image_keys = tuple(_ANYRES_PACKED.values()) if llava_next else ("pixels",)
+    if llava_next:
+      it = it.map(_flat_pixels)
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": length, "targets": length, "loss_mask": length,
-                           "pixels": data.max_images_per_row},
+                           **{k: data.max_images_per_row for k in image_keys}},
         num_packing_bins=batch_size, shuffle_bins=False,
         padding_struct={"tokens": tok.pad_token_id, "targets": 0, "loss_mask": 0,
-                        "pixels": 0})
+                        **{k: 0 for k in image_keys}})
     it = it.map(_from_packed)
   else:
     it = it.map(functools.partial(_pad_sample, length=length, pad_id=tok.pad_token_id,

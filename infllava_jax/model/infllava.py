@@ -3,7 +3,8 @@
 Static shapes end to end: every image gives `num_image_tokens(cfg)` visual tokens, the data
 side reserves exactly that many slots (the id `cfg.image_token_id`) per image in the token
 ids, and the model writes the k-th image's tokens into the k-th block of slots of its row.
-Nothing on device depends on a Python-side length.
+Nothing on device depends on a Python-side length. The "llava_next" variant (LLaVA-NeXT's
+AnyRes, `model/anyres.py`) gives each image its own count, padded to the largest on device.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from infllava_jax.model import clip, dcm, dem, kv_cache, layers, llama
+from infllava_jax.model import anyres, clip, dcm, dem, kv_cache, layers, llama
 from infllava_jax.model.projector import Projector
 
-VARIANTS = ("infllava", "llava")
+VARIANTS = ("infllava", "llava", "llava_next")
 
 
 def num_image_tokens(model_cfg: ConfigDict) -> int:
@@ -25,7 +26,11 @@ def num_image_tokens(model_cfg: ConfigDict) -> int:
 
   The DEM reduces its high-res maps back to one view's patch grid, so both the INF-LLaVA
   and the LLaVA-1.5 variants give (view side / patch)^2 tokens: 576 for the released model.
+  An AnyRes image's count depends on its size: `anyres.num_image_tokens(H, W, cfg)`.
   """
+  if model_cfg.variant == "llava_next":
+    raise ValueError("model.variant='llava_next' gives each image its own number of visual "
+                     "tokens: anyres.num_image_tokens(height, width, model_cfg)")
   side = model_cfg.vision.image_size // model_cfg.vision.patch_size
   return side * side
 
@@ -73,6 +78,15 @@ class InfLlava(nn.Module):
                                          attention_impl=cfg.attention_impl)
     if cfg.variant == "infllava":
       self.dem = dem.DualPerspectiveEnhancement.from_config(cfg)
+    if cfg.variant == "llava_next":
+      if cfg.vision.feature_select != "patch":
+        raise ValueError(f"model.vision.feature_select={cfg.vision.feature_select!r}: AnyRes "
+                         "lays patch features on the tile grid; expected 'patch'")
+      # LLaVA-NeXT's init: normal with std 1/sqrt(width).
+      self.image_newline = self.param(
+          "image_newline", nn.with_logical_partitioning(
+              nn.initializers.normal(cfg.llm.width ** -0.5), ("embed",)),
+          (cfg.llm.width,), jnp.float32)
     self.projector = Projector(cfg.llm.width, cfg.projector.kind, dtype=dtype)
     self.llm = language_model(cfg, self.llm_scan_layers)
 
@@ -94,6 +108,32 @@ class InfLlava(nn.Module):
     chex.assert_shape(features, (batch, num_image_tokens(cfg), cfg.vision.width))
     return self.projector(features)
 
+  def encode_anyres(self, tiles: jax.Array, layouts: jax.Array) -> jax.Array:
+    """AnyRes images -> [N, anyres.max_image_tokens(cfg), D] visual tokens, each image's
+    `anyres.counts` first (see `anyres.pack_features`).
+
+    tiles: [N, 1 + T, S, S, 3] CLIP-normalised, the base view first; layouts: [N, 4] int32.
+    """
+    cfg = self.cfg
+    side = cfg.vision.image_size
+    chex.assert_shape(tiles, (None, None, side, side, 3))
+    num, per_image = tiles.shape[:2]
+    features = self.projector(self.vision(tiles.reshape(num * per_image, side, side, 3)))
+    features = features.reshape(num, per_image, *features.shape[1:])
+    return anyres.pack_features(features, layouts, self.image_newline,
+                                anyres.max_grid_tokens(cfg))
+
+  def write_anyres(self, embeds: jax.Array, is_slot: jax.Array, tiles: jax.Array,
+                   layouts: jax.Array) -> jax.Array:
+    """`encode_anyres` of each row's M images into its slots: embeds [B, T, D], is_slot
+    [B, T], tiles [B, M, 1 + T', S, S, 3], layouts [B, M, 4] -> [B, T, D]."""
+    batch, num_images = tiles.shape[:2]
+    visual = self.encode_anyres(tiles.reshape(batch * num_images, *tiles.shape[2:]),
+                                layouts.reshape(batch * num_images, 4))
+    visual = visual.reshape(batch, num_images, *visual.shape[1:])
+    image_counts = anyres.counts(layouts, anyres.feature_side(self.cfg))
+    return anyres.write_image_tokens(embeds, is_slot, visual, image_counts)
+
   def __call__(self, tokens: jax.Array, pixels: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                cache: kv_cache.KVCache | None = None, head: bool = True):
@@ -103,7 +143,9 @@ class InfLlava(nn.Module):
       tokens: [B, T] int32 ids; image slots hold `cfg.image_token_id`.
       pixels: [B, M, H, W, 3] the M images of each row (zeros where a row has fewer), or
         None (or M = 0, a text-only run's batches) for text-only input and cached decode
-        steps: no vision work is traced then.
+        steps: no vision work is traced then. For "llava_next", {"tiles": [B, M, 1 + T, S,
+        S, 3], "layout": [B, M, 4] int32} (`data.anyres.image_inputs`; zero layouts where a
+        row has fewer images).
       positions: [B, T] int32 (default 0..T-1); restart per packed sample.
       segment_ids: [B, T] int32, 1.. per packed sample and 0 for padding (default all 1).
       cache: a `kv_cache.KVCache` for prefill / decode, or None.
@@ -115,13 +157,16 @@ class InfLlava(nn.Module):
     batch, length = tokens.shape
     is_slot = tokens == self.cfg.image_token_id
     embeds = self.llm.embed(jnp.where(is_slot, 0, tokens))
-    if pixels is not None:
+    if self.cfg.variant == "llava_next":
+      if pixels is not None and pixels["tiles"].shape[1]:
+        embeds = self.write_anyres(embeds, is_slot, pixels["tiles"], pixels["layout"])
+    elif pixels is not None:
       chex.assert_rank(pixels, 5)
-    if pixels is not None and pixels.shape[1]:
-      num_images = pixels.shape[1]
-      visual = self.encode_images(pixels.reshape(batch * num_images, *pixels.shape[2:]))
-      visual = visual.reshape(batch, num_images * visual.shape[1], visual.shape[2])
-      embeds = write_image_tokens(embeds, is_slot, visual)
+      if pixels.shape[1]:
+        num_images = pixels.shape[1]
+        visual = self.encode_images(pixels.reshape(batch * num_images, *pixels.shape[2:]))
+        visual = visual.reshape(batch, num_images * visual.shape[1], visual.shape[2])
+        embeds = write_image_tokens(embeds, is_slot, visual)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     return self.llm(embeds, positions, segment_ids, cache, head)
@@ -146,16 +191,38 @@ def build_model(model_cfg: ConfigDict) -> InfLlava:
 def input_size(model_cfg: ConfigDict) -> int:
   """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`."""
   size = model_cfg.dcm.get("processor_size") or model_cfg.dcm.image_size
-  if model_cfg.variant == "llava" and size != model_cfg.dcm.image_size:
+  if model_cfg.variant in ("llava", "llava_next") and size != model_cfg.dcm.image_size:
     raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant only; "
-                     f"the llava baseline reads images at dcm.image_size "
+                     f"the {model_cfg.variant} variant reads images at dcm.image_size "
                      f"{model_cfg.dcm.image_size}")
   return size
+
+
+def pixels_shapes(model_cfg: ConfigDict, rows: int, images: int):
+  """`InfLlava.__call__`'s pixels for `rows` rows of `images` images, as ShapeDtypeStructs:
+  [rows, images, S, S, 3] float32, or for llava_next a dict of its tiles and layouts."""
+  side = input_size(model_cfg)
+  if model_cfg.variant == "llava_next":
+    tiles = 1 + anyres.max_tiles(model_cfg)
+    return {"tiles": jax.ShapeDtypeStruct((rows, images, tiles, side, side, 3), jnp.float32),
+            "layout": jax.ShapeDtypeStruct((rows, images, 4), jnp.int32)}
+  return jax.ShapeDtypeStruct((rows, images, side, side, 3), jnp.float32)
+
+
+def projected_tokens(model_cfg: ConfigDict) -> int:
+  """Tokens per image through the projector: `num_image_tokens`, or for llava_next every
+  tile slot's patches (padding tiles included, as the model computes them)."""
+  if model_cfg.variant == "llava_next":
+    return (1 + anyres.max_tiles(model_cfg)) * anyres.feature_side(model_cfg) ** 2
+  return num_image_tokens(model_cfg)
 
 
 def dummy_inputs(model_cfg: ConfigDict, batch: int = 1, length: int = 8):
   """Smallest (tokens, pixels) that trace every parameter: for init and `jax.eval_shape`."""
   side = input_size(model_cfg)
   tokens = jnp.zeros((batch, length), jnp.int32)
+  if model_cfg.variant == "llava_next":
+    return tokens, {"tiles": jnp.zeros((batch, 1, 2, side, side, 3), jnp.float32),
+                    "layout": jnp.zeros((batch, 1, 4), jnp.int32)}
   pixels = jnp.zeros((batch, 1, side, side, 3), jnp.float32)
   return tokens, pixels

@@ -78,9 +78,17 @@ def dem_config() -> ConfigDict:
   ))
 
 
+def anyres_config() -> ConfigDict:
+  """LLaVA-NeXT's AnyRes (infllava_jax/model/anyres.py): llama3-llava-next-8b's grids."""
+  return ConfigDict(dict(
+      # (height, width) canvases an image may be tiled on, multiples of vision.image_size.
+      grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+  ))
+
+
 def model_config(variant: str = "infllava") -> ConfigDict:
   model = ConfigDict(dict(
-      variant=variant,       # "infllava" or "llava" (baseline)
+      variant=variant,       # "infllava", "llava" (baseline) or "llava_next" (AnyRes)
       vision=vision_config(),
       llm=llm_config(),
       dcm=dcm_config(),
@@ -101,13 +109,15 @@ def model_config(variant: str = "infllava") -> ConfigDict:
       # weights at a time. Same FLOPs under remat; 1 computes the MLP whole.
       mlp_chunks=1,
   ))
-  if variant == "llava":
+  if variant in ("llava", "llava_next"):
     model.dcm.crops = "none"
     model.dcm.image_size = 336
     model.dem.enhance = "none"
   elif variant != "infllava":
     raise ConfigError(f"unknown variant {variant!r}; "
-                     "expected 'infllava' or 'llava'")
+                     "expected 'infllava', 'llava' or 'llava_next'")
+  if variant == "llava_next":
+    model.anyres = anyres_config()
   return model
 
 

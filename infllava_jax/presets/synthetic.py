@@ -1,8 +1,10 @@
 """The embedded default run: the tiny model on the synthetic fine-detail set.
 
 `get_config("infllava")` (high-res 3x3 DCM + DEM, 252 px input) or `get_config("baseline")`
-(alias "llava": the LLaVA-1.5 baseline, one 84 px view of the same images). Both read the
-same records; the data pipeline resizes them to config.model.dcm.image_size.
+(alias "llava": the LLaVA-1.5 baseline, one 84 px view of the same images), or
+`get_config("anyres")` (alias "llava_next": LLaVA-NeXT's AnyRes, a grid of 84 px tiles chosen
+per image plus a base view). All read the same records; the data pipeline resizes them to
+config.model.dcm.image_size (AnyRes: tiles them, infllava_jax/data/anyres.py).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -82,12 +84,15 @@ def train_config() -> ConfigDict:
 
 def get_config(arg: str = "infllava") -> ConfigDict:
   config = ConfigDict()
-  config.model = tiny.model_config({"baseline": "llava"}.get(arg, arg or "infllava"))
+  config.model = tiny.model_config({"baseline": "llava", "anyres": "llava_next"}.get(
+      arg, arg or "infllava"))
   config.model.llm.vocab_size = SHIPPED_VOCAB_SIZE
   config.data = data_config()
   config.train = train_config()
-  if config.model.variant == "llava":  # the baseline has no DEM
+  if config.model.variant != "infllava":  # the baseline and AnyRes have no DEM
     config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
+  if config.model.variant == "llava_next":
+    config.train.trainable += (r"^image_newline$",)
   config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 200
   config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"

@@ -56,20 +56,23 @@ def tree_shard_bytes(tree: Any) -> int:
 def abstract_batch(config, mesh, rules, rows: int, length: int) -> dict:
   """The data pipeline's batch as ShapeDtypeStructs sharded as the trainer's
   (`state.batch_shardings`): [rows, length] ids, weights and pixels [rows, M, S, S, 3]
-  float32 (M = data.max_images_per_row)."""
+  float32 (M = data.max_images_per_row; llava_next: `infllava.pixels_shapes`' tiles and
+  layouts)."""
   import jax
   import jax.numpy as jnp
-  from infllava_jax.model.infllava import input_size
+  from infllava_jax.model.infllava import pixels_shapes
   from infllava_jax.training.state import batch_shardings
-  side = input_size(config.model)
   shapes = {"tokens": ((rows, length), jnp.int32), "targets": ((rows, length), jnp.int32),
             "loss_mask": ((rows, length), jnp.float32),
             "positions": ((rows, length), jnp.int32),
-            "segment_ids": ((rows, length), jnp.int32),
-            "pixels": ((rows, config.data.max_images_per_row, side, side, 3), jnp.float32)}
-  placed = batch_shardings(mesh, rules)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k])
-          for k, (shape, dtype) in shapes.items()}
+            "segment_ids": ((rows, length), jnp.int32)}
+  placed = batch_shardings(mesh, rules, config.model)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=placed[k])
+           for k, (shape, dtype) in shapes.items()}
+  batch["pixels"] = jax.tree.map(
+      lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+      pixels_shapes(config.model, rows, config.data.max_images_per_row), placed["pixels"])
+  return batch
 
 
 def activation_bound(config, mask_paths: list[str], rows_per_device: int, length: int,
@@ -188,7 +191,7 @@ def compile_train_step(config, devices: list, rows_per_shard: int, length: int,
       "flops_xla": float(cost.get("flops", 0.0)),
       "flops_formula": flops.train_step_flops(
           config.model, global_batch, length, global_batch * config.data.max_images_per_row,
-          infllava.num_image_tokens(config.model), paths),
+          infllava.projected_tokens(config.model), paths),
   }
 
 

@@ -55,7 +55,7 @@ def global_batch_from_host(batch: dict, mesh,
   def place(x):
     return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim, rules), x)
 
-  return {k: place(batch[k]) for k in pipeline.BATCH_KEYS}
+  return {k: jax.tree.map(place, batch[k]) for k in pipeline.BATCH_KEYS}
 
 
 def batch_shards(mesh, rules: Sequence[tuple[str, Any]]) -> int:
@@ -151,7 +151,7 @@ class Trainer:
     self.setup = state_lib.train_setup(config, self.mesh, self.total_steps)
     self.model, self.mask = self.setup.model, self.setup.mask
     self.tx, self.schedule = self.setup.tx, self.setup.schedule
-    self.n_img = infllava.num_image_tokens(config.model)
+    self.n_img = infllava.projected_tokens(config.model)
     abstract = self.setup.abstract
     if resuming:
       if init:

@@ -91,9 +91,14 @@ def init_state(setup: TrainSetup, params: Any) -> TrainState:
                  out_shardings=shardings_of(abstract), donate_argnums=0)(params)
 
 
-def batch_shardings(mesh: Mesh, rules: tuple[tuple[str, Any], ...]) -> dict[str, NamedSharding]:
-  """{key: sharding} of the data pipeline's batch: rows split as the rules place `batch`."""
-  return {k: sharding.batch_sharding(mesh, 5 if k == "pixels" else 2, rules)
+def batch_shardings(mesh: Mesh, rules: tuple[tuple[str, Any], ...],
+                    model_cfg: ConfigDict | None = None) -> dict[str, Any]:
+  """{key: sharding} of the data pipeline's batch: rows split as the rules place `batch`
+  (pixels: a dict of shardings for a llava_next `model_cfg`)."""
+  pixels = (sharding.batch_sharding(mesh, 5, rules) if model_cfg is None else
+            jax.tree.map(lambda s: sharding.batch_sharding(mesh, len(s.shape), rules),
+                         infllava.pixels_shapes(model_cfg, 1, 1)))
+  return {k: pixels if k == "pixels" else sharding.batch_sharding(mesh, 2, rules)
           for k in BATCH_KEYS}
 
 
@@ -107,6 +112,7 @@ def jit_train_step(setup: TrainSetup, train_cfg: ConfigDict):
   return jax.jit(
       make_train_step(setup.model, setup.tx, train_cfg, setup.mask, setup.schedule,
                       setup.rules),
-      in_shardings=(state_shardings, batch_shardings(setup.mesh, setup.rules)),
+      in_shardings=(state_shardings,
+                    batch_shardings(setup.mesh, setup.rules, setup.model.cfg)),
       out_shardings=(state_shardings, None), donate_argnums=0,
       compiler_options=xla_options.compiler_options(setup.mesh.devices.flat[0].platform))

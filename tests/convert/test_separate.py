@@ -97,3 +97,17 @@ def test_the_sources_tokenizer_goes_with_the_checkpoint(folders, capsys):
                    str(root / "exported"), "--out", str(root / "reconverted")]) == 0
   again = tokenizer.load_tokenizer(converted.tokenizer_dir(str(root / "reconverted")))
   assert again.encode(text) == shipped.encode(text) and len(again) == len(shipped)
+
+
+def test_llava_next_starts_with_its_image_newline_initialised(folders):
+  root, llama, _, _ = folders
+  assert cli.main(["from-pytorch", "--quiet", "--config", "configs/tiny.py:llava_next",
+                   "--llama", str(root / "llama"), "--clip", str(root / "clip"),
+                   "--out", str(root / "next")]) == 0
+  model_cfg, params = converted.load_converted(str(root / "next"))
+  assert model_cfg.variant == "llava_next" and "dem" not in params
+  newline = np.asarray(params["image_newline"])
+  # normal(0, 1/sqrt(width)), as LlavaNextModel initialises it
+  assert newline.shape == (64,) and 0.5 / 8 < newline.std() < 2 / 8
+  np.testing.assert_array_equal(params["llm"]["embed"]["embedding"][:-1],
+                                llama.model.embed_tokens.weight.detach().numpy())

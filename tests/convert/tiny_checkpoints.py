@@ -3,6 +3,7 @@
   write_release(dir, model_cfg, dtype)  INF-LLaVA release: LlamaForCausalLM + CLIPVisionModel
                                         + DEM + projector tensors, 3 safetensors shards + index
   write_llava_hf(dir, model_cfg)        llava-hf LlavaForConditionalGeneration (save_pretrained)
+  write_llava_next_hf(dir, model_cfg)   llava-hf LlavaNextForConditionalGeneration (save_pretrained)
 """
 
 from __future__ import annotations
@@ -122,6 +123,20 @@ def llava_hf_model(model_cfg, image_token_index: int, seed: int = 0):
 
 def write_llava_hf(directory: str, model_cfg, image_token_index: int, seed: int = 0):
   model = llava_hf_model(model_cfg, image_token_index, seed)
+  model.save_pretrained(directory)
+  return model
+
+
+def write_llava_next_hf(directory: str, model_cfg, image_token_index: int, seed: int = 0):
+  """A random LlavaNextForConditionalGeneration with `model_cfg.anyres`' grid pinpoints."""
+  torch.manual_seed(seed)
+  config = transformers.LlavaNextConfig(
+      vision_config=clip_config(model_cfg.vision), text_config=llama_config(model_cfg.llm),
+      image_token_index=image_token_index, vision_feature_layer=-2,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+      image_grid_pinpoints=[list(p) for p in model_cfg.anyres.grid_pinpoints])
+  model = transformers.LlavaNextForConditionalGeneration(config).eval()
+  perturb_norms(model)
   model.save_pretrained(directory)
   return model
 
