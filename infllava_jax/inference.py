@@ -28,6 +28,7 @@ from infllava_jax import quantize as quantization
 from infllava_jax.checkpoints import locate, params as checkpoint_params
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
+from infllava_jax.lora import provider as lora
 from infllava_jax.model import infllava
 
 
@@ -235,6 +236,8 @@ class Assistant:
     # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
     self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params,
                                                     consume=consume_params)
+    # A LoRA run's adapters, unmerged (`lora/provider.py`).
+    self.model = lora.for_inference(self.model, config, self.params, quantize)
     self.model, self.params = quantization.quantize(self.model, self.params, quantize,
                                                     consume=consume_params)
     self.aspect = data.get("image_aspect", "pad")

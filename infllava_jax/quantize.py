@@ -74,6 +74,10 @@ class QuantizedKernel(ptq.WithAux):
   casts kernels to the compute dtype, and a QArray dequantises to its scale's dtype."""
 
   def astype(self, dtype):
+    # The same object when nothing changes, as jax arrays do: qwix's LoRA finds a weight
+    # among the module's params by identity.
+    if self.array.dtype == dtype:
+      return self
     return self.replace(array=self.array.astype(dtype))
 
 
