@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import PartitionSpec as P
 
 from infllava_jax import generate, sharding
 from infllava_jax.checkpoints.init_sources import InitSource
@@ -201,3 +202,28 @@ def test_projector_lr_and_the_lora_mask():
   assert labels["llm/final_norm/scale"] == "group_default"  # `trainable` still says ^llm/
   assert optim.param_group_rules(config.train)[0] == (optim.PROJECTOR_PARAMS,
                                                       pytest.approx(0.1))
+
+
+def test_compile_sizes_a_qlora_step_on_a_sharded_mesh():
+  """`infllava compile` builds the trainer's LoRA state: on fsdp=4 x tensor=2 an int4-base
+  QLoRA step compiles with its quantised kernels placed like the float ones, gradients and
+  AdamW state for the adapters, DEM and projector only, and 4-bit values counted at half a
+  byte in the bound."""
+  from infllava_jax.training import compile as compile_cli
+  config = _lora_config(1, base_bits=4)
+  config.mesh = "fsdp=4,tensor=2"
+  figures = compile_cli.compile_train_step(config, jax.devices(), 1, config.data.max_length,
+                                           log=lambda _: None)
+  setup = state_lib.train_setup(config, sharding.make_mesh(config.mesh, jax.devices()), 1)
+  qvalue = setup.abstract.params["llm"]["layers"]["mlp"]["up"]["kernel"].array.qvalue
+  float_kernel = setup.init_target["llm"]["layers"]["mlp"]["up"]["kernel"]
+  assert qvalue.dtype == jnp.dtype(jnp.int4)
+  assert qvalue.sharding.spec == float_kernel.sharding.spec == P(None, "fsdp", "tensor")
+  trainable = [x for x, m in zip(jax.tree.leaves(setup.abstract.params),
+                                 jax.tree.leaves(setup.mask)) if m]
+  bound = dict(figures["bound"])
+  assert bound["gradients (trainable params only)"] == compile_cli.tree_shard_bytes(trainable)
+  moments = 2 * bound["gradients (trainable params only)"]
+  assert moments <= bound["AdamW state"] <= moments + 64  # + the step counts
+  assert compile_cli.shard_bytes(qvalue) == qvalue.size // 8 // 2  # 8 devices, 4 bits
+  assert figures["memory"]["total"] >= figures["bound_total"]
