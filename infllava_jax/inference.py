@@ -17,6 +17,7 @@ import dataclasses
 import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,12 @@ from ml_collections import ConfigDict
 
 from infllava_jax import generate
 from infllava_jax import quantize as quantization
-from infllava_jax.checkpoints import locate, params as checkpoint_params
+from infllava_jax.checkpoints import converted, locate, params as checkpoint_params
 from infllava_jax.data import anyres as anyres_data
 from infllava_jax.data import images, templates
 from infllava_jax.data.tokenizer import load_tokenizer
+from infllava_jax.errors import ConfigError
+from infllava_jax.lora import params as lora_params, provider as lora
 from infllava_jax.model import anyres, infllava
 
 
@@ -110,15 +113,40 @@ def load_checkpoint(path: str, step: int | None = None, dtype: str | None = None
     llm = config.model.llm
     if jnp.dtype(config.model.dtype).itemsize < jnp.dtype(llm.param_dtype).itemsize:
       llm.param_dtype = config.model.dtype
+    lora_cfg = config.get("train", ConfigDict()).get("lora")
+    if lora_cfg is not None and lora_cfg.get("enabled") and lora_cfg.get("base_bits"):
+      raise ConfigError(f"{folder}: a QLoRA run (train.lora.base_bits={lora_cfg.base_bits}) "
+                        "holds its base quantised for training, and generation does not "
+                        "read that layout yet: train LoRA on a float base to generate")
     model = infllava.build_model(config.model)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                  *infllava.dummy_inputs(config.model)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = checkpoint_params.abstract_tree(nn.meta.unbox(abstract["params"]), device)
-    return config, checkpoint_params.restore_folder(folder, target)
+    return config, merge_saved_lora(folder, config,
+                                    checkpoint_params.restore_folder(folder, target))
 
   step, (config, params) = locate.read_checkpoint(path, step, read)
   return Loaded(config, params, step)
+
+
+def merge_saved_lora(folder, config: ConfigDict, params):
+  """`params` (the model's, without LoRA) with the LoRA factors saved beside them in
+  `folder` (a LoRA run's step, or a `convert from-pytorch --keep-lora` checkpoint) merged
+  into their kernels (`lora.params.merge`, rank and alpha from `lora.params.settings`);
+  `params` unchanged when it holds none. Merged, a LoRA model decodes at the base model's
+  speed and can be quantised like it."""
+  directory = folder / converted.PARAMS_DIR
+  factors = {path: jax.ShapeDtypeStruct(meta.shape, jnp.float32)
+             for path, meta in checkpoint_params.saved_params(directory).items()
+             if lora_params.is_lora(path)}
+  if not factors:
+    return params
+  rank, alpha = lora_params.settings(folder, config)
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  flat.update(checkpoint_params.read(directory, factors))
+  return lora_params.merge(flax.traverse_util.unflatten_dict(flat, sep="/"), rank=rank,
+                           alpha=alpha)
 
 
 class ContextLengthError(ValueError):
@@ -240,6 +268,8 @@ class Assistant:
     # The LLM's layers unrolled for decoding (see `generate.for_decoding`).
     self.model, self.params = generate.for_decoding(infllava.build_model(config.model), params,
                                                     consume=consume_params)
+    # A LoRA run's adapters, unmerged (`lora/provider.py`).
+    self.model = lora.for_inference(self.model, config, self.params, quantize)
     self.model, self.params = quantization.quantize(self.model, self.params, quantize,
                                                     consume=consume_params)
     self.aspect = data.get("image_aspect", "pad")

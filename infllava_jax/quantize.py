@@ -27,13 +27,12 @@ XLA:CPU computes the dequantised weight as a whole float32 array in a fusion of 
 then the dot reads it (bench/lowbit.py counts those fusions), at every decode step; whether
 a GPU or TPU fuses the dequantisation into the dot is not measured here.
 
-Two things qwix's own flow (`quantize_model` + `init` finding the weights) does not cover
-here, so the params are quantised by path instead, with qwix's `quantize_params`:
-  * `llama.MLP` creates its kernels in `llama.Kernel` submodules and multiplies them in
-    its own scope, where qwix's param discovery (`flax_util.find_param`) finds none;
-  * `layers.Dense` and `llama.swiglu` cast the kernel with `.astype`, which qwix 0.1.8's
-    `WithAux` cannot do for a QArray (it handles flax's `promote_dtype`): `QuantizedKernel`
-    casts the QArray's scale, which sets the dequantised dtype.
+Every quantised product runs in the module owning its kernel (`layers.Dense`, and
+`llama.GatedDown` for the MLP's `down`), so a rule by module path names it. The params are
+quantised by path, with qwix's `quantize_params`, rather than by qwix finding the weights
+during `init`: `layers.Dense` and `llama.GatedDown` cast the kernel with `.astype`, which
+qwix 0.1.8's `WithAux` cannot do for a QArray (it handles flax's `promote_dtype`):
+`QuantizedKernel` casts the QArray's scale, which sets the dequantised dtype.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ GROUP_SIZE = 128  # input rows per 4-bit scale (as GPTQ / AWQ checkpoints use)
 # The quantised kernels: [in, out], or [depth, in, out] in the scanned layout, in an
 # `InfLlava` (llm/...) or a bare `llama.Llama`.
 QUANTIZED_PARAMS = re.compile(r"(llm/)?layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel")
-# The modules whose products take them (the MLP multiplies its kernels in its own scope).
-QUANTIZED_OPS = r"(llm/)?layers(_\d+)?/(attn/(q|k|v|o)|mlp)"
+# The modules whose products take them: the modules that own them.
+QUANTIZED_OPS = r"(llm/)?layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))"
 
 QUANTIZATION_FILE = "quantization.json"  # beside a converted checkpoint's model_config.json
 
@@ -75,6 +74,10 @@ class QuantizedKernel(ptq.WithAux):
   casts kernels to the compute dtype, and a QArray dequantises to its scale's dtype."""
 
   def astype(self, dtype):
+    # The same object when nothing changes, as jax arrays do: qwix's LoRA finds a weight
+    # among the module's params by identity.
+    if self.array.dtype == dtype:
+      return self
     return self.replace(array=self.array.astype(dtype))
 
 

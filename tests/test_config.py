@@ -16,6 +16,7 @@ ARGS = {"infllava_8b": [None, "infllava", "llava", "llava_next"],
         "tiny": [None, "infllava", "llava", "llava_next"],
         "synthetic": [None, "infllava", "baseline", "llava", "anyres", "llava_next"],
         "infllava_8b_stage1": [None], "infllava_8b_stage2": [None],
+        "infllava_8b_stage2_lora": [None],
         "llava_next_8b": [None, "model"]}
 
 
@@ -54,8 +55,8 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
                           "'llava' or 'llava_next'"),
     ("configs/tiny.py:foo", [], "configs/tiny.py:foo with no overrides: unknown variant 'foo'"),
     ("synthetc", [], "config 'synthetc': no preset 'synthetc' (presets: infllava_8b, "
-                     "infllava_8b_stage1, infllava_8b_stage2, llava_next_8b, synthetic, "
-                     "tiny)"),
+                     "infllava_8b_stage1, infllava_8b_stage2, infllava_8b_stage2_lora, "
+                     "llava_next_8b, synthetic, tiny)"),
     ("tiny", ["--config.model.foo=1"], "tiny with --config.model.foo=1: unknown field foo"),
     ("synthetic", ["--config.train.stepz=1"], "unknown field 'stepz'. Did you mean \"steps\""),
     ("tiny", ["--config.model.llm.depth=two"], "invalid literal for int()"),
@@ -70,8 +71,8 @@ def test_train_names_the_presets_in_its_help_and_takes_one(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
   assert "preset NAME[:arg] (infllava_8b, infllava_8b_stage1, infllava_8b_stage2, " \
-         "llava_next_8b, synthetic, tiny) or a config file PATH.py[:arg]" in " ".join(
-             capsys.readouterr().out.split())
+         "infllava_8b_stage2_lora, llava_next_8b, synthetic, tiny) or a config file " \
+         "PATH.py[:arg]" in " ".join(capsys.readouterr().out.split())
   assert cli.main(["train", "--config", "synthetic:foo", "--workdir", "w"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["infllava train: error: config 'synthetic:foo': unknown variant 'foo'; "

@@ -36,6 +36,16 @@ def abstract_tree(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
+def leaf_paths(tree: Any) -> dict[str, Any]:
+  """{'/'-joined key path: leaf} of `tree`, through pytree nodes such as a quantised
+  kernel's QArray (.../kernel/array/qvalue), as Orbax stores them."""
+  def name(key) -> str:
+    return str(next(getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)))
+
+  return {"/".join(name(k) for k in path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def saved_params(directory: epath.Path) -> dict[str, Any]:
   """{'/'-joined path: metadata with .shape and .dtype} of the Orbax param tree in
   `directory` (a params/ folder), read without loading any array.

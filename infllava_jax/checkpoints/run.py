@@ -33,7 +33,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import traverse_util
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
@@ -185,7 +184,7 @@ class Checkpointer:
   def _check_params(self, step: int, abstract_params: Any) -> None:
     """From the step's metadata: the config's model has the saved params and shapes."""
     saved = params.saved_params(self.directory / str(step) / "params")
-    flat = traverse_util.flatten_dict(abstract_params, sep="/")
+    flat = params.leaf_paths(abstract_params)
     where = f"{self.directory}/{step}"
     params.check_missing(saved, list(flat), where)
     params.check_shapes(saved, flat, list(flat), where)

@@ -230,20 +230,6 @@ def kept_lora(adapter: Adapter) -> tuple[int, float]:
 # ----------------------------------------------------------------------------- out
 
 
-def lora_settings(folder, config: ConfigDict) -> tuple[int, float]:
-  """(rank, alpha) of the LoRA factors in a folder holding params/: a converted
-  checkpoint's lora.json, or a run config's train.lora."""
-  saved = converted.read_lora(folder)
-  if saved is not None:
-    return int(saved["rank"]), float(saved["alpha"])
-  lora = config.get("train", ConfigDict()).get("lora")
-  if lora is None or lora.get("rank") is None:
-    raise ConfigError(f"{folder}: the params hold LoRA factors but neither "
-                      f"{converted.LORA_FILE} nor the run config's train.lora gives their "
-                      "rank and alpha")
-  return int(lora.rank), float(lora.alpha)
-
-
 class _MergedParam:
   """A lazily read kernel with its LoRA pair merged in when made an array, one scanned
   layer at a time (the host holds the kernel and one layer in float32)."""
@@ -288,7 +274,7 @@ def merged_params(flat: Mapping[str, Any], folder, rank: int,
 def export_adapter(flat: Mapping[str, Any], folder, config: ConfigDict, out_dir: str,
                    base_model: str, dtype: str | None = None) -> None:
   """Writes the PEFT layout of the flat param tree (lazily read) of `folder`, whose
-  `config` it stores with: adapter_config.json (rank and alpha from `lora_settings`,
+  `config` it stores with: adapter_config.json (rank and alpha from `lora.params.settings`,
   dropout from train.lora where a run has it), adapter_model.safetensors (the factors)
   and non_lora_trainables.bin (the DEM and projector, `FULLY_TRAINED`)."""
   model_cfg = config.model
@@ -297,7 +283,7 @@ def export_adapter(flat: Mapping[str, Any], folder, config: ConfigDict, out_dir:
     raise ConfigError(f"{folder}: no LoRA factors (params *_lora_a / *_lora_b) to write as "
                       "an adapter; without --lora-adapter it exports as release weights")
   _pairs(flat, folder)  # every factor with its partner and kernel
-  rank, alpha = lora_settings(folder, config)
+  rank, alpha = lora_params.settings(folder, config)
   dropout = float(config.get("train", ConfigDict()).get("lora", ConfigDict()).get(
       "dropout", 0.0))
   cast = lambda a: np.asarray(a).astype(dtype) if dtype else np.asarray(a)

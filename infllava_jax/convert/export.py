@@ -177,7 +177,7 @@ def _export_folder(folder, out_dir: str, dtype: str | None, max_shard_bytes: int
     _write_config(out_dir, release_config(model_cfg, stored))  # the reference's loader reads it
     return
   if any(map(lora_params.is_lora, params)):
-    params = adapter.merged_params(params, folder, *adapter.lora_settings(folder, config))
+    params = adapter.merged_params(params, folder, *lora_params.settings(folder, config))
   if model_cfg.variant == "llava_next":
     table, config_json = sources.llava_hf_table(model_cfg), llava_next_config(model_cfg, stored)
   else:

@@ -17,6 +17,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from ml_collections import ConfigDict
+
+from infllava_jax.checkpoints import converted
+from infllava_jax.errors import ConfigError
 
 SUFFIX_A = "_lora_a"
 SUFFIX_B = "_lora_b"
@@ -93,3 +97,17 @@ def merge(params: Mapping, *, rank: int, alpha: float) -> dict:
   for kernel, (a, b) in found.items():
     merged[kernel] = merge_kernel(flat[kernel], flat[a], flat[b], alpha / rank)
   return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def settings(folder, config: ConfigDict) -> tuple[int, float]:
+  """(rank, alpha) of the LoRA factors in a folder holding params/: a converted
+  checkpoint's lora.json, or a run config's train.lora."""
+  saved = converted.read_lora(folder)
+  if saved is not None:
+    return int(saved["rank"]), float(saved["alpha"])
+  lora = config.get("train", ConfigDict()).get("lora")
+  if lora is None or lora.get("rank") is None:
+    raise ConfigError(f"{folder}: the params hold LoRA factors but neither "
+                      f"{converted.LORA_FILE} nor the run config's train.lora gives their "
+                      "rank and alpha")
+  return int(lora.rank), float(lora.alpha)

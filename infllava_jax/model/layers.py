@@ -161,6 +161,8 @@ def scan_layers(block: type[nn.Module], *, length: int, remat: str,
   """
   if remat != "none":
     block = nn.remat(block, policy=remat_policy(remat), prevent_cse=False)
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+  # A dropout rng (LoRA's) differs per layer, as the params' init does.
+  return nn.scan(block, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
                  in_axes=tuple(in_axes), out_axes=out_axes, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})

@@ -76,7 +76,7 @@ class Attention(nn.Module):
 
 class Kernel(nn.Module):
   """The kernel `layers.Dense` would create (same name, init and logical axes), returned
-  instead of applied: for a product inside a `jax.checkpoint`, where params can't be made."""
+  instead of applied: for `swiglu`'s column sets, which slice it inside a checkpoint."""
 
   shape: tuple[int, int]
   axes: tuple[str, str]
@@ -97,6 +97,23 @@ def _gated_down(gate_out: jax.Array, up_out: jax.Array, down: jax.Array,
   return jnp.dot(hidden, down.astype(hidden.dtype), preferred_element_type=out_dtype)
 
 
+class GatedDown(nn.Module):
+  """`down(silu(gate_out) * up_out)`: [N, F] x2 -> [N, D], owning the `down` kernel [F, D],
+  so that the product runs in the module that holds its weight (where qwix's rules, by
+  module path, find it: `quantize.py`, `lora/provider.py`)."""
+
+  features: int
+  dtype: layers.Dtype
+  param_dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, gate_out: jax.Array, up_out: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                               ("mlp", "embed")),
+                        (gate_out.shape[-1], self.features), self.param_dtype)
+    return _gated_down(gate_out, up_out, kernel, self.dtype)
+
+
 def mlp_column_set(kernel: jax.Array, index: jax.Array, sets: int, shards: int,
                    axis: int) -> jax.Array:
   """Column set `index` of `sets` along `kernel`'s MLP axis (`axis`, length F), as
@@ -115,29 +132,19 @@ def mlp_column_set(kernel: jax.Array, index: jax.Array, sets: int, shards: int,
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-           dtype: layers.Dtype, chunks: int = 1) -> jax.Array:
-  """down(silu(x gate) * (x up)): x [N, D]; gate, up [D, F]; down [F, D] -> [N, D] in `dtype`
-  (matmul inputs in `dtype`).
+           dtype: layers.Dtype, chunks: int) -> jax.Array:
+  """down(silu(x gate) * (x up)) in `chunks` column sets of the MLP width: x [N, D]; gate,
+  up [D, F]; down [F, D] -> [N, D] in `dtype` (matmul inputs in `dtype`).
 
-  chunks == 1: gate and up are computed whole; silu(gate) * up and the `down` product sit
-  in a checkpoint that saves nothing inside, so the backward recomputes the element-wise
-  product (one fused pass) and a layer keeps 2 [N, F] residuals instead of 5 (gate, up,
-  sigmoid, silu, product).
-
-  chunks > 1: F is cut into `chunks` column sets (`mlp_column_set`) and a scan over them
-  adds each set's share of the output (float32 accumulation). The scan body saves
-  nothing, so no [N, F] activation is ever whole, forwards or backwards (the backward
-  recomputes a set's gate and up: 2 of its 3 forward products, which a layer under remat
-  recomputes anyway), and under FSDP XLA gathers one set's weights at a time instead of
-  the layer's whole MLP. The same FLOPs as chunks == 1 under a remat'ed layer; smaller
-  matmuls. For the 8B model's training configs (`model.mlp_chunks`).
+  F is cut into `chunks` column sets (`mlp_column_set`) and a scan over them adds each
+  set's share of the output (float32 accumulation). The scan body saves nothing, so no
+  [N, F] activation is ever whole, forwards or backwards (the backward recomputes a set's
+  gate and up: 2 of its 3 forward products, which a layer under remat recomputes anyway),
+  and under FSDP XLA gathers one set's weights at a time instead of the layer's whole MLP.
+  The same FLOPs as the whole MLP (`MLP`) under a remat'ed layer; smaller matmuls. For
+  the 8B model's full training configs (`model.mlp_chunks`).
   """
   x = x.astype(dtype)
-  if chunks == 1:
-    gated_down = jax.checkpoint(_gated_down, policy=jax.checkpoint_policies.nothing_saveable,
-                                prevent_cse=False, static_argnums=(3,))
-    return gated_down(jnp.dot(x, gate.astype(dtype), preferred_element_type=dtype),
-                      jnp.dot(x, up.astype(dtype), preferred_element_type=dtype), down, dtype)
   f = gate.shape[1]
   shards = sharding.logical_axis_size("mlp")
   if f % (chunks * shards):
@@ -161,7 +168,15 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
 
 class MLP(nn.Module):
-  """SwiGLU, no biases (`swiglu`; `chunks` column sets of the MLP width). [B, T, D] -> same."""
+  """SwiGLU, no biases: [B, T, D] -> same. Params gate, up [D, F], down [F, D].
+
+  chunks == 1: gate and up are `layers.Dense` products and `GatedDown` (the `down` kernel's
+  module) computes silu(gate) * up and its product under a remat that saves nothing inside,
+  so the backward recomputes the element-wise product (one fused pass) and a layer keeps 2
+  [N, F] residuals instead of 5 (gate, up, sigmoid, silu, product). Every product runs in
+  the module owning its kernel: the form LoRA and low-bit weights (qwix) apply to.
+  chunks > 1: the MLP width in column sets, one at a time (`swiglu`).
+  """
 
   cfg: ConfigDict
   dtype: layers.Dtype
@@ -172,10 +187,19 @@ class MLP(nn.Module):
   def __call__(self, x):
     b, t, d = x.shape
     f = self.cfg.mlp_dim
-    kernel = lambda shape, axes, name: Kernel(shape, axes, self.param_dtype, name=name)()
-    out = swiglu(x.reshape(b * t, d),  # 2-D matmuls, as in Attention
-                 kernel((d, f), ("embed", "mlp"), "gate"), kernel((d, f), ("embed", "mlp"), "up"),
-                 kernel((f, d), ("mlp", "embed"), "down"), self.dtype, self.chunks)
+    x = x.reshape(b * t, d)  # 2-D matmuls, as in Attention
+    if self.chunks > 1:
+      kernel = lambda shape, axes, name: Kernel(shape, axes, self.param_dtype, name=name)()
+      out = swiglu(x, kernel((d, f), ("embed", "mlp"), "gate"),
+                   kernel((d, f), ("embed", "mlp"), "up"), kernel((f, d), ("mlp", "embed"), "down"),
+                   self.dtype, self.chunks)
+      return out.reshape(b, t, d)
+    dense = lambda name: layers.Dense(f, ("embed", "mlp"), use_bias=False, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=name)
+    gated_down = nn.remat(GatedDown, policy=jax.checkpoint_policies.nothing_saveable,
+                          prevent_cse=False)
+    out = gated_down(d, self.dtype, self.param_dtype, name="down")(dense("gate")(x),
+                                                                   dense("up")(x))
     return out.reshape(b, t, d)
 
 

@@ -23,6 +23,9 @@ def train_config(stage: int = 2) -> ConfigDict:
       grad_accum_steps=1,
       trainable=(r"^dem/", r"^projector/") + (() if stage == 1 else (r"^llm/",)),
       param_groups=(),
+      # The DEM's and the projector's peak lr (the reference's mm_projector_lr); None: lr.
+      projector_lr=config_dict.placeholder(float),
+      lora=lora_config(),
       # Every supervised token weighs the same, however the batch is split. The reference
       # averages per-micro-batch means instead (docs/fidelity.md#loss-normalisation), which
       # "micro_batch_mean" with these group sizes (its per-device micro-batches) reproduces,
@@ -37,6 +40,23 @@ def train_config(stage: int = 2) -> ConfigDict:
       # FLOP/s per device for the MFU in the progress lines; None: the bf16 peak of a
       # known TPU or GPU (`flops.PEAK_FLOPS`), no MFU on others.
       peak_flops_per_device=config_dict.placeholder(float),
+  ))
+
+
+def lora_config() -> ConfigDict:
+  """The `train.lora` section (`lora/provider.py`), off; its values the reference's
+  `lora_enable` defaults (r 64, alpha 16, dropout 0.05, every linear layer of the LLM but
+  the lm_head)."""
+  return ConfigDict(dict(
+      enabled=False,
+      rank=64,
+      alpha=16.0,
+      dropout=0.05,
+      # Module paths (a regex, matched whole) whose kernels get adapters: scanned layers
+      # (training) or unrolled ones (`layers_<i>`, generation).
+      targets=r"llm/layers(_\d+)?/(attn/(q|k|v|o)|mlp/(gate|up|down))",
+      # None: the frozen base in its param dtype; 8 or 4: quantised (QLoRA).
+      base_bits=config_dict.placeholder(int),
   ))
 
 

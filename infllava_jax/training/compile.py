@@ -43,9 +43,11 @@ from infllava_jax.config import (config_help, load_config,  # imports no jax
 
 
 def shard_bytes(leaf) -> int:
-  """Bytes one device holds of `leaf` (a ShapeDtypeStruct carrying a sharding)."""
+  """Bytes one device holds of `leaf` (a ShapeDtypeStruct carrying a sharding); 4-bit
+  values at half a byte (a QLoRA base's), as XLA packs them on TPU and GPU."""
+  import jax
   shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
-  return math.prod(shape) * leaf.dtype.itemsize
+  return math.prod(shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8
 
 
 def tree_shard_bytes(tree: Any) -> int:

@@ -158,8 +158,9 @@ class Trainer:
         log(f"{workdir} has checkpoints: resuming it, --init_* ignored "
             f"({', '.join(os.fspath(s.path) for s in init)})")
     else:
-      params = initial_params(self.model.init, self.setup.init_args, abstract.params,
-                              self.mesh, init, rules)
+      params = initial_params(self.setup.init_model.init, self.setup.init_args,
+                              self.setup.init_target, self.mesh, init, rules)
+      params = state_lib.prepare_params(self.setup, train, params)
       self.state = state_lib.init_state(self.setup, params)
     # Created once the init sources have been read: a start that fails on one of them
     # leaves no checkpoint folder behind.

@@ -19,6 +19,12 @@ Everything here reads one `train` ConfigDict section (`presets/_sections.train_c
   param_groups        ((regex, lr_multiplier), ...) over trainable params, first match
                       wins, others take 1.0; e.g. ((r"^vision/", 0.1),) with "^vision/"
                       added to `trainable` unfreezes CLIP at a tenth of the peak lr.
+  projector_lr        None, or the DEM's and the projector's own peak lr (the reference's
+                      mm_projector_lr): a group ahead of `param_groups`, lr multiplier
+                      projector_lr / lr.
+  lora                LoRA adapters (`lora/provider.py`); when enabled the adapters train,
+                      the kernels they sit on are frozen whatever `trainable` says, and the
+                      other params follow `trainable`.
   loss_normalisation  "global_token_mean" (default: sum of token losses / supervised tokens
                       of the whole global batch, independent of how it is split) or
                       "micro_batch_mean" (the reference's HF/DeepSpeed behaviour: mean over
@@ -53,11 +59,12 @@ from flax import linen as nn
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding
+from infllava_jax.lora import params as lora_params, provider as lora
 from infllava_jax.model import llama
 
 FROZEN = "frozen"
 LOSS_MODES = ("global_token_mean", "micro_batch_mean")
-
+PROJECTOR_PARAMS = r"^(dem|projector)/"  # what train.projector_lr applies to
 
 
 def learning_rate_schedule(train_cfg: ConfigDict, total_steps: int) -> optax.Schedule:
@@ -111,20 +118,40 @@ def _check_patterns_match(paths: Sequence[str], patterns: Sequence[str], field: 
 
 
 def trainable_mask(params: Any, train_cfg: ConfigDict) -> Any:
-  """Tree of bools like `params` (unboxed): True where a `train_cfg.trainable` regex matches.
+  """Tree of bools like `params` (unboxed): True where a `train_cfg.trainable` regex matches;
+  with `train_cfg.lora` enabled, True for the adapters and False for the kernels they sit on.
 
   A regex that matches no param raises, so a typo cannot silently freeze a module.
   """
   paths = param_paths(params)
   _check_patterns_match(jax.tree.leaves(paths), train_cfg.trainable, "trainable")
-  return jax.tree.map(lambda p: _matches_any(p, train_cfg.trainable), paths)
+  if not lora.enabled(train_cfg):
+    return jax.tree.map(lambda p: _matches_any(p, train_cfg.trainable), paths)
+  if not any(lora_params.is_lora(p) for p in jax.tree.leaves(paths)):
+    raise ValueError(f"train.lora: targets {train_cfg.lora.targets!r} gave no adapter")
+
+  def trains(path: str) -> bool:
+    if lora_params.is_lora(path):
+      return True
+    return (not lora.is_target_kernel(path, train_cfg.lora)
+            and _matches_any(path, train_cfg.trainable))
+
+  return jax.tree.map(trains, paths)
+
+
+def param_group_rules(train_cfg: ConfigDict) -> tuple[tuple[str, float], ...]:
+  """((regex, lr multiplier), ...): `projector_lr`'s group, if set, then `param_groups`."""
+  groups = tuple((pattern, float(m)) for pattern, m in train_cfg.param_groups)
+  if train_cfg.get("projector_lr") is not None:
+    groups = ((PROJECTOR_PARAMS, float(train_cfg.projector_lr) / float(train_cfg.lr)),) + groups
+  return groups
 
 
 def param_labels(params: Any, train_cfg: ConfigDict) -> Any:
-  """Tree of labels like `params`: "frozen", or "group_<i>" (i-th `param_groups` entry),
-  or "group_default" (lr multiplier 1)."""
+  """Tree of labels like `params`: "frozen", or "group_<i>" (i-th `param_group_rules`
+  entry), or "group_default" (lr multiplier 1)."""
   paths = param_paths(params)
-  groups = tuple(train_cfg.param_groups)
+  groups = param_group_rules(train_cfg)
   _check_patterns_match(jax.tree.leaves(paths), [g[0] for g in groups], "param_groups")
   mask = trainable_mask(params, train_cfg)
 
@@ -156,7 +183,7 @@ def make_optimizer(train_cfg: ConfigDict, total_steps: int,
     return jax.tree_util.tree_map_with_path(
         lambda path, _: not _matches_any(_join(path), exclude), tree)
 
-  multipliers = {f"group_{i}": float(m) for i, (_, m) in enumerate(train_cfg.param_groups)}
+  multipliers = {f"group_{i}": m for i, (_, m) in enumerate(param_group_rules(train_cfg))}
   multipliers["group_default"] = 1.0
 
   def adamw(multiplier: float) -> optax.GradientTransformation:

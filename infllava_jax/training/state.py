@@ -12,6 +12,11 @@ abstract state is
     placeholder state is allocated first),
   - the in/out shardings of the jitted step (`jit_train_step`), which `infllava compile`
     lowers from the same setup: the program it measures is the one a run executes.
+
+With `train.lora` enabled the model carries the adapters (`lora/provider.py`) and only what
+trains has AdamW moments (`optim.trainable_mask`). With `train.lora.base_bits` the frozen
+target kernels are quantised: a new run's params are read and initialised in float
+(`init_target`) and quantised once (`prepare_params`) into the abstract state's layout.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ml_collections import ConfigDict
 
 from infllava_jax import sharding, xla_options
 from infllava_jax.data.pipeline import BATCH_KEYS
+from infllava_jax.lora import provider as lora
 from infllava_jax.model import infllava
 from infllava_jax.training import optim
 from infllava_jax.training.step import TrainState, make_train_step
@@ -34,9 +40,11 @@ from infllava_jax.training.step import TrainState, make_train_step
 
 class TrainSetup(NamedTuple):
   """What a run's state and step are built from, for one config on one mesh."""
-  model: infllava.InfLlava
+  model: infllava.InfLlava        # what the step applies (with LoRA: qwix's wrapper of it)
+  init_model: infllava.InfLlava   # whose `init` gives a new run's params (a float base)
   init_args: tuple                # (rng key, *dummy inputs): what `model.init` takes
   abstract: TrainState            # ShapeDtypeStructs carrying NamedShardings
+  init_target: Any                # the params `init_model.init` gives, abstract and placed
   mask: Any                       # bool tree like the params: True where trainable
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -52,14 +60,37 @@ def train_setup(config: ConfigDict, mesh: Mesh, total_steps: int) -> TrainSetup:
   """
   train = config.train
   rules = sharding.rules_from_config(config)
-  model = infllava.build_model(config.model)
+  model = init_model = infllava.build_model(config.model)
+  if lora.enabled(train):
+    lora.check(train.lora, config.model)
+    model = lora.lora_model(model, train.lora)
+    init_model = lora.lora_model(init_model, train.lora, quantized_base=False)
   init_args = (jax.random.key(train.seed), *infllava.dummy_inputs(config.model))
-  boxed = jax.eval_shape(model.init, *init_args)["params"]
+  float_boxed = boxed = jax.eval_shape(init_model.init, *init_args)["params"]
+  if lora.enabled(train) and lora.base_mode(train.lora):
+    quantized = jax.eval_shape(lambda p: lora.quantize_base(p, train.lora),
+                               nn.meta.unbox(float_boxed))
+    boxed = lora.box_quantized(quantized, float_boxed)
   params = nn.meta.unbox(boxed)
   tx = optim.make_optimizer(train, total_steps, params)
-  return TrainSetup(model, init_args, abstract_state(boxed, tx, mesh, rules),
+  abstract = abstract_state(boxed, tx, mesh, rules)
+  init_target = abstract.params
+  if boxed is not float_boxed:
+    init_target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                               nn.meta.unbox(float_boxed),
+                               sharding.param_shardings(float_boxed, mesh, rules, warn=False))
+  return TrainSetup(model, init_model, init_args, abstract, init_target,
                     optim.trainable_mask(params, train), tx,
                     optim.learning_rate_schedule(train, total_steps), rules, mesh)
+
+
+def prepare_params(setup: TrainSetup, train_cfg: ConfigDict, params: Any) -> Any:
+  """A new run's params as `setup.init_target` lays them out (donated) -> as the train
+  state holds them: with `train.lora.base_bits`, the target kernels quantised."""
+  if not (lora.enabled(train_cfg) and lora.base_mode(train_cfg.lora)):
+    return params
+  return jax.jit(lambda p: lora.quantize_base(p, train_cfg.lora),
+                 out_shardings=shardings_of(setup.abstract.params), donate_argnums=0)(params)
 
 
 def abstract_state(boxed_params: Any, tx: optax.GradientTransformation, mesh: Mesh,

@@ -4,7 +4,11 @@ Only trainable params are differentiated: the frozen ones (CLIP always; the LLM 
 are closed over as constants, so XLA neither runs the backward pass into them nor carries
 gradient buffers for them through the accumulation scan. The optimiser still sees the
 full tree, with zeros for frozen leaves that its `set_to_zero` branch ignores (and XLA
-removes, since nothing reads them).
+removes, since nothing reads them); updates are applied to the trainable leaves only, so a
+frozen param (a quantised LoRA base among them) passes through the step as it is.
+
+With LoRA dropout (`train.lora.dropout`) each row gets its own dropout rng, folded from
+`train.seed` and the step, so micro-batches and steps draw different masks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import optax
 from ml_collections import ConfigDict
 
 from infllava_jax import sharding
+from infllava_jax.lora import provider as lora
 from infllava_jax.model import layers
 from infllava_jax.model.infllava import InfLlava
 from infllava_jax.training import optim
@@ -59,11 +64,13 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
   """
   treedef = jax.tree.structure(mask)
   mask_leaves = jax.tree.leaves(mask)
+  dropout = lora.enabled(train_cfg) and train_cfg.lora.dropout > 0
 
   def loss_fn(trainable, frozen, micro):
     params = merge_trainable(treedef, mask_leaves, trainable, frozen)
+    rngs = {"dropout": micro["dropout_rng"][0]} if dropout else {}
     hidden, _ = model.apply({"params": params}, micro["tokens"], micro["pixels"],
-                            micro["positions"], micro["segment_ids"], head=False)
+                            micro["positions"], micro["segment_ids"], head=False, rngs=rngs)
     ce = optim.token_cross_entropy(hidden, params["llm"]["lm_head"]["kernel"],
                                    micro["targets"], train_cfg, layers.dtype_of(model.cfg.dtype))
     return jnp.sum(ce * micro["weights"]), {"tokens": jnp.sum(micro["loss_mask"])}
@@ -71,14 +78,19 @@ def make_train_step(model: InfLlava, tx: optax.GradientTransformation,
   def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     weights = optim.loss_weights(batch["loss_mask"], train_cfg.loss_normalisation,
                                  train_cfg.get("loss_group_size"))
+    extra = {"weights": weights}
+    if dropout:
+      key = jax.random.fold_in(jax.random.key(train_cfg.seed), state.step)
+      extra["dropout_rng"] = jax.random.split(key, batch["tokens"].shape[0])
     trainable, frozen = split_trainable(state.params, mask)
     loss, aux, grads = optim.accumulate_gradients(
-        lambda t, micro: loss_fn(t, frozen, micro), trainable, {**batch, "weights": weights},
+        lambda t, micro: loss_fn(t, frozen, micro), trainable, {**batch, **extra},
         train_cfg.grad_accum_steps)
     full_grads = merge_trainable(treedef, mask_leaves, grads,
                                  [jnp.zeros_like(x) for x in frozen])
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable = optax.apply_updates(trainable, split_trainable(updates, mask)[0])
+    params = merge_trainable(treedef, mask_leaves, trainable, frozen)
     metrics = {"loss": loss, "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
