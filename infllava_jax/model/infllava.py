@@ -14,17 +14,18 @@ import jax.numpy as jnp
 import flax.linen as nn
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from infllava_jax.model import clip, dcm, dem, kv_cache, layers, llama
+from infllava_jax.model import clip, dcm, dem, kv_cache, layers, llama, s2
 from infllava_jax.model.projector import Projector
 
-VARIANTS = ("infllava", "llava")
+VARIANTS = ("infllava", "llava", "s2")
 
 
 def num_image_tokens(model_cfg: ConfigDict) -> int:
   """N_img, the visual tokens (= image slots in the token ids) per image.
 
-  The DEM reduces its high-res maps back to one view's patch grid, so both the INF-LLaVA
-  and the LLaVA-1.5 variants give (view side / patch)^2 tokens: 576 for the released model.
+  The DEM reduces its high-res maps back to one view's patch grid, and S2 pools its scales
+  to it, so the INF-LLaVA, LLaVA-1.5 and S2 variants all give (view side / patch)^2 tokens:
+  576 for the released model.
   """
   side = model_cfg.vision.image_size // model_cfg.vision.patch_size
   return side * side
@@ -52,7 +53,8 @@ def write_image_tokens(text_embeds: jax.Array, is_slot: jax.Array,
 
 
 class InfLlava(nn.Module):
-  """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline) on one code path.
+  """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline; `"s2"`, LLaVA-1.5 with
+  S2's multi-scale CLIP features, `s2.py`) on one code path.
 
   Attributes:
     cfg: the `config.model` section (see infllava_jax/presets/infllava_8b.py), frozen.
@@ -85,13 +87,18 @@ class InfLlava(nn.Module):
     batch = pixels.shape[0]
     if cfg.variant == "llava":
       features = self.vision(pixels)
+    elif cfg.variant == "s2":
+      views = s2.views(pixels, cfg)  # [B, V, h, w, 3]
+      view_features = self.vision(views.reshape(batch * views.shape[1], *views.shape[2:]))
+      features = s2.merge(view_features.reshape(batch, views.shape[1],
+                                                *view_features.shape[1:]), cfg)
     else:
       views = dcm.views(pixels, cfg)  # [B, S, h, w, 3]
       num_views = views.shape[1]
       view_features = self.vision(views.reshape(batch * num_views, *views.shape[2:]))
       view_features = view_features.reshape(batch, num_views, *view_features.shape[1:])
       features = self.dem(view_features)
-    chex.assert_shape(features, (batch, num_image_tokens(cfg), cfg.vision.width))
+    chex.assert_shape(features, (batch, num_image_tokens(cfg), feature_width(cfg)))
     return self.projector(features)
 
   def __call__(self, tokens: jax.Array, pixels: jax.Array | None = None,
@@ -143,8 +150,23 @@ def build_model(model_cfg: ConfigDict) -> InfLlava:
   return InfLlava(FrozenConfigDict(model_cfg))
 
 
+def feature_width(model_cfg: ConfigDict) -> int:
+  """Channels of a visual token before the projector: CLIP's width (S2: one per scale)."""
+  return s2.feature_width(model_cfg) if model_cfg.variant == "s2" else model_cfg.vision.width
+
+
+def num_views(model_cfg: ConfigDict) -> int:
+  """CLIP inputs per image: 1 (llava), the DCM's views (infllava) or S2's tiles (s2)."""
+  if model_cfg.variant == "llava":
+    return 1
+  return s2.num_views(model_cfg) if model_cfg.variant == "s2" else dcm.num_views(model_cfg)
+
+
 def input_size(model_cfg: ConfigDict) -> int:
-  """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`."""
+  """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`
+  (S2: its largest scale)."""
+  if model_cfg.variant == "s2":
+    return s2.input_size(model_cfg)
   size = model_cfg.dcm.get("processor_size") or model_cfg.dcm.image_size
   if model_cfg.variant == "llava" and size != model_cfg.dcm.image_size:
     raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant only; "

@@ -1,6 +1,6 @@
 """A test-size INF-LLaVA: the released architecture, shrunk (3x3 grid, 6x6 patches per view).
 
-`get_config("llava")` gives the baseline variant at the same size.
+`get_config("llava")` gives the baseline variant at the same size, `get_config("s2")` S2.
 """
 
 from ml_collections import ConfigDict
@@ -18,6 +18,8 @@ def model_config(variant: str = "infllava") -> ConfigDict:
     model.dcm.image_size = 252
   else:
     model.dcm.image_size = 84
+  if variant == "s2":
+    model.s2.scales = (84, 168, 252)  # 1 + 4 + 9 tiles of 84 px, as 336/672/1008
   model.dem.heads = 4
   model.dtype = "float32"
   return model
