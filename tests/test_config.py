@@ -12,9 +12,9 @@ from infllava_jax.evaluate import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every `configs/NAME.py:arg` the project documents or tests (None: no `:arg`).
-ARGS = {"infllava_8b": [None, "infllava", "llava"], "tiny": [None, "infllava", "llava"],
-        "synthetic": [None, "infllava", "baseline", "llava"],
-        "infllava_8b_stage1": [None], "infllava_8b_stage2": [None]}
+ARGS = {"infllava_8b": [None, "infllava", "llava", "s2"], "tiny": [None, "infllava", "llava", "s2"],
+        "synthetic": [None, "infllava", "baseline", "llava", "s2"],
+        "infllava_8b_stage1": [None], "infllava_8b_stage2": [None, "s2"], "s2_8b": [None]}
 
 
 def test_every_config_file_is_a_preset():
@@ -48,11 +48,11 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec, overrides, words", [
-    ("synthetic:foo", [], "config 'synthetic:foo': unknown variant 'foo'; expected 'infllava' "
-                          "or 'llava'"),
+    ("synthetic:foo", [], "config 'synthetic:foo': unknown variant 'foo'; expected 'infllava', "
+                          "'llava' or 's2'"),
     ("configs/tiny.py:foo", [], "configs/tiny.py:foo with no overrides: unknown variant 'foo'"),
     ("synthetc", [], "config 'synthetc': no preset 'synthetc' (presets: infllava_8b, "
-                     "infllava_8b_stage1, infllava_8b_stage2, synthetic, tiny)"),
+                     "infllava_8b_stage1, infllava_8b_stage2, s2_8b, synthetic, tiny)"),
     ("tiny", ["--config.model.foo=1"], "tiny with --config.model.foo=1: unknown field foo"),
     ("synthetic", ["--config.train.stepz=1"], "unknown field 'stepz'. Did you mean \"steps\""),
     ("tiny", ["--config.model.llm.depth=two"], "invalid literal for int()"),
@@ -66,9 +66,9 @@ def test_config_mistakes_are_one_line_config_errors(spec, overrides, words):
 def test_train_names_the_presets_in_its_help_and_takes_one(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
-  assert "preset NAME[:arg] (infllava_8b, infllava_8b_stage1, infllava_8b_stage2, synthetic, " \
-         "tiny) or a config file PATH.py[:arg]" in " ".join(capsys.readouterr().out.split())
+  assert "preset NAME[:arg] (infllava_8b, infllava_8b_stage1, infllava_8b_stage2, s2_8b, " \
+         "synthetic, tiny) or a config file PATH.py[:arg]" in " ".join(capsys.readouterr().out.split())
   assert cli.main(["train", "--config", "synthetic:foo", "--workdir", "w"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["infllava train: error: config 'synthetic:foo': unknown variant 'foo'; "
-                 "expected 'infllava' or 'llava'"]
+                 "expected 'infllava', 'llava' or 's2'"]

@@ -137,6 +137,10 @@ def test_counts_of_the_default_and_the_tiny_scales(cfg):
           infllava.input_size(big)) == (14, 576, 3072, 1008)
   assert (infllava.num_views(cfg), infllava.num_image_tokens(cfg),
           infllava.input_size(cfg)) == (14, 36, 252)
+  stage2 = load_config("infllava_8b_stage2:s2")  # the same recipe, nothing of a DEM
+  assert stage2.model.variant == "s2" and stage2.model.vision.param_dtype == "bfloat16"
+  assert stage2.train.trainable == (r"^projector/", r"^llm/")
+  assert stage2.train.init_include == (r"^projector/",)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -9,6 +9,7 @@ from flax.traverse_util import flatten_dict
 
 from infllava_jax.checkpoints import converted as converted_format
 from infllava_jax.config import load_config
+from infllava_jax import cli as main_cli
 from infllava_jax.convert import cli
 from tests.convert import tiny_checkpoints as tc
 
@@ -70,3 +71,17 @@ def test_variant_and_checkpoint_must_agree(s2_release, tmp_path, capsys):
                  "--out", str(tmp_path / "out")) == 1
   assert "mm_hidden_size=64 but the CLIP tensors are 64 wide x 3 scales" in (
       capsys.readouterr().err)
+
+
+def test_generate_answers_from_a_converted_s2_checkpoint(s2_release, tmp_path, capsys):
+  from PIL import Image
+  _, _, root = s2_release
+  out = tmp_path / "converted"
+  assert convert("configs/tiny.py:s2", "--model", str(root / "release"), "--out", str(out)) == 0
+  image = tmp_path / "wide.png"  # not square: padded to 252 x 252, then the three scales
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 100, 3), np.uint8)).save(image)
+  capsys.readouterr()
+  assert main_cli.main(["generate", "--checkpoint", str(out), "--image", str(image),
+                   "--prompt", "What is it?", "--max-new-tokens", "3"]) == 0
+  printed = capsys.readouterr()
+  assert "(s2," in printed.err + printed.out
