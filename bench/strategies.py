@@ -128,13 +128,15 @@ def heldout_accuracy(params, config, task: str, num: int) -> float:
 
 def train_and_measure(config, workdir: str, task: str, heldout: int) -> dict:
   """Trains one config from scratch; its accuracy, visual tokens and step time."""
-  times: list[tuple[int, float]] = []
+  # The callbacks of one progress interval run together once its metrics are fetched: the
+  # time at its last step (a multiple of log_every) ends the interval.
+  every = config.train.log_every
+  ends: list[tuple[int, float]] = []
+  on_metrics = lambda step, _: step % every or ends.append((step, time.perf_counter()))
   trainer = loop.Trainer(config, workdir)
   start = time.perf_counter()
-  state = trainer.run(on_metrics=lambda step, _: times.append((step, time.perf_counter())))
+  state = trainer.run(on_metrics=on_metrics)
   train_s = time.perf_counter() - start
-  # Callbacks of one progress interval fire together: one (step, time) per interval.
-  ends = [(s, t) for i, (s, t) in enumerate(times) if i + 1 == len(times) or times[i + 1][1] != t]
   per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(ends, ends[1:])]
   tokens = visual_tokens_per_image(trainer)
   accuracy = heldout_accuracy(state.params, config, task, heldout)

@@ -26,6 +26,7 @@ from infllava_jax.convert.clip_table import clip_table, clip_unused
 from infllava_jax.convert.sources import PROJECTOR_TABLE
 from infllava_jax.errors import ConfigError
 from infllava_jax.model import infllava, s2
+from infllava_jax.training import flops
 
 TOL = 1e-5
 
@@ -137,6 +138,11 @@ def test_counts_of_the_default_and_the_tiny_scales(cfg):
           infllava.input_size(big)) == (14, 576, 3072, 1008)
   assert (infllava.num_views(cfg), infllava.num_image_tokens(cfg),
           infllava.input_size(cfg)) == (14, 36, 252)
+  # CLIP runs on 14 tiles per image; the projector reads 3 x 1024 channels.
+  baseline = load_config("infllava_8b:llava").model
+  assert flops.vit_forward_flops(big)[0] == 14 * flops.vit_forward_flops(baseline)[0]
+  assert (flops.projector_forward_flops(big, 576) - flops.projector_forward_flops(baseline, 576)
+          == 2 * 576 * 2048 * 4096)
   stage2 = load_config("infllava_8b_stage2:s2")  # the same recipe, nothing of a DEM
   assert stage2.model.variant == "s2" and stage2.model.vision.param_dtype == "bfloat16"
   assert stage2.train.trainable == (r"^projector/", r"^llm/")
