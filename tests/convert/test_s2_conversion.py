@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from flax.traverse_util import flatten_dict
 
 from infllava_jax.checkpoints import converted as converted_format
@@ -85,3 +86,20 @@ def test_generate_answers_from_a_converted_s2_checkpoint(s2_release, tmp_path, c
                    "--prompt", "What is it?", "--max-new-tokens", "3"]) == 0
   printed = capsys.readouterr()
   assert "(s2," in printed.err + printed.out
+
+
+def test_separate_folders_take_an_s2_stage1_projector(s2_release, tmp_path):
+  model_cfg, _, _ = s2_release
+  llama, clip = tc.tiny_models(model_cfg)
+  llama.save_pretrained(str(tmp_path / "llama"))
+  clip.save_pretrained(str(tmp_path / "clip"))
+  projector = tc.dem_projector_tensors(model_cfg)  # LLaVA-S2's mm_projector.bin: 0.weight [64, 192]
+  assert projector["model.mm_projector.0.weight"].shape == (64, 3 * 64)
+  torch.save(projector, str(tmp_path / "mm_projector.bin"))
+  assert convert("configs/tiny.py:s2", "--llama", str(tmp_path / "llama"), "--clip",
+                 str(tmp_path / "clip"), "--projector", str(tmp_path / "mm_projector.bin"),
+                 "--out", str(tmp_path / "out")) == 0
+  got_cfg, params = converted_format.load_converted(str(tmp_path / "out"))
+  assert got_cfg.variant == "s2" and tuple(got_cfg.s2.scales) == (84, 168, 252)
+  np.testing.assert_array_equal(params["projector"]["fc1"]["kernel"],
+                                projector["model.mm_projector.0.weight"].numpy().T)
