@@ -180,12 +180,18 @@ def plot(results: dict, tasks, variants, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
+  labels: dict[tuple[float, float], list[str]] = {}  # one label block per point
   for task, marker in zip(tasks, "os"):
     for v in variants:
       r = results[task][v]
-      ax.scatter(r["visual_tokens"], r["accuracy"], marker=marker, s=60)
-      ax.annotate(f"{v} ({task})", (r["visual_tokens"], r["accuracy"]), fontsize=8,
-                  xytext=(4, 4), textcoords="offset points")
+      ax.scatter(r["visual_tokens"], r["accuracy"], marker=marker, s=60,
+                 label=task if v == variants[0] else None, color="C0" if task == tasks[0]
+                 else "C1", alpha=0.7)
+      labels.setdefault((r["visual_tokens"], r["accuracy"]), []).append(f"{v} ({task})")
+  for (x, y), names in labels.items():
+    ax.annotate("\n".join(names), (x, y), fontsize=8, xytext=(6, -4), textcoords="offset points",
+                va="top" if y > 0.5 else "bottom")
+  ax.legend(title="task", fontsize=8)
   ax.axhline(0.25, color="grey", lw=0.8, ls="--")
   ax.set_xlabel("visual tokens per image")
   ax.set_ylabel("held-out accuracy")
