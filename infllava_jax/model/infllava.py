@@ -165,9 +165,13 @@ def num_views(model_cfg: ConfigDict) -> int:
 def input_size(model_cfg: ConfigDict) -> int:
   """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`
   (S2: its largest scale)."""
-  if model_cfg.variant == "s2":
-    return s2.input_size(model_cfg)
   size = model_cfg.dcm.get("processor_size") or model_cfg.dcm.image_size
+  if model_cfg.variant == "s2":
+    if model_cfg.dcm.get("processor_size"):
+      raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant "
+                       f"only; the s2 variant reads images at its largest scale "
+                       f"{s2.input_size(model_cfg)}")
+    return s2.input_size(model_cfg)
   if model_cfg.variant == "llava" and size != model_cfg.dcm.image_size:
     raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant only; "
                      f"the llava baseline reads images at dcm.image_size "

@@ -162,3 +162,10 @@ def test_config_errors_name_the_field(cfg, overrides, message):
     bad.vision.feature_select = overrides["feature_select"]
   with pytest.raises(ConfigError, match=message):
     infllava.input_size(bad)
+
+
+def test_processor_size_is_refused(cfg):
+  bad = cfg.copy_and_resolve_references()
+  bad.dcm.processor_size = 84
+  with pytest.raises(ValueError, match="reads images at its largest scale 252"):
+    infllava.input_size(bad)
