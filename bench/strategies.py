@@ -15,7 +15,8 @@ task, in this one process, one after the other:
 
 Per (task, variant): held-out accuracy (greedy exact match over the first --heldout held-out
 records, cropped as the task's), visual tokens per image (image slots the data pipeline
-writes per image of a training batch), and the train step time (the median of the progress
+writes per image of a training batch), CLIP passes per image (`infllava.num_views` of the
+variant's 8B config) and the train step time (the median of the progress
 intervals' time per step after the first interval, which holds the compile). Per variant:
 the 8B stage-2 train step's per-device memory from `infllava compile --config
 infllava_8b_stage2:<variant> --mesh fsdp=8` (8 simulated CPU devices, XLA's memory analysis,
@@ -144,6 +145,14 @@ def train_and_measure(config, workdir: str, task: str, heldout: int) -> dict:
           "step_s": statistics.median(per_step) if per_step else None, "train_s": train_s}
 
 
+def views_per_image(variant: str) -> int | None:
+  """CLIP passes per image of the variant's 8B config (None where the package cannot say)."""
+  try:
+    return infllava.num_views(load_config(f"infllava_8b:{variant}").model)
+  except (ConfigError, ValueError):
+    return None
+
+
 def compile_8b(variant: str) -> float | None:
   """Per-device GiB of the 8B stage-2 step, fsdp=8 on simulated CPU devices; None if it fails."""
   done = subprocess.run(
@@ -159,15 +168,16 @@ def compile_8b(variant: str) -> float | None:
   return float(found.group(1))
 
 
-def table(results: dict, compiled: dict, tasks, variants, steps: int) -> str:
-  head = ["variant", "visual tokens / image"]
+def table(results: dict, compiled: dict, clip_passes: dict, tasks, variants, steps: int) -> str:
+  head = ["variant", "visual tokens / image", "CLIP passes / image"]
   head += [f"{t} accuracy" for t in tasks] + [f"{t} step (s)" for t in tasks]
   head += ["8B stage-2 step, GiB / device (fsdp=8)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
   for v in variants:
     tokens = sorted({results[t][v]["visual_tokens"] for t in tasks})
-    cells = [f"`{v}`: {LABELS.get(v, v)}", " / ".join(f"{x:g}" for x in tokens)]
+    cells = [f"`{v}`: {LABELS.get(v, v)}", " / ".join(f"{x:g}" for x in tokens),
+             fmt(clip_passes.get(v), "d")]
     cells += [fmt(results[t][v]["accuracy"], ".3f") for t in tasks]
     cells += [fmt(results[t][v]["step_s"], ".3f") for t in tasks]
     cells.append(fmt(compiled.get(v), ".2f"))
@@ -249,12 +259,13 @@ def main(argv=None) -> int:
       print(f"compiling the 8B stage-2 step of {v} (fsdp=8, simulated CPU devices)...",
             flush=True)
       compiled[v] = compile_8b(v)
-  text = table(results, compiled, tasks, variants, args.steps)
+  clip_passes = {v: views_per_image(v) for v in variants}
+  text = table(results, compiled, clip_passes, tasks, variants, args.steps)
   with open(os.path.join(args.out, "strategies.md"), "w") as f:
     f.write(text)
   with open(os.path.join(args.out, "strategies.json"), "w") as f:
     json.dump({"steps": args.steps, "heldout": args.heldout, "results": results,
-               "compile_8b_gib": compiled}, f, indent=1)
+               "clip_passes": clip_passes, "compile_8b_gib": compiled}, f, indent=1)
   plot(results, tasks, variants, os.path.join(args.out, "strategies.png"))
   print(text, flush=True)
   return 0

@@ -159,7 +159,11 @@ def num_views(model_cfg: ConfigDict) -> int:
   """CLIP inputs per image: 1 (llava), the DCM's views (infllava) or S2's tiles (s2)."""
   if model_cfg.variant == "llava":
     return 1
-  return s2.num_views(model_cfg) if model_cfg.variant == "s2" else dcm.num_views(model_cfg)
+  if model_cfg.variant == "s2":
+    return s2.num_views(model_cfg)
+  if model_cfg.variant == "infllava":
+    return dcm.num_views(model_cfg)
+  raise ValueError(f"model.variant={model_cfg.variant!r}; expected one of {VARIANTS}")
 
 
 def input_size(model_cfg: ConfigDict) -> int:

@@ -23,7 +23,8 @@ def test_reduced_run_writes_the_table_json_and_plot(tmp_path):
   assert s2["visual_tokens"] == 36  # the tiny tower's 6 x 6 grid, whatever the scales
   assert 0 <= s2["accuracy"] <= 1 and s2["step_s"] > 0
   table = (tmp_path / "strategies.md").read_text()
-  assert "| `s2`: S2 (3 scales) | 36 |" in table and "no_such" not in table
+  assert "| `s2`: S2 (3 scales) | 36 | 14 |" in table and "no_such" not in table
+  assert report["clip_passes"] == {"s2": 14}
   assert (tmp_path / "strategies.png").stat().st_size > 1000
   with open(tmp_path / "data" / "wide" / "train.json") as f:
     records = json.load(f)
