@@ -12,7 +12,8 @@ from infllava_jax.evaluate import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every `configs/NAME.py:arg` the project documents or tests (None: no `:arg`).
-ARGS = {"infllava_8b": [None, "infllava", "llava", "s2"], "tiny": [None, "infllava", "llava", "s2"],
+ARGS = {"infllava_8b": [None, "infllava", "llava", "s2"],
+        "tiny": [None, "infllava", "llava", "s2"],
         "synthetic": [None, "infllava", "baseline", "llava", "s2"],
         "infllava_8b_stage1": [None], "infllava_8b_stage2": [None, "s2"], "s2_8b": [None]}
 
@@ -66,8 +67,9 @@ def test_config_mistakes_are_one_line_config_errors(spec, overrides, words):
 def test_train_names_the_presets_in_its_help_and_takes_one(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
+  printed = " ".join(capsys.readouterr().out.split())
   assert "preset NAME[:arg] (infllava_8b, infllava_8b_stage1, infllava_8b_stage2, s2_8b, " \
-         "synthetic, tiny) or a config file PATH.py[:arg]" in " ".join(capsys.readouterr().out.split())
+         "synthetic, tiny) or a config file PATH.py[:arg]" in printed
   assert cli.main(["train", "--config", "synthetic:foo", "--workdir", "w"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["infllava train: error: config 'synthetic:foo': unknown variant 'foo'; "

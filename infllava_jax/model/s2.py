@@ -1,4 +1,4 @@
-"""S2, Scaling on Scales (Shi et al. 2024, arXiv 2403.13043): one CLIP on the same image at several scales.
+"""S2, Scaling on Scales (Shi et al. 2024, arXiv 2403.13043): one CLIP on an image at several scales.
 
 The `s2` variant is LLaVA-1.5 with its vision tower wrapped by the S2-Wrapper, as LLaVA's
 `CLIPVisionTowerS2` uses it (`multiscale_forward(tower, images, img_sizes=scales,

@@ -91,8 +91,9 @@ def params(cfg, torch_parts):
       [(f"vision_model.{k}", t.numpy()) for k, t in clip_model.state_dict().items()],
       clip_table(cfg.vision), params["vision"], ignore=clip_unused(cfg.vision),
       source="tiny CLIP")
-  proj = mapping.torch_to_params([(k, t.detach().numpy()) for k, t in projector.state_dict().items()],
-                                 PROJECTOR_TABLE, params["projector"], source="tiny projector")
+  proj = mapping.torch_to_params(
+      [(k, t.detach().numpy()) for k, t in projector.state_dict().items()], PROJECTOR_TABLE,
+      params["projector"], source="tiny projector")
   return {**params, "vision": vision, "projector": proj}
 
 
