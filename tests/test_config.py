@@ -12,12 +12,12 @@ from infllava_jax.evaluate import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every `configs/NAME.py:arg` the project documents or tests (None: no `:arg`).
-ARGS = {"infllava_8b": [None, "infllava", "llava", "llava_next"],
-        "tiny": [None, "infllava", "llava", "llava_next"],
-        "synthetic": [None, "infllava", "baseline", "llava", "anyres", "llava_next"],
-        "infllava_8b_stage1": [None], "infllava_8b_stage2": [None],
+ARGS = {"infllava_8b": [None, "infllava", "llava", "llava_next", "s2"],
+        "tiny": [None, "infllava", "llava", "llava_next", "s2"],
+        "synthetic": [None, "infllava", "baseline", "llava", "anyres", "llava_next", "s2"],
+        "infllava_8b_stage1": [None], "infllava_8b_stage2": [None, "s2"],
         "infllava_8b_stage2_lora": [None],
-        "llava_next_8b": [None, "model"]}
+        "llava_next_8b": [None, "model"], "s2_8b": [None]}
 
 
 def test_every_config_file_is_a_preset():
@@ -52,11 +52,11 @@ def test_a_preset_takes_overrides_outside_a_checkout(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec, overrides, words", [
     ("synthetic:foo", [], "config 'synthetic:foo': unknown variant 'foo'; expected 'infllava', "
-                          "'llava' or 'llava_next'"),
+                          "'llava', 'llava_next' or 's2'"),
     ("configs/tiny.py:foo", [], "configs/tiny.py:foo with no overrides: unknown variant 'foo'"),
     ("synthetc", [], "config 'synthetc': no preset 'synthetc' (presets: infllava_8b, "
                      "infllava_8b_stage1, infllava_8b_stage2, infllava_8b_stage2_lora, "
-                     "llava_next_8b, synthetic, tiny)"),
+                     "llava_next_8b, s2_8b, synthetic, tiny)"),
     ("tiny", ["--config.model.foo=1"], "tiny with --config.model.foo=1: unknown field foo"),
     ("synthetic", ["--config.train.stepz=1"], "unknown field 'stepz'. Did you mean \"steps\""),
     ("tiny", ["--config.model.llm.depth=two"], "invalid literal for int()"),
@@ -70,10 +70,11 @@ def test_config_mistakes_are_one_line_config_errors(spec, overrides, words):
 def test_train_names_the_presets_in_its_help_and_takes_one(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
+  printed = " ".join(capsys.readouterr().out.split())
   assert "preset NAME[:arg] (infllava_8b, infllava_8b_stage1, infllava_8b_stage2, " \
-         "infllava_8b_stage2_lora, llava_next_8b, synthetic, tiny) or a config file " \
-         "PATH.py[:arg]" in " ".join(capsys.readouterr().out.split())
+         "infllava_8b_stage2_lora, llava_next_8b, s2_8b, synthetic, tiny) or a config file " \
+         "PATH.py[:arg]" in printed
   assert cli.main(["train", "--config", "synthetic:foo", "--workdir", "w"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["infllava train: error: config 'synthetic:foo': unknown variant 'foo'; "
-                 "expected 'infllava', 'llava' or 'llava_next'"]
+                 "expected 'infllava', 'llava', 'llava_next' or 's2'"]

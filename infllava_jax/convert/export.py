@@ -73,6 +73,9 @@ def release_config(model_cfg: ConfigDict, torch_dtype: str) -> dict:
           patch_size=vision.patch_size, layer_norm_eps=vision.layer_norm_eps,
           hidden_act="quick_gelu"),
   )
+  if model_cfg.variant == "s2":  # LLaVA's S2 tower fields; the projector reads all scales
+    config.update(mm_hidden_size=len(model_cfg.s2.scales) * vision.width, s2=True,
+                  s2_scales=",".join(str(s) for s in model_cfg.s2.scales))
   if model_cfg.image_token_id >= 0:  # a real vocabulary id (llava-hf's <image>)
     config["image_token_index"] = model_cfg.image_token_id
   # How the reference prepares inputs for this checkpoint: images padded to a square with

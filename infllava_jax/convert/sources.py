@@ -195,9 +195,23 @@ def _vision_from_shapes(tensors: Mapping[str, TensorRef], prefix: str, base: Con
 
 
 def _fit_grid(model_cfg: ConfigDict, base: ConfigDict) -> None:
-  """Keeps the base config's DCM grid (dcm.image_size / vision.image_size) at the new view size."""
+  """Keeps the base config's DCM grid (dcm.image_size / vision.image_size), and S2's scales
+  in views, at the new view size."""
   grid = max(base.dcm.image_size // base.vision.image_size, 1)
   model_cfg.dcm.image_size = grid * model_cfg.vision.image_size
+  if model_cfg.variant == "s2":
+    model_cfg.s2.scales = tuple(s * model_cfg.vision.image_size // base.vision.image_size
+                                for s in base.s2.scales)
+
+
+def _s2_scales(hf: Mapping, config_path: str) -> tuple[int, ...]:
+  """LLaVA's `s2_scales` field ("336,672,1008", its tower's default "336,672")."""
+  text = hf.get("s2_scales", "336,672")
+  try:
+    return tuple(sorted(int(s) for s in str(text).split(",")))
+  except ValueError:
+    raise ConversionError(f"{config_path}: s2_scales={text!r}; expected comma-separated "
+                          "pixel sizes such as '336,672,1008'") from None
 
 
 def _select(feature: str, source: str) -> str:
@@ -218,7 +232,9 @@ def _llm_config(hf: Mapping, base: ConfigDict, source: str, allow_tied: bool = F
 
 
 def release_source(model_dir: str, config: ConfigDict | None = None) -> Source:
-  """An INF-LLaVA (or original LLaVA-1.5, with a `:llava` config) release folder."""
+  """An INF-LLaVA (or original LLaVA-1.5, with a `:llava` config) release folder; a LLaVA-S2
+  one (config.json `s2: true`, `s2_scales`) reads as the s2 variant, its projector
+  len(scales) x CLIP wide."""
   config_path = os.path.join(model_dir, "config.json")
   hf = read_json(config_path)
   if hf.get("model_type") != RELEASE_MODEL_TYPE:
@@ -226,7 +242,12 @@ def release_source(model_dir: str, config: ConfigDict | None = None) -> Source:
             if hf.get("model_type") == LLAVA_HF_MODEL_TYPE else "")
     raise ConversionError(f"{config_path}: model_type={hf.get('model_type')!r}; expected "
                           f"{RELEASE_MODEL_TYPE!r}{hint}")
-  base = base_config(config)
+  is_s2 = bool(hf.get("s2"))
+  base = base_config(config, "s2" if is_s2 else "infllava")
+  if is_s2 != (base.variant == "s2"):
+    raise ConversionError(f"{config_path}: s2={hf.get('s2', False)} but model.variant="
+                          f"{base.variant!r}; an S2 checkpoint needs an ':s2' config "
+                          "(e.g. infllava_8b:s2) and an ':s2' config an S2 checkpoint")
   tensors = folder_refs(model_dir)
   model_cfg = base.copy_and_resolve_references()
   model_cfg.llm = _llm_config(hf, base, config_path)
@@ -237,10 +258,14 @@ def release_source(model_dir: str, config: ConfigDict | None = None) -> Source:
                                             config_path)
   model_cfg.projector.kind = hf.get("mm_projector_type", base.projector.kind)
   model_cfg.image_token_id = hf.get("image_token_index", base.image_token_id)
-  if hf.get("mm_hidden_size", model_cfg.vision.width) != model_cfg.vision.width:
-    raise ConversionError(f"{config_path}: mm_hidden_size={hf['mm_hidden_size']} but the "
-                          f"CLIP tensors are {model_cfg.vision.width} wide")
   _fit_grid(model_cfg, base)
+  if is_s2:
+    model_cfg.s2.scales = _s2_scales(hf, config_path)
+  width = (len(model_cfg.s2.scales) if is_s2 else 1) * model_cfg.vision.width
+  if hf.get("mm_hidden_size", width) != width:
+    raise ConversionError(f"{config_path}: mm_hidden_size={hf['mm_hidden_size']} but the "
+                          f"CLIP tensors are {model_cfg.vision.width} wide"
+                          + (f" x {len(model_cfg.s2.scales)} scales" if is_s2 else ""))
   return Source(model_dir, tensors, release_table(model_cfg), release_ignore(model_cfg),
                 model_cfg)
 

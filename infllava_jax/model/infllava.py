@@ -15,18 +15,19 @@ import jax.numpy as jnp
 import flax.linen as nn
 from ml_collections import ConfigDict, FrozenConfigDict
 
-from infllava_jax.model import anyres, clip, dcm, dem, kv_cache, layers, llama
+from infllava_jax.model import anyres, clip, dcm, dem, kv_cache, layers, llama, s2
 from infllava_jax.model.projector import Projector
 
-VARIANTS = ("infllava", "llava", "llava_next")
+VARIANTS = ("infllava", "llava", "llava_next", "s2")
 
 
 def num_image_tokens(model_cfg: ConfigDict) -> int:
   """N_img, the visual tokens (= image slots in the token ids) per image.
 
-  The DEM reduces its high-res maps back to one view's patch grid, so both the INF-LLaVA
-  and the LLaVA-1.5 variants give (view side / patch)^2 tokens: 576 for the released model.
-  An AnyRes image's count depends on its size: `anyres.num_image_tokens(H, W, cfg)`.
+  The DEM reduces its high-res maps back to one view's patch grid, and S2 pools its scales
+  to it, so the INF-LLaVA, LLaVA-1.5 and S2 variants all give (view side / patch)^2 tokens:
+  576 for the released model. An AnyRes image's count depends on its size:
+  `anyres.num_image_tokens(H, W, cfg)`.
   """
   if model_cfg.variant == "llava_next":
     raise ValueError("model.variant='llava_next' gives each image its own number of visual "
@@ -57,7 +58,8 @@ def write_image_tokens(text_embeds: jax.Array, is_slot: jax.Array,
 
 
 class InfLlava(nn.Module):
-  """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline) on one code path.
+  """INF-LLaVA (or, with `variant="llava"`, the LLaVA-1.5 baseline; `"s2"`, LLaVA-1.5 with
+  S2's multi-scale CLIP features, `s2.py`) on one code path.
 
   Attributes:
     cfg: the `config.model` section (see infllava_jax/presets/infllava_8b.py), frozen.
@@ -99,13 +101,18 @@ class InfLlava(nn.Module):
     batch = pixels.shape[0]
     if cfg.variant == "llava":
       features = self.vision(pixels)
+    elif cfg.variant == "s2":
+      views = s2.views(pixels, cfg)  # [B, V, h, w, 3]
+      view_features = self.vision(views.reshape(batch * views.shape[1], *views.shape[2:]))
+      features = s2.merge(view_features.reshape(batch, views.shape[1],
+                                                *view_features.shape[1:]), cfg)
     else:
       views = dcm.views(pixels, cfg)  # [B, S, h, w, 3]
       num_views = views.shape[1]
       view_features = self.vision(views.reshape(batch * num_views, *views.shape[2:]))
       view_features = view_features.reshape(batch, num_views, *view_features.shape[1:])
       features = self.dem(view_features)
-    chex.assert_shape(features, (batch, num_image_tokens(cfg), cfg.vision.width))
+    chex.assert_shape(features, (batch, num_image_tokens(cfg), feature_width(cfg)))
     return self.projector(features)
 
   def encode_anyres(self, tiles: jax.Array, layouts: jax.Array) -> jax.Array:
@@ -188,9 +195,35 @@ def build_model(model_cfg: ConfigDict) -> InfLlava:
   return InfLlava(FrozenConfigDict(model_cfg))
 
 
+def feature_width(model_cfg: ConfigDict) -> int:
+  """Channels of a visual token before the projector: CLIP's width (S2: one per scale)."""
+  return s2.feature_width(model_cfg) if model_cfg.variant == "s2" else model_cfg.vision.width
+
+
+def num_views(model_cfg: ConfigDict) -> int:
+  """CLIP inputs per image: 1 (llava), the DCM's views (infllava), S2's tiles (s2), or the
+  base view and the most tiles an image may have (llava_next: its padded tile slots)."""
+  if model_cfg.variant == "llava":
+    return 1
+  if model_cfg.variant == "s2":
+    return s2.num_views(model_cfg)
+  if model_cfg.variant == "infllava":
+    return dcm.num_views(model_cfg)
+  if model_cfg.variant == "llava_next":  # the base view and every tile slot
+    return 1 + anyres.max_tiles(model_cfg)
+  raise ValueError(f"model.variant={model_cfg.variant!r}; expected one of {VARIANTS}")
+
+
 def input_size(model_cfg: ConfigDict) -> int:
-  """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`."""
+  """The side images are preprocessed to: `dcm.processor_size`, or else `dcm.image_size`
+  (S2: its largest scale)."""
   size = model_cfg.dcm.get("processor_size") or model_cfg.dcm.image_size
+  if model_cfg.variant == "s2":
+    if model_cfg.dcm.get("processor_size"):
+      raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant "
+                       f"only; the s2 variant reads images at its largest scale "
+                       f"{s2.input_size(model_cfg)}")
+    return s2.input_size(model_cfg)
   if model_cfg.variant in ("llava", "llava_next") and size != model_cfg.dcm.image_size:
     raise ValueError(f"model.dcm.processor_size={size} applies to the infllava variant only; "
                      f"the {model_cfg.variant} variant reads images at dcm.image_size "

@@ -1,7 +1,8 @@
 """The released INF-LLaVA model: CLIP-ViT-L/14-336 seen at 1008 px on a 3x3 grid + LLaMA-3-8B.
 
 Every fixed number of the reference (docs/fidelity.md) lives here, not in code.
-`get_config("llava")` gives the LLaVA-1.5 baseline (one 336 view, no DCM/DEM).
+`get_config("llava")` gives the LLaVA-1.5 baseline (one 336 view, no DCM/DEM), and
+`get_config("s2")` LLaVA-1.5 with S2 (CLIP at 336, 672 and 1008 px, infllava_jax/model/s2.py).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -88,7 +89,7 @@ def anyres_config() -> ConfigDict:
 
 def model_config(variant: str = "infllava") -> ConfigDict:
   model = ConfigDict(dict(
-      variant=variant,       # "infllava", "llava" (baseline) or "llava_next" (AnyRes)
+      variant=variant,       # "infllava", "llava" (baseline), "llava_next" (AnyRes) or "s2"
       vision=vision_config(),
       llm=llm_config(),
       dcm=dcm_config(),
@@ -113,9 +114,16 @@ def model_config(variant: str = "infllava") -> ConfigDict:
     model.dcm.crops = "none"
     model.dcm.image_size = 336
     model.dem.enhance = "none"
+  elif variant == "s2":
+    model.dcm.crops = "none"   # no DCM/DEM: S2 cuts its own tiles
+    model.dcm.image_size = 336
+    model.dem.enhance = "none"
+    # LLaVA-1.5-S2's s2_scales "336,672,1008": the first is the tile (CLIP) size and the
+    # grid every scale is pooled to; images are preprocessed to the last.
+    model.s2 = ConfigDict(dict(scales=(336, 672, 1008)))
   elif variant != "infllava":
     raise ConfigError(f"unknown variant {variant!r}; "
-                     "expected 'infllava', 'llava' or 'llava_next'")
+                     "expected 'infllava', 'llava', 'llava_next' or 's2'")
   if variant == "llava_next":
     model.anyres = anyres_config()
   return model

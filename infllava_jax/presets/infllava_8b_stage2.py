@@ -9,7 +9,8 @@ every param comes from it first (the LLM fresh again, as the reference's, read i
 since it trains here); then `train.init_include` takes the DEM and the projector from the
 stage-1 run's latest step (the reference's `--pretrain_mm_mlp_adapter mm_projector.bin`,
 docs/fidelity.md#stage-init). The run prints which module came from where. Memory check without a GPU:
-`infllava compile --config infllava_8b_stage2 --mesh fsdp=8`.
+`infllava compile --config infllava_8b_stage2 --mesh fsdp=8` (`infllava_8b_stage2:s2`: the S2
+variant, `:llava` the LLaVA-1.5 baseline, on the same recipe).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -18,8 +19,8 @@ from infllava_jax import sharding
 from infllava_jax.presets import _sections, infllava_8b, synthetic
 
 
-def model_config() -> ConfigDict:
-  model = infllava_8b.model_config("infllava")
+def model_config(variant: str = "infllava") -> ConfigDict:
+  model = infllava_8b.model_config(variant)
   model.dtype = "bfloat16"           # compute dtype (the reference trains in bf16)
   # CLIP stays frozen: bf16 params are its released weights exactly, at half the memory.
   # The LLM trains, so it keeps float32 params (the master copy AdamW updates).
@@ -88,11 +89,14 @@ def train_config() -> ConfigDict:
 
 
 def get_config(arg: str = "") -> ConfigDict:
-  del arg
+  """`arg`: the model variant ("infllava" by default; "llava" or "s2": the same recipe, no DEM)."""
   config = ConfigDict()
-  config.model = model_config()
+  config.model = model_config(arg or "infllava")
   config.data = data_config()
   config.train = train_config()
+  if config.model.variant != "infllava":  # nothing of a DEM to train or take from stage 1
+    config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
+    config.train.init_include = (r"^projector/",)
   config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 1000  # ~5,198 steps
   # A step holds float32 params and AdamW moments: ~96 GB for 8B. Keep two.

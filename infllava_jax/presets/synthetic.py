@@ -1,10 +1,11 @@
 """The embedded default run: the tiny model on the synthetic fine-detail set.
 
-`get_config("infllava")` (high-res 3x3 DCM + DEM, 252 px input) or `get_config("baseline")`
-(alias "llava": the LLaVA-1.5 baseline, one 84 px view of the same images), or
+`get_config("infllava")` (high-res 3x3 DCM + DEM, 252 px input), `get_config("baseline")`
+(alias "llava": the LLaVA-1.5 baseline, one 84 px view of the same images),
 `get_config("anyres")` (alias "llava_next": LLaVA-NeXT's AnyRes, a grid of 84 px tiles chosen
-per image plus a base view). All read the same records; the data pipeline resizes them to
-config.model.dcm.image_size (AnyRes: tiles them, infllava_jax/data/anyres.py).
+per image plus a base view) or `get_config("s2")` (LLaVA-1.5 with S2: CLIP on 84, 168 and
+252 px, 252 px input). All read the same records; the data pipeline resizes them to the
+model's input size (AnyRes: tiles them, infllava_jax/data/anyres.py).
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -89,7 +90,7 @@ def get_config(arg: str = "infllava") -> ConfigDict:
   config.model.llm.vocab_size = SHIPPED_VOCAB_SIZE
   config.data = data_config()
   config.train = train_config()
-  if config.model.variant != "infllava":  # the baseline and AnyRes have no DEM
+  if config.model.variant != "infllava":  # the baseline, AnyRes and S2 have no DEM
     config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
   if config.model.variant == "llava_next":
     config.train.trainable += (r"^image_newline$",)

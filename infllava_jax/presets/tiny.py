@@ -1,7 +1,7 @@
 """A test-size INF-LLaVA: the released architecture, shrunk (3x3 grid, 6x6 patches per view).
 
 `get_config("llava")` gives the baseline variant at the same size, `get_config("llava_next")`
-LLaVA-NeXT's AnyRes on the same towers (grids of 84 px tiles).
+LLaVA-NeXT's AnyRes on the same towers (grids of 84 px tiles), `get_config("s2")` S2.
 """
 
 from ml_collections import ConfigDict
@@ -19,6 +19,8 @@ def model_config(variant: str = "infllava") -> ConfigDict:
     model.dcm.image_size = 252
   else:
     model.dcm.image_size = 84
+  if variant == "s2":
+    model.s2.scales = (84, 168, 252)  # 1 + 4 + 9 tiles of 84 px, as 336/672/1008
   model.dem.heads = 4
   if variant == "llava_next":  # the 8B's grids in tiles of 84 px
     model.anyres.grid_pinpoints = tuple((h // 4, w // 4) for h, w in

@@ -91,7 +91,7 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
   and one block of the vocabulary.
   """
   import jax.numpy as jnp
-  from infllava_jax.model import clip, dcm
+  from infllava_jax.model import clip, infllava
   from infllava_jax.training import optim
   model = config.model
   compute = jnp.dtype(model.dtype)
@@ -100,7 +100,7 @@ def activation_bound(config, mask_paths: list[str], rows_per_device: int, length
             f"{compute.name}", llm.depth * rows_per_device * length * llm.width * compute.itemsize)]
   if any(p.startswith("vision/") for p in mask_paths):
     v = model.vision
-    views = 1 if model.variant == "llava" else dcm.num_views(model)
+    views = infllava.num_views(model)
     images = rows_per_device * config.data.max_images_per_row * views
     used, tokens = clip.num_used_layers(v), clip.num_patches(v) + 1
     terms.append((f"carry: {used} CLIP layers x [{images}, {tokens}, {v.width}] {compute.name}",

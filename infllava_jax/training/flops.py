@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from ml_collections import ConfigDict
 
-from infllava_jax.model import anyres, dcm
+from infllava_jax.model import infllava
 
 
 def llm_matmul_params(llm: ConfigDict) -> int:
@@ -40,17 +40,14 @@ def vit_forward_flops(model: ConfigDict) -> tuple[float, float]:
   v = model.vision
   tokens = (v.image_size // v.patch_size) ** 2 + 1
   layers = v.depth + 1 + v.feature_layer if v.feature_layer < 0 else v.feature_layer
-  if model.variant == "llava_next":  # the base view and every tile slot
-    views = 1 + anyres.max_tiles(model)
-  else:
-    views = 1 if model.variant == "llava" else dcm.num_views(model)
+  views = infllava.num_views(model)
   per_view = layers * (2 * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) * tokens
                        + 4 * tokens ** 2 * v.width)
   return views * per_view, views * 2 * v.patch_size ** 2 * 3 * v.width * tokens
 
 
 def projector_forward_flops(model: ConfigDict, n_img: int) -> float:
-  return 2 * n_img * (model.vision.width * model.llm.width + model.llm.width ** 2)
+  return 2 * n_img * (infllava.feature_width(model) * model.llm.width + model.llm.width ** 2)
 
 
 def train_step_flops(model: ConfigDict, rows: int, length: int, images: int, n_img: int,

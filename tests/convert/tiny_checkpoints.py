@@ -73,6 +73,9 @@ def release_config_json(model_cfg) -> dict:
                 mm_hidden_size=model_cfg.vision.width, mm_projector_type="mlp2x_gelu",
                 mm_vision_select_layer=-2, mm_vision_select_feature="patch",
                 mm_patch_merge_type="flat", image_aspect_ratio="pad")
+  if model_cfg.variant == "s2":  # LLaVA-1.5-S2: the projector reads every scale's channels
+    config.update(s2=True, s2_scales=",".join(str(s) for s in model_cfg.s2.scales),
+                  mm_hidden_size=len(model_cfg.s2.scales) * model_cfg.vision.width)
   return config
 
 

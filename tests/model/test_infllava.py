@@ -27,12 +27,12 @@ def test_write_image_tokens_fills_slots_in_order():
   np.testing.assert_array_equal(out[1, 2:], 0)
 
 
-@pytest.mark.parametrize("variant", ["infllava", "llava"])
+@pytest.mark.parametrize("variant", ["infllava", "llava", "s2"])
 def test_forward_writes_visual_tokens_into_slots(variant):
   cfg = load_config(f"configs/tiny.py:{variant}").model
   model = infllava.build_model(cfg)
   n_img = infllava.num_image_tokens(cfg)
-  side = cfg.dcm.image_size
+  side = infllava.input_size(cfg)
   rng = np.random.default_rng(0)
   text = rng.integers(1, cfg.llm.vocab_size, size=(2, 5 + n_img)).astype(np.int32)
   tokens = text.copy()
