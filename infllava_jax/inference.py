@@ -137,7 +137,8 @@ def merge_saved_lora(folder, config: ConfigDict, params):
   `params` unchanged when it holds none. Merged, a LoRA model decodes at the base model's
   speed and can be quantised like it."""
   directory = folder / converted.PARAMS_DIR
-  factors = {path: jax.ShapeDtypeStruct(meta.shape, jnp.float32)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # where `read` put the base
+  factors = {path: jax.ShapeDtypeStruct(meta.shape, jnp.float32, sharding=device)
              for path, meta in checkpoint_params.saved_params(directory).items()
              if lora_params.is_lora(path)}
   if not factors:
