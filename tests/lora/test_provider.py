@@ -13,7 +13,9 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
 from infllava_jax import generate, inference, sharding
+from infllava_jax.checkpoints import converted
 from infllava_jax.checkpoints.init_sources import InitSource
+from infllava_jax.checkpoints.params import ParamMismatchError
 from infllava_jax.config import load_config
 from infllava_jax.data import synthetic as synthetic_data
 from infllava_jax.errors import ConfigError
@@ -42,7 +44,7 @@ def _config(steps: int, **train):
 
 def _lora_config(steps: int, **lora_fields):
   config = _config(steps, trainable=(r"^dem/", r"^projector/"))
-  config.train.lora.update(dict(enabled=True, rank=8, **lora_fields))
+  config.train.lora.update(dict(dict(enabled=True, rank=8), **lora_fields))
   return config
 
 
@@ -226,3 +228,29 @@ def test_compile_sizes_a_qlora_step_on_a_sharded_mesh():
   assert moments <= bound["AdamW state"] <= moments + 64  # + the step counts
   assert compile_cli.shard_bytes(qvalue) == qvalue.size // 8 // 2  # 8 devices, 4 bits
   assert figures["memory"]["total"] >= figures["bound_total"]
+
+
+def test_training_starts_from_a_kept_adapter(tmp_path):
+  """`--init_from` a checkpoint holding LoRA params (a `convert from-pytorch --keep-lora`
+  folder) gives a LoRA run those adapters, not fresh ones; another rank is refused by name."""
+  config = _lora_config(1)
+  fresh = jax.device_get(loop.Trainer(config, str(tmp_path / "fresh"),
+                                      devices=jax.devices()[:1]).state.params)
+  rng = np.random.default_rng(0)
+  kept = jax.tree_util.tree_map_with_path(
+      lambda path, x: rng.normal(size=x.shape).astype(x.dtype)
+      if lora_params.is_lora(jax.tree_util.keystr(path, simple=True, separator="/")) else x,
+      fresh)
+  converted.save_converted(str(tmp_path / "kept"), config.model, kept)
+  converted.save_lora(str(tmp_path / "kept"), rank=8, alpha=16)
+  started = loop.Trainer(config, str(tmp_path / "run"), init=[InitSource(str(tmp_path / "kept"))],
+                         devices=jax.devices()[:1])
+  got = flatten_dict(jax.device_get(started.state.params), sep="/")
+  adapters = {p: x for p, x in flatten_dict(kept, sep="/").items() if lora_params.is_lora(p)}
+  assert adapters
+  for path, want in adapters.items():
+    np.testing.assert_array_equal(got[path], want, err_msg=path)
+  other_rank = _lora_config(1, rank=4)
+  with pytest.raises(ParamMismatchError, match=r"kernel_lora_a is saved with shape"):
+    loop.Trainer(other_rank, str(tmp_path / "run4"), init=[InitSource(str(tmp_path / "kept"))],
+                 devices=jax.devices()[:1])
