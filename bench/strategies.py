@@ -115,8 +115,9 @@ def visual_tokens_per_image(trainer) -> float:
   """Image slots per image in one training batch of the trainer's data pipeline."""
   batch = next(trainer.data)
   slots = np.sum(np.asarray(batch["tokens"]) == trainer.config.model.image_token_id)
-  images = np.asarray(batch["pixels"]).shape[0] * np.asarray(batch["pixels"]).shape[1]
-  return float(slots) / images
+  pixels = batch["pixels"]  # llava_next: {"tiles", "layout" [B, M, 4]}
+  rows, per_row = np.shape(pixels["layout"] if isinstance(pixels, dict) else pixels)[:2]
+  return float(slots) / (rows * per_row)
 
 
 def heldout_accuracy(params, config, task: str, num: int) -> float:

@@ -94,6 +94,9 @@ def get_config(arg: str = "infllava") -> ConfigDict:
     config.train.trainable = tuple(p for p in config.train.trainable if p != r"^dem/")
   if config.model.variant == "llava_next":
     config.train.trainable += (r"^image_newline$",)
+    # A square 252 px image takes a 2 x 2 grid of tiles: 12 x 12 features + 12 newlines +
+    # the base view's 36 = 192 slots (the most any image takes here), beyond 128 tokens.
+    config.data.max_length = 256
   config.checkpoint = _sections.checkpoint_config()
   config.checkpoint.every_steps = 200
   config.mesh = "data"       # a preset of infllava_jax/sharding.py, or "data=2,fsdp=4"
